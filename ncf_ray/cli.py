@@ -1,0 +1,325 @@
+"""`ncf-ray`: the command line. Each subcommand parses flags and calls one stage function.
+
+    ncf-ray prepare SOURCE --out DATASET_DIR      # Ray Data: raw log -> split, sharded dataset dir
+    ncf-ray train DATASET_DIR --out RUN_DIR       # Ray Train: NCF data-parallel -> RUN_DIR/model artifact
+    ncf-ray evaluate MODEL_DIR DATASET_DIR        # HR@K / NDCG@K, sampled or full ranking
+    ncf-ray recommend MODEL_DIR --user RAW_ID     # top-K for one user
+    ncf-ray tune DATASET_DIR --out SWEEP_DIR      # Ray Tune sweep -> SWEEP_DIR/best artifact
+    ncf-ray serve MODEL_DIR                       # Ray Serve HTTP endpoint
+    ncf-ray bench {prepare,train,eval,serve,gpu,all}
+
+A user mistake prints one line `error: ...` and exits 2; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ncf_ray.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on bad flags already; keep its message on one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message}\n")
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _print_json_last(obj: object) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+# ------------------------------------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="raw interaction log -> dataset dir (Ray Data)",
+                       description="SOURCE: a file, directory, glob or URI (s3://, gs://, file://) of CSV/TSV/TXT/"
+                                   "Parquet/JSONL; or synthetic, ncf:PATH_PREFIX, movielens-100k|1m|20m.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset dir to write (atomically)")
+    p.add_argument("--user-col", default="user_id")
+    p.add_argument("--item-col", default="item_id")
+    p.add_argument("--time-col", default="timestamp")
+    p.add_argument("--rating-col", default=None, help="rating column (default 'rating' when --min-rating is set)")
+    p.add_argument("--min-rating", type=float, default=None, help="keep rows with rating >= this (implicit)")
+    p.add_argument("--sep", default=None, help="field separator for .txt/.dat (may be several chars, e.g. '::')")
+    p.add_argument("--min-user-interactions", type=int, default=3)
+    p.add_argument("--eval-negatives", type=int, default=99)
+    p.add_argument("--max-bad-fraction", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shards", type=int, default=4, help="train Parquet files")
+    p.add_argument("--from", dest="local_from", default=None, metavar="LOCAL",
+                   help="movielens-*: a local copy of the GroupLens zip or its folder (offline)")
+    p.add_argument("--users", type=int, default=None, help="synthetic: users (default 6040)")
+    p.add_argument("--items", type=int, default=None, help="synthetic: items (default 3706)")
+    p.add_argument("--interactions", type=int, default=None, help="synthetic: interactions (default 1,000,000)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
+    p.set_defaults(func=_cmd_prepare)
+
+
+def _init_ray() -> None:
+    """Join RAY_ADDRESS when set, else start (or reuse) a local Ray; keep Ray Data's progress chatter off."""
+    import logging
+    import os
+
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # ERROR: init-time notices (auth token, etc.) would break the "one line on failure" promise.
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR)
+    import ray.data
+
+    data_log = logging.getLogger("ray.data")
+    data_log.setLevel(logging.ERROR)  # silences the "progress bars disabled" notice itself
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    data_log.setLevel(logging.WARNING)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ncf_ray.config import DataConfig
+    from ncf_ray.data.prepare import format_summary, prepare
+    from ncf_ray.data.synthetic import SyntheticSpec
+
+    sep = args.sep.encode().decode("unicode_escape") if args.sep else None  # so --sep '\t' means a tab
+    cfg = DataConfig(source=args.source, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
+                     rating_col=args.rating_col, min_rating=args.min_rating, sep=sep,
+                     min_user_interactions=args.min_user_interactions, eval_negatives=args.eval_negatives,
+                     max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards)
+    synthetic = None
+    if args.source == "synthetic":
+        d = SyntheticSpec()
+        synthetic = SyntheticSpec(users=args.users or d.users, items=args.items or d.items,
+                                  interactions=args.interactions or d.interactions, seed=args.seed)
+    elif any(v is not None for v in (args.users, args.items, args.interactions)):
+        raise UserError("--users/--items/--interactions only apply to SOURCE=synthetic")
+    if args.local_from and not args.source.startswith("movielens"):
+        raise UserError(f"--from only applies to movielens-* sources, not {args.source!r}")
+    _init_ray()
+    summary = prepare(cfg, args.out, overwrite=args.overwrite, local_from=args.local_from, synthetic=synthetic)
+    print(format_summary(summary))
+    if args.json:
+        _print_json_last(summary)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig
+
+    d, m = TrainConfig(), ModelConfig()
+    p = sub.add_parser("train", help="train NCF data-parallel on Ray Train -> RUN_DIR/model")
+    p.add_argument("dataset_dir")
+    p.add_argument("--out", required=True, help="run dir: checkpoints, model/ artifact, metrics.json")
+    p.add_argument("--model", choices=MODEL_NAMES, default=m.name)
+    p.add_argument("--factors", type=int, default=m.factors, help="GMF/MF embedding size")
+    p.add_argument("--layers", type=_csv_ints, default=m.layers, help="MLP tower widths, e.g. 64,32,16")
+    p.add_argument("--dropout", type=float, default=m.dropout)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over workers)")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate at batch {d.base_batch_size}")
+    p.add_argument("--negatives", type=int, default=d.negatives, help="sampled negatives per positive")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--patience", type=int, default=d.patience, help="early stop after N epochs without gain")
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on GPU")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--stream", action="store_true", help="stream positives per batch (logs larger than memory)")
+    p.add_argument("--pretrain-from", default=None, help="GMF_DIR,MLP_DIR model artifacts to initialise NeuMF")
+    p.add_argument("--storage-path", default=None, help="checkpoint storage (dir or URI); default --out")
+    p.add_argument("--json", action="store_true", help="print metrics JSON as the last line")
+    p.set_defaults(func=_cmd_train)
+
+
+def train_config_from_args(args: argparse.Namespace) -> Any:
+    from ncf_ray.config import ModelConfig, TrainConfig
+
+    model = ModelConfig(name=args.model, factors=args.factors, layers=tuple(args.layers), dropout=args.dropout)
+    pretrain = tuple(args.pretrain_from.split(",")) if args.pretrain_from else None
+    return TrainConfig(
+        model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, negatives=args.negatives,
+        weight_decay=args.weight_decay, patience=args.patience, workers=args.workers, gpu=args.gpu, amp=args.amp,
+        seed=args.seed, stream=args.stream, threads_per_worker=args.threads, max_failures=args.max_failures,
+        pretrain_from=pretrain,
+    )
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ncf_ray.train import format_summary, run_training
+
+    cfg = train_config_from_args(args)
+    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage_path)
+    print(format_summary(metrics, cfg.eval_k))
+    print(f"model artifact: {Path(args.out) / 'model'}")
+    if args.json:
+        _print_json_last({k: v for k, v in metrics.items() if k != "history"})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="HR@K / NDCG@K of a model artifact on a dataset's test split")
+    p.add_argument("model_dir")
+    p.add_argument("dataset_dir")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--protocol", choices=("sampled", "full"), default="sampled")
+    p.add_argument("--split", choices=("test", "valid"), default="test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.data.dataset import load_dataset
+    from ncf_ray.train import evaluate_model
+
+    if args.k <= 0:
+        raise UserError(f"--k={args.k} must be > 0")
+    art = load_artifact(args.model_dir)
+    data = load_dataset(args.dataset_dir)
+    if (art.n_users, art.n_items) != (data.n_users, data.n_items):
+        raise UserError(f"model has {art.n_users} users x {art.n_items} items but {args.dataset_dir} has "
+                        f"{data.n_users} x {data.n_items}: evaluate on the dataset the model was trained on")
+    m = evaluate_model(art.model, data, args.k, split=args.split)
+    prefix = "full_" if args.protocol == "full" else ""
+    out = {"protocol": args.protocol, "split": args.split, "k": args.k,
+           f"hr@{args.k}": m[f"{prefix}hr@{args.k}"], f"ndcg@{args.k}": m[f"{prefix}ndcg@{args.k}"],
+           "model_version": art.model_version}
+    print(f"{args.split} ({args.protocol}): HR@{args.k} {out[f'hr@{args.k}']:.4f}  "
+          f"NDCG@{args.k} {out[f'ndcg@{args.k}']:.4f}")
+    if args.json:
+        _print_json_last(out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- recommend
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="top-K items for one user from a model artifact")
+    p.add_argument("model_dir")
+    p.add_argument("--user", required=True, help="raw user id as in the interaction log")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--include-seen", action="store_true", help="do not drop items the user already has")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_recommend)
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.recommender import Recommender
+
+    if not 1 <= args.k <= 1000:
+        raise UserError(f"--k={args.k} must be within 1..1000")
+    rec = Recommender(load_artifact(args.model_dir)).recommend([args.user], args.k, exclude_seen=not args.include_seen)[0]
+    if rec["cold_start"]:
+        print(f"user {args.user!r} is unknown to the model: most popular items (cold start)")
+    for rank, it in enumerate(rec["items"], 1):
+        print(f"{rank:>3}  {it['item_id']:<20} {it['score']:.4f}")
+    if args.json:
+        _print_json_last(rec)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- tune
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    from ncf_ray.config import MODEL_NAMES, TuneConfig
+
+    d = TuneConfig()
+    p = sub.add_parser("tune", help="Ray Tune sweep (embedding size x MLP depth, ASHA) -> SWEEP_DIR/best")
+    p.add_argument("dataset_dir")
+    p.add_argument("--out", required=True, help="sweep dir: results.csv, plot.png, best/, TensorBoard logs")
+    p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="trials (per grid point with grid)")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs)
+    p.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial)
+    p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs/GPUs fit")
+    p.add_argument("--space", default=None, help="search space YAML (default: ncf_ray.tune.DEFAULT_SPACE)")
+    p.add_argument("--search", choices=("random", "grid", "optuna"), default=d.search)
+    p.add_argument("--grace-period", type=int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
+    p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA reduction factor")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ncf_ray.config import TrainConfig, TuneConfig
+    from ncf_ray.tune import format_table, load_space, run_sweep
+
+    tcfg = TuneConfig(model=args.model, num_samples=args.num_samples, max_epochs=args.max_epochs,
+                      workers_per_trial=args.workers_per_trial, max_concurrent=args.max_concurrent,
+                      search=args.search, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+                      seed=args.seed)
+    base = TrainConfig(gpu=args.gpu)
+    if args.batch_size:
+        base = dataclasses.replace(base, batch_size=args.batch_size)
+    space = load_space(args.space)  # refused here, before Ray starts, if invalid
+    summary = run_sweep(args.dataset_dir, args.out, tcfg, base=base, space=space, resume=args.resume)
+    print(format_table(summary["results_csv"]))
+    b = summary["best_metrics"]
+    print(f"best trial {summary['best']}: valid HR@10 {b['valid']['hr@10']:.4f}, test HR@10 {b['test']['hr@10']:.4f} "
+          f"NDCG@10 {b['test']['ndcg@10']:.4f} (popularity {b['popularity']['test']['hr@10']:.4f}); "
+          f"{summary['trials']} trials in {summary['seconds']:.0f} s -> {summary['best_dir']}")
+    if args.json:
+        _print_json_last({k: v for k, v in summary.items() if k != "best_metrics"}
+                         | {"best_metrics": {k: v for k, v in b.items() if k != "history"}})
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- main
+ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_prepare,
+    _add_train,
+    _add_evaluate,
+    _add_recommend,
+    _add_tune,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ncf-ray", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in ADDERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

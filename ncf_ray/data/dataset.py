@@ -1,0 +1,101 @@
+"""Read a prepared dataset dir (the contract in ARCHITECTURE.md) into numpy arrays.
+
+Used by training workers (eval sets, exclusion keys), evaluation and export. Training positives themselves reach
+Ray Train workers through Ray Data (`read_train`), sharded per worker.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ncf_ray.data import schema as S
+from ncf_ray.errors import UserError
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset in memory. Arrays are int64; eval arrays are indexed by user_idx."""
+
+    path: str
+    meta: dict[str, Any]
+    n_users: int
+    n_items: int
+    train_users: np.ndarray
+    train_items: np.ndarray
+    valid_items: np.ndarray  # [n_users]
+    test_items: np.ndarray  # [n_users]
+    valid_neg: np.ndarray  # [n_users, n_neg]
+    test_neg: np.ndarray  # [n_users, n_neg]
+    item_counts: np.ndarray  # [n_items] train interactions (popularity)
+    user_ids: np.ndarray = field(repr=False)  # raw ids (str) by user_idx
+    item_ids: np.ndarray = field(repr=False)  # raw ids (str) by item_idx
+
+
+def check_dataset_dir(path: str | Path) -> Path:
+    """Refuse, with a clear message, a path that is not a prepared dataset dir."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"dataset dir not found: {p}")
+    missing = [
+        name
+        for name in (S.META_FILE, S.TRAIN_DIR, S.VALID_FILE, S.TEST_FILE, S.VALID_NEG_FILE, S.TEST_NEG_FILE)
+        if not (p / name).exists()
+    ]
+    if missing:
+        raise UserError(f"{p} is not a prepared dataset dir (missing {', '.join(missing)}); run `ncf-ray prepare`")
+    return p
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    return json.loads((check_dataset_dir(path) / S.META_FILE).read_text())
+
+
+def _eval_arrays(p: Path, pos_file: str, neg_file: str, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    pos = pq.read_table(p / pos_file, columns=[S.USER_IDX, S.ITEM_IDX])
+    users = pos.column(S.USER_IDX).to_numpy().astype(np.int64)
+    if len(users) != n_users or not np.array_equal(users, np.arange(n_users)):
+        raise UserError(f"{p / pos_file} must hold one row per user sorted by {S.USER_IDX}")
+    neg = pq.read_table(p / neg_file, columns=[S.USER_IDX, S.NEGATIVES_COL])
+    if not np.array_equal(neg.column(S.USER_IDX).to_numpy(), users):
+        raise UserError(f"{p / neg_file} users do not match {pos_file}")
+    flat = neg.column(S.NEGATIVES_COL).combine_chunks()
+    values = flat.flatten().to_numpy().astype(np.int64)
+    return pos.column(S.ITEM_IDX).to_numpy().astype(np.int64), values.reshape(n_users, -1)
+
+
+def load_dataset(path: str | Path, with_train: bool = True) -> Dataset:
+    """Load a dataset dir. `with_train=False` skips the train positives (serving/eval of held-out sets only)."""
+    p = check_dataset_dir(path)
+    meta = json.loads((p / S.META_FILE).read_text())
+    n_users, n_items = int(meta["n_users"]), int(meta["n_items"])
+    if with_train:
+        train = pq.read_table(p / S.TRAIN_DIR, columns=[S.USER_IDX, S.ITEM_IDX])
+        train_users = train.column(S.USER_IDX).to_numpy().astype(np.int64)
+        train_items = train.column(S.ITEM_IDX).to_numpy().astype(np.int64)
+    else:
+        train_users = train_items = np.zeros(0, dtype=np.int64)
+    valid_items, valid_neg = _eval_arrays(p, S.VALID_FILE, S.VALID_NEG_FILE, n_users)
+    test_items, test_neg = _eval_arrays(p, S.TEST_FILE, S.TEST_NEG_FILE, n_users)
+    users = pq.read_table(p / S.USERS_FILE).sort_by(S.USER_IDX)
+    items = pq.read_table(p / S.ITEMS_FILE).sort_by(S.ITEM_IDX)
+    return Dataset(
+        path=str(p),
+        meta=meta,
+        n_users=n_users,
+        n_items=n_items,
+        train_users=train_users,
+        train_items=train_items,
+        valid_items=valid_items,
+        test_items=test_items,
+        valid_neg=valid_neg,
+        test_neg=test_neg,
+        item_counts=items.column(S.COUNT_COL).to_numpy().astype(np.int64),
+        user_ids=np.asarray(users.column(S.USER_COL).to_pylist(), dtype=object),
+        item_ids=np.asarray(items.column(S.ITEM_COL).to_pylist(), dtype=object),
+    )

@@ -1,0 +1,499 @@
+"""`ncf-ray prepare SOURCE --out DIR`: raw interaction log -> validated, split, sharded dataset dir.
+
+Pipeline: Ray Data reads, maps columns and validates every row in parallel (sources.py); the driver then runs the
+global steps as vectorised numpy over int arrays (20M rows is ~0.5 GB): count bad rows, deduplicate (user, item)
+keeping the latest, drop users below --min-user-interactions, map raw ids to contiguous indices (ints sorted
+numerically, strings lexicographically), split leave-one-out by time, draw fixed eval negatives, and write the
+dataset dir of the contract (ARCHITECTURE.md) into a temp dir next to `out`, renamed into place at the end.
+
+The pure steps (`encode_ids`, `dedup_latest`, `split_leave_one_out`, `sample_eval_negatives`) take numpy arrays
+and never touch Ray, so unit tests run them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ncf_ray.config import DataConfig
+from ncf_ray.data import schema as S
+from ncf_ray.errors import UserError
+
+PROTOCOL_LOO = "leave-one-out-by-time"
+PROTOCOL_NCF = "ncf-paper"
+
+
+# ============================================================================================ pure steps
+def encode_ids(raw: np.ndarray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ids -> (codes int64, vocab of str) with vocab[codes] == raw. Integer ids sort numerically, string ids
+    lexicographically (by code point), so the mapping depends only on the set of ids."""
+    if isinstance(raw, np.ndarray) and raw.dtype.kind in "iu":
+        uniq, codes = np.unique(raw, return_inverse=True)
+        return codes.astype(np.int64).reshape(-1), uniq.astype(str)
+    arr = raw if isinstance(raw, (pa.Array, pa.ChunkedArray)) else pa.array(raw, pa.string())
+    uniq = pc.unique(arr)
+    uniq = uniq.take(pc.sort_indices(uniq))
+    codes = pc.index_in(arr, value_set=uniq)
+    return np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int64), np.asarray(
+        uniq.to_numpy(zero_copy_only=False), dtype=str)
+
+
+def dedup_latest(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Indices of the rows to keep: one per (user, item), the latest; returned sorted by (user, item)."""
+    order = np.lexsort((times, items, users))
+    u, i = users[order], items[order]
+    last = np.ones(order.size, bool)
+    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    return order[last]
+
+
+@dataclass
+class Split:
+    """Leave-one-out split over contiguous user indices 0..n_users-1 (each with >= 3 interactions)."""
+
+    train_users: np.ndarray
+    train_items: np.ndarray
+    train_times: np.ndarray
+    valid_items: np.ndarray  # [n_users], indexed by user
+    valid_times: np.ndarray
+    test_items: np.ndarray
+    test_times: np.ndarray
+
+
+def split_leave_one_out(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int) -> Split:
+    """Test = each user's latest interaction, valid = the latest remaining one, train = the rest. Ties in time
+    break by item index (the larger counts as later), so the split is deterministic. Train keeps (user, time,
+    item) order."""
+    order = np.lexsort((items, times, users))
+    u, i, t = users[order], items[order], times[order]
+    counts = np.bincount(u, minlength=n_users)
+    if counts.size != n_users or (counts < 2).any():
+        short = int(np.flatnonzero(counts < 2)[0])
+        raise ValueError(f"user index {short} has {counts[short]} interactions; leave-one-out needs >= 2")
+    last = np.cumsum(counts) - 1
+    held = np.zeros(u.size, bool)
+    held[last] = True
+    held[last - 1] = True
+    keep = ~held
+    return Split(u[keep], i[keep], t[keep], i[last - 1], t[last - 1], i[last], t[last])
+
+
+def _is_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if sorted_keys.size == 0:
+        return np.zeros(keys.shape, bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    return sorted_keys[pos] == keys
+
+
+def _row_duplicates(block: np.ndarray) -> np.ndarray:
+    """Mask of entries that repeat an earlier (in sorted order) value of the same row."""
+    order = np.argsort(block, axis=1, kind="stable")
+    s = np.take_along_axis(block, order, axis=1)
+    dup_sorted = np.zeros(block.shape, bool)
+    dup_sorted[:, 1:] = s[:, 1:] == s[:, :-1]
+    dup = np.zeros(block.shape, bool)
+    np.put_along_axis(dup, order, dup_sorted, axis=1)
+    return dup
+
+
+def sample_eval_negatives(pos_keys: np.ndarray, n_users: int, n_items: int, n_neg: int,
+                          rng: np.random.Generator, max_rounds: int = 64) -> np.ndarray:
+    """[n_users, n_neg] int64 items that are never a positive of that user. `pos_keys` = sorted unique
+    user * n_items + item of every positive (train, valid, test). Negatives in a row are distinct when the user
+    has at least n_neg non-positive items, else drawn with repeats. Rejection sampling, vectorised; the few rows
+    still rejected after `max_rounds` (users who have seen nearly everything) draw from their explicit complement."""
+    pos_count = np.bincount(pos_keys // n_items, minlength=n_users) if pos_keys.size else np.zeros(n_users, int)
+    cand = n_items - pos_count
+    if (cand < 1).any():
+        u = int(np.flatnonzero(cand < 1)[0])
+        raise UserError(f"user index {u} interacted with all {n_items} items: no negatives to sample")
+    distinct = cand >= n_neg
+    out = rng.integers(0, n_items, size=(n_users, n_neg), dtype=np.int64)
+    rows = np.arange(n_users)
+    for _ in range(max_rounds):
+        block = out[rows]
+        reject = _is_member(pos_keys, rows[:, None] * np.int64(n_items) + block)
+        reject |= _row_duplicates(block) & distinct[rows, None]
+        bad_rows = reject.any(axis=1)
+        if not bad_rows.any():
+            return out
+        block[reject] = rng.integers(0, n_items, size=int(reject.sum()), dtype=np.int64)
+        out[rows] = block
+        rows = rows[bad_rows]
+    # Fallback for the last stubborn rows only: enumerate each user's non-positive items.
+    for u in rows:
+        seen = pos_keys[np.searchsorted(pos_keys, u * n_items):np.searchsorted(pos_keys, (u + 1) * n_items)]
+        free = np.setdiff1d(np.arange(n_items), seen - u * n_items)
+        out[u] = rng.choice(free, size=n_neg, replace=not distinct[u])
+    return out
+
+
+# ============================================================================================ collecting
+@dataclass
+class RawLog:
+    """What the driver collects from the normalised Ray Dataset: good rows, plus counts of the others."""
+
+    users: Any  # np.int64 array, or pyarrow string array
+    items: Any
+    times: np.ndarray
+    rows: int = 0
+    bad: int = 0
+    below_min: int = 0
+    example: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ids_to_array(chunks: list[pa.Array], col: str) -> tuple[Any, np.ndarray, str | None]:
+    """Concatenate id chunks. All int64 -> numpy. Mixed int/string: if most values are integers, the rest are
+    bad values of an integer column (mask returned); otherwise all are string ids."""
+    if all(pa.types.is_integer(c.type) for c in chunks):
+        return (np.concatenate([c.to_numpy() for c in chunks]) if chunks else np.empty(0, np.int64)), \
+            np.zeros(sum(len(c) for c in chunks), bool), None
+    text = pa.chunked_array([pc.cast(c, pa.string()) for c in chunks], pa.string()).combine_chunks()
+    is_int = np.asarray(pc.match_substring_regex(text, r"^[+-]?[0-9]+$").to_numpy(zero_copy_only=False))
+    if is_int.mean() > 0.5:
+        bad = ~is_int
+        example = f"{col}='{text[int(np.flatnonzero(bad)[0])].as_py()}'" if bad.any() else None
+        ints = pc.cast(pc.if_else(pa.array(is_int), text, "0"), pa.int64()).to_numpy()
+        return ints, bad, example
+    return text, np.zeros(len(text), bool), None
+
+
+def collect(ds: Any) -> RawLog:
+    """Drain a normalised dataset (streaming, block by block) into arrays of its good rows."""
+    from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL, user_error_from
+
+    users, items, times = [], [], []
+    log = RawLog(None, None, np.empty(0, np.int64))
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            status = batch.column(STATUS_COL).to_numpy()
+            log.rows += status.size
+            n_bad = int((status == BAD).sum())
+            if n_bad:
+                log.bad += n_bad
+                if log.example is None:
+                    errs = batch.column(ERR_COL).drop_null()
+                    log.example = errs[0].as_py() if len(errs) else None
+            log.below_min += int((status == BELOW_MIN).sum())
+            if n_bad or (status != OK).any():
+                batch = batch.filter(pa.array(status == OK))
+            users.append(batch.column(S.USER_COL).combine_chunks())
+            items.append(batch.column(S.ITEM_COL).combine_chunks())
+            times.append(batch.column(S.TIME_COL).to_numpy())
+    except Exception as exc:
+        err = user_error_from(exc)
+        if err is None:
+            raise
+        raise err from None
+    u, bad_u, ex_u = _ids_to_array(users, S.USER_COL)
+    i, bad_i, ex_i = _ids_to_array(items, S.ITEM_COL)
+    t = np.concatenate(times) if times else np.empty(0, np.int64)
+    bad = bad_u | bad_i
+    if bad.any():
+        # Non-integer values in a mostly integer id column: bad rows like any other.
+        log.bad += int(bad.sum())
+        log.example = log.example or ex_u or ex_i
+        keep = ~bad
+        u = u[keep] if isinstance(u, np.ndarray) else u.filter(pa.array(keep))
+        i = i[keep] if isinstance(i, np.ndarray) else i.filter(pa.array(keep))
+        t = t[keep]
+    log.users, log.items, log.times = u, i, t
+    return log
+
+
+def _check_bad(log: RawLog, cfg: DataConfig, source: str) -> None:
+    if log.rows == 0:
+        raise UserError(f"empty input: {source} has no rows")
+    if log.bad and log.bad / log.rows > cfg.max_bad_fraction:
+        raise UserError(
+            f"{log.bad} of {log.rows} rows ({log.bad / log.rows:.1%}) are malformed, more than "
+            f"--max-bad-fraction {cfg.max_bad_fraction}; e.g. {log.example}")
+    if len(log.times) == 0:
+        why = f"{log.bad} bad, {log.below_min} below --min-rating {cfg.min_rating}"
+        raise UserError(f"everything filtered out: none of the {log.rows} rows of {source} is usable ({why})")
+
+
+# ============================================================================================ building
+@dataclass
+class Built:
+    """Everything the writer needs, in index space."""
+
+    split: Split
+    valid_neg: np.ndarray
+    test_neg: np.ndarray
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    dropped: dict[str, int]
+    protocol: str
+    n_interactions: int
+
+
+def build_loo(log: RawLog, cfg: DataConfig) -> Built:
+    """Dedup, sparse-user filter, contiguous indices, leave-one-out split, eval negatives."""
+    ucode, uvocab = encode_ids(log.users)
+    icode, ivocab = encode_ids(log.items)
+    keep = dedup_latest(ucode, icode, log.times)  # sorted by (user code, item code)
+    duplicates = ucode.size - keep.size
+    u, i, t = ucode[keep], icode[keep], log.times[keep]
+    del ucode, icode, keep
+
+    counts = np.bincount(u, minlength=uvocab.size)
+    user_ok = counts >= cfg.min_user_interactions
+    sparse = int((~user_ok & (counts > 0)).sum())
+    rows_ok = user_ok[u]
+    if not rows_ok.any():
+        raise UserError(f"everything filtered out: no user has >= {cfg.min_user_interactions} distinct "
+                        f"interactions (--min-user-interactions); most has {int(counts.max())}")
+    u, i, t = u[rows_ok], i[rows_ok], t[rows_ok]
+    # Contiguous indices that keep the sorted raw-id order.
+    user_new = np.cumsum(user_ok) - 1
+    item_ok = np.zeros(ivocab.size, bool)
+    item_ok[i] = True
+    item_new = np.cumsum(item_ok) - 1
+    u, i = user_new[u], item_new[i]
+    n_users, n_items = int(user_ok.sum()), int(item_ok.sum())
+
+    pos_keys = u * np.int64(n_items) + i  # still sorted by (user, item): dedup's order survives the remap
+    split = split_leave_one_out(u, i, t, n_users)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
+    valid_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
+    test_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
+    return Built(split, valid_neg, test_neg, uvocab[user_ok], ivocab[item_ok],
+                 {"bad_rows": log.bad, "duplicates": int(duplicates), "below_min_rating": log.below_min,
+                  "sparse_users": sparse}, PROTOCOL_LOO, int(pos_keys.size))
+
+
+def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig) -> Built:
+    """The NCF paper's files as given: its ids are already 0-based indices, its test items and negatives are kept;
+    valid is carved from train (latest train interaction per user) and valid negatives are sampled."""
+    arrays = [train.users, train.items, test.users, test.items]
+    if not all(isinstance(a, np.ndarray) for a in arrays):
+        raise UserError("ncf: user and item ids must be integers (0-based indices)")
+    neg_users = negatives.column(S.USER_COL).to_numpy()
+    neg_items = negatives.column(S.ITEM_COL).to_numpy()
+    neg_lists = negatives.column("negatives").combine_chunks()
+    widths = pc.list_value_length(neg_lists).to_numpy()
+    if widths.size == 0 or (widths != widths[0]).any():
+        raise UserError(f"ncf: test.negative lines must all hold the same number of negatives "
+                        f"(found {sorted(set(widths.tolist()))[:5]})")
+    n_users = int(max(train.users.max(), test.users.max())) + 1
+    n_items = int(max(train.items.max(), test.items.max(), neg_items.max(), pc.max(neg_lists.flatten()).as_py())) + 1
+    for name, users in (("test.rating", test.users), ("test.negative", neg_users)):
+        if users.size != n_users or not np.array_equal(np.sort(users), np.arange(n_users)):
+            raise UserError(f"ncf: {name} must hold exactly one row per user 0..{n_users - 1} (has {users.size} "
+                            f"rows)")
+    t_order = np.argsort(test.users)
+    n_order = np.argsort(neg_users)
+    if not np.array_equal(neg_items[n_order], test.items[t_order]):
+        u = int(np.flatnonzero(neg_items[n_order] != test.items[t_order])[0])
+        raise UserError(f"ncf: test.negative pair for user {u} does not match test.rating")
+
+    keep = dedup_latest(train.users, train.items, train.times)
+    u, i, t = train.users[keep], train.items[keep], train.times[keep]
+    counts = np.bincount(u, minlength=n_users)
+    if (counts < 2).any():
+        bad = int(np.flatnonzero(counts < 2)[0])
+        raise UserError(f"ncf: user {bad} has {counts[bad]} train interactions; carving valid needs >= 2")
+    # split_leave_one_out on train alone: its "test" is the latest train row = our valid; its "valid" goes back.
+    inner = split_leave_one_out(u, i, t, n_users)
+    train_u = np.concatenate([inner.train_users, np.arange(n_users)])
+    train_i = np.concatenate([inner.train_items, inner.valid_items])
+    train_t = np.concatenate([inner.train_times, inner.valid_times])
+    order = np.lexsort((train_i, train_t, train_u))
+    split = Split(train_u[order], train_i[order], train_t[order], inner.test_items, inner.test_times,
+                  test.items[t_order], test.times[t_order])
+
+    pos_keys = np.unique(np.concatenate([u * np.int64(n_items) + i,
+                                         np.arange(n_users) * np.int64(n_items) + split.test_items]))
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
+    width = int(widths[0])
+    valid_neg = sample_eval_negatives(pos_keys, n_users, n_items, width, rng)
+    test_neg = np.asarray(neg_lists.flatten().to_numpy(), dtype=np.int64).reshape(-1, width)[n_order]
+    ids = np.arange(max(n_users, n_items)).astype(str)
+    return Built(split, valid_neg, test_neg, ids[:n_users], ids[:n_items],
+                 {"bad_rows": train.bad + test.bad, "duplicates": int(train.users.size - keep.size),
+                  "below_min_rating": 0, "sparse_users": 0}, PROTOCOL_NCF, int(u.size + n_users))
+
+
+# ============================================================================================ writing
+def _i32(a: np.ndarray) -> pa.Array:
+    return pa.array(np.asarray(a, dtype=np.int32))
+
+
+def _neg_table(neg: np.ndarray) -> pa.Table:
+    n, k = neg.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    lists = pa.ListArray.from_arrays(offsets, _i32(neg.reshape(-1)))
+    return pa.table({S.USER_IDX: _i32(np.arange(n)), S.NEGATIVES_COL: lists})
+
+
+def write_dataset(b: Built, d: Path, shards: int) -> None:
+    """The dataset dir of the contract, into `d` (a temp dir; the caller renames it)."""
+    s = b.split
+    n_users, n_items = b.user_ids.size, b.item_ids.size
+    (d / S.TRAIN_DIR).mkdir()
+    bounds = np.linspace(0, s.train_users.size, max(1, shards) + 1).astype(np.int64)
+    for k in range(max(1, shards)):
+        lo, hi = bounds[k], bounds[k + 1]
+        pq.write_table(pa.table({S.USER_IDX: _i32(s.train_users[lo:hi]), S.ITEM_IDX: _i32(s.train_items[lo:hi]),
+                                 S.TIME_COL: pa.array(s.train_times[lo:hi], pa.int64())}),
+                       d / S.TRAIN_DIR / f"part-{k:05d}.parquet")
+    users = _i32(np.arange(n_users))
+    for name, items, times in ((S.VALID_FILE, s.valid_items, s.valid_times), (S.TEST_FILE, s.test_items,
+                                                                               s.test_times)):
+        pq.write_table(pa.table({S.USER_IDX: users, S.ITEM_IDX: _i32(items), S.TIME_COL: pa.array(times, pa.int64())}),
+                       d / name)
+    pq.write_table(_neg_table(b.valid_neg), d / S.VALID_NEG_FILE)
+    pq.write_table(_neg_table(b.test_neg), d / S.TEST_NEG_FILE)
+    for name, idx_col, id_col, ids, count in (
+        (S.USERS_FILE, S.USER_IDX, S.USER_COL, b.user_ids, np.bincount(s.train_users, minlength=n_users)),
+        (S.ITEMS_FILE, S.ITEM_IDX, S.ITEM_COL, b.item_ids, np.bincount(s.train_items, minlength=n_items)),
+    ):
+        pq.write_table(pa.table({idx_col: _i32(np.arange(ids.size)), id_col: pa.array(ids.tolist(), pa.string()),
+                                 S.COUNT_COL: pa.array(count, pa.int64())}), d / name)
+
+
+# ============================================================================================ the stage
+def _check_cfg(cfg: DataConfig) -> None:
+    if cfg.min_user_interactions < 3:
+        raise UserError(f"--min-user-interactions={cfg.min_user_interactions} must be >= 3 "
+                        f"(one train, one valid, one test interaction)")
+    if cfg.eval_negatives < 1:
+        raise UserError(f"--eval-negatives={cfg.eval_negatives} must be >= 1")
+    if cfg.shards < 1:
+        raise UserError(f"--shards={cfg.shards} must be >= 1")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise UserError(f"--max-bad-fraction={cfg.max_bad_fraction} must be in [0, 1]")
+
+
+def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False, local_from: str | None = None,
+            synthetic: Any = None) -> dict[str, Any]:
+    """Run the whole stage; returns the summary (meta.json fields + out, density, rows_read, rows_per_s,
+    timings). `synthetic` is a SyntheticSpec for source 'synthetic'; `local_from` the MovieLens --from path."""
+    from ncf_ray.data.sources import NcfSource, open_source
+
+    t0 = time.perf_counter()
+    _check_cfg(cfg)
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not overwrite:
+        raise UserError(f"output {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    timings: dict[str, float] = {}
+    try:
+        scratch = tmp / "_scratch"
+        scratch.mkdir()
+        src = open_source(cfg, local_from=local_from, synthetic=synthetic, workdir=scratch)
+        if isinstance(src, NcfSource):
+            train, test = collect(src.train), collect(src.test)
+            _check_bad(train, cfg, src.name + ".train.rating")
+            _check_bad(test, cfg, src.name + ".test.rating")
+            negatives = _collect_table(src.negatives)
+            rows = train.rows + test.rows
+            timings["read"] = time.perf_counter() - t0
+            built = build_ncf(train, test, negatives, cfg)
+        else:
+            log = collect(src.dataset)
+            _check_bad(log, cfg, src.name)
+            rows = log.rows
+            timings["read"] = time.perf_counter() - t0
+            built = build_loo(log, cfg)
+            del log
+        timings["build"] = time.perf_counter() - t0 - timings["read"]
+        shutil.rmtree(scratch)
+        write_dataset(built, tmp, cfg.shards)
+        seconds = time.perf_counter() - t0
+        meta = _meta(cfg, built, src.name, seconds)
+        (tmp / S.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _swap_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    timings["write"] = time.perf_counter() - t0 - timings["read"] - timings["build"]
+    n_users, n_items = meta["n_users"], meta["n_items"]
+    return {**meta, "out": str(out), "density": meta["n_interactions"] / max(1, n_users * n_items),
+            "rows_read": rows, "rows_per_s": rows / max(seconds, 1e-9),
+            "timings": {k: round(v, 3) for k, v in timings.items()}}
+
+
+def _collect_table(ds: Any) -> pa.Table:
+    from ncf_ray.data.sources import user_error_from
+
+    try:
+        tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    except Exception as exc:
+        err = user_error_from(exc)
+        if err is None:
+            raise
+        raise err from None
+    if not tables:
+        raise UserError("ncf: test.negative is empty")
+    return pa.concat_tables(tables)
+
+
+def _meta(cfg: DataConfig, b: Built, source: str, seconds: float) -> dict[str, Any]:
+    return {
+        "schema_version": S.SCHEMA_VERSION,
+        "source": source,
+        "seed": cfg.seed,
+        "n_users": int(b.user_ids.size),
+        "n_items": int(b.item_ids.size),
+        "n_interactions": b.n_interactions,
+        "n_train": int(b.split.train_users.size),
+        "n_valid": int(b.split.valid_items.size),
+        "n_test": int(b.split.test_items.size),
+        "eval_negatives": int(b.test_neg.shape[1]),
+        "protocol": b.protocol,
+        "dropped": b.dropped,
+        "seconds": round(seconds, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished temp dir onto `out`; an old `out` (overwrite) is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise UserError(f"output {out} already exists; pass --overwrite to replace it")
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The table `ncf-ray prepare` prints."""
+    d = summary["dropped"]
+    rows = [
+        ("source", summary["source"]),
+        ("protocol", summary["protocol"]),
+        ("users", f"{summary['n_users']:,}"),
+        ("items", f"{summary['n_items']:,}"),
+        ("interactions", f"{summary['n_interactions']:,}"),
+        ("density", f"{summary['density']:.4%}"),
+        ("train / valid / test", f"{summary['n_train']:,} / {summary['n_valid']:,} / {summary['n_test']:,}"),
+        ("eval negatives", str(summary["eval_negatives"])),
+        ("dropped", f"bad {d['bad_rows']:,}, duplicates {d['duplicates']:,}, below min rating "
+                    f"{d['below_min_rating']:,}, sparse users {d['sparse_users']:,}"),
+        ("rows read", f"{summary['rows_read']:,} ({summary['rows_per_s']:,.0f} rows/s)"),
+        ("seconds", f"{summary['seconds']:.1f}"),
+        ("out", summary["out"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

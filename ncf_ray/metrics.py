@@ -1,0 +1,236 @@
+"""HR@K and NDCG@K for implicit-feedback ranking, vectorised (torch/numpy only, no Ray).
+
+Two protocols:
+- sampled: the held-out positive is ranked among its fixed candidate negatives (valid/test negatives, 99 by
+  default), as in the NCF paper;
+- full: the held-out positive is ranked among all items, excluding the items the user already interacted with
+  (the caller's CSR, typically train positives; the target itself is never excluded).
+
+Ties count against the positive (a constant scorer gets rank = number of candidates, i.e. no credit), so a model
+cannot look good by emitting equal scores. A popularity baseline is scored by the same code.
+
+Every evaluator returns {"hr", "ndcg", "n"}; with reduce=False it returns {"hit_sum", "ndcg_sum", "n"} so Ray Train
+workers can all-reduce sums and counts and call `finalize`. Used by `ncf-ray train` (per epoch, on valid),
+`ncf-ray evaluate` and the benchmark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+ArrayLike = Tensor | np.ndarray | Sequence[int]
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+def rank_sampled(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
+    """0-based rank of each positive among its candidates: negatives scoring >= the positive. [N] int64."""
+    return (neg_scores >= pos_scores.unsqueeze(-1)).sum(dim=-1)
+
+
+def hit_ndcg_from_ranks(ranks: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per-row hit (rank < k) and NDCG (1 / log2(rank + 2) on a hit, else 0) as float32 tensors [N]."""
+    if k <= 0:
+        raise ValueError(f"k={k} must be > 0")
+    hits = ranks < k
+    ndcgs = torch.where(hits, 1.0 / torch.log2(ranks.to(torch.float64) + 2.0), 0.0)
+    return hits.to(torch.float32), ndcgs.to(torch.float32)
+
+
+def csr_rows(rows: Tensor, indptr: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """Flatten the CSR rows `rows` into (position in `rows`, column) pairs without a Python loop:
+    returns (row_pos[L], cols[L]) where L is the total length of the selected rows."""
+    rows = rows.to(torch.int64)
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lengths = ends - starts
+    total = int(lengths.sum())
+    row_pos = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lengths, output_size=total)
+    # Offset of each element inside its row = global position - where that row begins in the flat output.
+    row_begin = torch.cumsum(lengths, 0) - lengths
+    offsets = torch.arange(total, device=rows.device) - torch.repeat_interleave(
+        row_begin, lengths, output_size=total
+    )
+    cols = indices[torch.repeat_interleave(starts, lengths, output_size=total) + offsets]
+    return row_pos, cols.to(torch.int64)
+
+
+def seen_mask(users: Tensor, indptr: Tensor, indices: Tensor, n_items: int) -> Tensor:
+    """Boolean [N, n_items] mask of the CSR rows of `users` (True = seen)."""
+    mask = torch.zeros((len(users), n_items), dtype=torch.bool, device=users.device)
+    row_pos, cols = csr_rows(users, indptr, indices)
+    mask[row_pos, cols] = True
+    return mask
+
+
+def rank_full(scores: Tensor, targets: Tensor, exclude: Tensor | None = None) -> Tensor:
+    """0-based rank of targets[n] among all items of scores[n] (ties count against the target), ignoring items
+    where the boolean mask exclude[n] is True. The target itself is never excluded. [N] int64."""
+    rows = torch.arange(len(targets), device=scores.device)
+    targets = targets.to(scores.device, torch.int64)
+    target_scores = scores[rows, targets]
+    beats = scores >= target_scores.unsqueeze(-1)
+    beats[rows, targets] = False  # the target does not outrank itself
+    if exclude is not None:
+        beats &= ~exclude
+    return beats.sum(dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+def _summarise(ranks: Tensor, k: int, reduce: bool) -> dict[str, float]:
+    hits, ndcgs = hit_ndcg_from_ranks(ranks, k)
+    sums = {"hit_sum": float(hits.sum()), "ndcg_sum": float(ndcgs.sum()), "n": int(len(ranks))}
+    return finalize(sums) if reduce else sums
+
+
+def finalize(sums: dict[str, float]) -> dict[str, float]:
+    """{"hit_sum", "ndcg_sum", "n"} (e.g. all-reduced over workers) -> {"hr", "ndcg", "n"}."""
+    n = int(sums["n"])
+    denom = max(n, 1)
+    return {"hr": float(sums["hit_sum"]) / denom, "ndcg": float(sums["ndcg_sum"]) / denom, "n": n}
+
+
+def merge_sums(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Add up several reduce=False results (e.g. shards evaluated one after another)."""
+    return {
+        "hit_sum": sum(float(p["hit_sum"]) for p in parts),
+        "ndcg_sum": sum(float(p["ndcg_sum"]) for p in parts),
+        "n": sum(int(p["n"]) for p in parts),
+    }
+
+
+def _as_long(x: ArrayLike, device: torch.device | str = "cpu") -> Tensor:
+    if isinstance(x, Tensor):
+        return x.to(device=device, dtype=torch.int64)
+    return torch.as_tensor(np.asarray(x, dtype=np.int64), device=device)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP and torch.compile wrap the model; score_items lives on the inner module.
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------------------ model
+@torch.no_grad()
+def evaluate_sampled(
+    model: nn.Module,
+    users: ArrayLike,
+    pos_items: ArrayLike,
+    neg_items: ArrayLike,
+    k: int = 10,
+    batch_size: int = 2048,
+    reduce: bool = True,
+) -> dict[str, float]:
+    """HR@k / NDCG@k of the positive pos_items[n] of users[n] among its candidates neg_items[n, :C].
+    Scores each user's 1 + C pairs with forward() in user batches; restores the model's train/eval mode."""
+    net = _unwrap(model)
+    device = _device_of(net)
+    users, pos, neg = _as_long(users, device), _as_long(pos_items, device), _as_long(neg_items, device)
+    was_training = net.training
+    net.eval()
+    try:
+        ranks = []
+        for s in range(0, len(users), batch_size):
+            u, cand = (
+                users[s : s + batch_size],
+                torch.cat([pos[s : s + batch_size, None], neg[s : s + batch_size]], 1),
+            )
+            logits = net(u.repeat_interleave(cand.shape[1]), cand.reshape(-1)).view(cand.shape).float()
+            ranks.append(rank_sampled(logits[:, 0], logits[:, 1:]).cpu())
+    finally:
+        net.train(was_training)
+    return _summarise(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), k, reduce)
+
+
+@torch.no_grad()
+def evaluate_full(
+    model: nn.Module,
+    users: ArrayLike,
+    targets: ArrayLike,
+    seen_csr: tuple[ArrayLike, ArrayLike] | None = None,
+    k: int = 10,
+    batch_size: int = 256,
+    reduce: bool = True,
+) -> dict[str, float]:
+    """HR@k / NDCG@k of targets[n] ranked among all items for users[n] with model.score_items, excluding the
+    items in row users[n] of seen_csr = (indptr, indices) (the target itself never excluded)."""
+    net = _unwrap(model)
+    device = _device_of(net)
+    users, targets = _as_long(users, device), _as_long(targets, device)
+    indptr, indices = (
+        (None, None) if seen_csr is None else (_as_long(seen_csr[0], device), _as_long(seen_csr[1], device))
+    )
+    was_training = net.training
+    net.eval()
+    try:
+        ranks = []
+        for s in range(0, len(users), batch_size):
+            u, t = users[s : s + batch_size], targets[s : s + batch_size]
+            scores = net.score_items(u).float()
+            mask = None if indptr is None else seen_mask(u, indptr, indices, scores.shape[1])
+            ranks.append(rank_full(scores, t, mask).cpu())
+    finally:
+        net.train(was_training)
+    return _summarise(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), k, reduce)
+
+
+# ------------------------------------------------------------------------------------------------ popularity
+def popularity_scores(item_counts: ArrayLike) -> Tensor:
+    """The popularity baseline's score of every item: its train interaction count (float64 [n_items])."""
+    if isinstance(item_counts, Tensor):
+        return item_counts.detach().to(torch.float64)
+    return torch.as_tensor(np.asarray(item_counts, dtype=np.float64))
+
+
+def evaluate_popularity_sampled(
+    item_counts: ArrayLike, pos_items: ArrayLike, neg_items: ArrayLike, k: int = 10, reduce: bool = True
+) -> dict[str, float]:
+    """The popularity baseline under the sampled protocol (same ranks and tie rule as the models)."""
+    pop = popularity_scores(item_counts)
+    ranks = rank_sampled(pop[_as_long(pos_items)], pop[_as_long(neg_items)])
+    return _summarise(ranks, k, reduce)
+
+
+def evaluate_popularity_full(
+    item_counts: ArrayLike,
+    users: ArrayLike,
+    targets: ArrayLike,
+    seen_csr: tuple[ArrayLike, ArrayLike] | None = None,
+    k: int = 10,
+    batch_size: int = 1024,
+    reduce: bool = True,
+) -> dict[str, float]:
+    """The popularity baseline under the full-ranking protocol (same exclusion as evaluate_full)."""
+    pop = popularity_scores(item_counts)
+    users, targets = _as_long(users), _as_long(targets)
+    indptr, indices = (None, None) if seen_csr is None else (_as_long(seen_csr[0]), _as_long(seen_csr[1]))
+    ranks = []
+    for s in range(0, len(users), batch_size):
+        u, t = users[s : s + batch_size], targets[s : s + batch_size]
+        scores = pop.unsqueeze(0).expand(len(u), -1)
+        mask = None if indptr is None else seen_mask(u, indptr, indices, len(pop))
+        ranks.append(rank_full(scores, t, mask))
+    return _summarise(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), k, reduce)
+
+
+def build_csr(users: ArrayLike, items: ArrayLike, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (indptr int64 [n_users + 1], indices int64, sorted and de-duplicated per row) of (user, item) pairs;
+    e.g. the train positives to exclude in full ranking, or the artifact's seen items."""
+    u = np.asarray(users, dtype=np.int64)
+    i = np.asarray(items, dtype=np.int64)
+    if len(u):
+        # One int64 key per pair: np.unique sorts by user then item and drops duplicates, fast on 1-D keys.
+        width = int(i.max()) + 1
+        keys = np.unique(u * width + i)
+        u, i = keys // width, keys % width
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(u, minlength=n_users), out=indptr[1:])
+    return indptr, i.copy()

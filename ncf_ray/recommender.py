@@ -1,0 +1,183 @@
+"""Top-K recommendation from a loaded artifact: the pure logic behind `ncf-ray recommend` and `ncf-ray serve`.
+
+Known users: one batched `model.score_items` pass over all items (or a candidate subset), the user's seen items
+masked to -inf through the artifact's CSR (one vectorised scatter), then `torch.topk`. Unknown users get the
+popularity fallback, flagged `"cold_start": true`. Raw ids are normalised with str().
+
+Scores: known users get the model's raw logit (higher is better; sigmoid(logit) is the model's predicted
+probability of an interaction). Cold-start users get popularity / max popularity, in [0, 1]. The two scales are
+not comparable; `cold_start` says which one a result uses.
+
+No Ray here: Serve wraps a Recommender in a deployment; the CLI uses it directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ncf_ray.artifact import Artifact, load_artifact
+from ncf_ray.errors import UserError
+from ncf_ray.metrics import csr_rows
+
+RawId = str | int
+
+
+class Recommender:
+    """Serves top-K lists and pair scores from one artifact. Build once per process/replica; thread-safe for reads."""
+
+    def __init__(self, artifact: Artifact) -> None:
+        self.artifact = artifact
+        self.model = artifact.model.eval()
+        self.device = next(self.model.parameters()).device
+        self.item_ids: np.ndarray = artifact.item_ids
+        self.user_index = artifact.user_index
+        self.item_index = artifact.item_index
+        # Precomputed tensors: nothing in the hot path converts per item.
+        self._indptr = torch.as_tensor(artifact.seen_indptr, dtype=torch.int64, device=self.device)
+        self._indices = torch.as_tensor(artifact.seen_indices, dtype=torch.int64, device=self.device)
+        pop = torch.as_tensor(artifact.popularity, dtype=torch.float64)
+        top = float(pop.max()) if len(pop) else 0.0
+        self._pop_score = (pop / top if top > 0 else torch.zeros_like(pop)).to(torch.float32)
+        # Most popular first; ties broken by item index so the fallback is deterministic.
+        self._pop_order = torch.argsort(-pop, stable=True)
+
+    @classmethod
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
+        return cls(load_artifact(path, device=device))
+
+    @property
+    def model_version(self) -> str:
+        return self.artifact.model_version
+
+    @property
+    def n_items(self) -> int:
+        return self.artifact.n_items
+
+    @property
+    def n_users(self) -> int:
+        return self.artifact.n_users
+
+    # -------------------------------------------------------------------------------------------- recommend
+    def recommend(
+        self,
+        user_ids: Sequence[RawId],
+        k: int,
+        exclude_seen: bool = True,
+        candidates: Sequence[RawId] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Top-k items for each user, in request order: {"user_id", "items": [{"item_id", "score"}],
+        "cold_start"} (+ "unknown_items" when candidates are given). k is clipped to the items available."""
+        if isinstance(user_ids, (str, bytes)):
+            raise UserError(f"user_ids must be a list of ids, got the string {user_ids!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise UserError(f"k={k!r} must be a positive integer")
+        keys = [str(u) for u in user_ids]
+        cand_idx, unknown_items = self._candidates(candidates)
+        known = [(pos, self.user_index[key]) for pos, key in enumerate(keys) if key in self.user_index]
+
+        lists: list[list[dict[str, Any]]] = [[] for _ in keys]
+        if known:
+            users = torch.tensor([u for _, u in known], dtype=torch.int64, device=self.device)
+            for (pos, _), items in zip(known, self._top_known(users, int(k), exclude_seen, cand_idx)):
+                lists[pos] = items
+        if len(known) < len(keys):
+            fallback = self._top_popular(int(k), cand_idx)
+            known_pos = {pos for pos, _ in known}
+            for pos in range(len(keys)):
+                if pos not in known_pos:
+                    lists[pos] = fallback
+
+        results = []
+        for pos, key in enumerate(keys):
+            result: dict[str, Any] = {
+                "user_id": key,
+                "items": lists[pos],
+                "cold_start": key not in self.user_index,
+            }
+            if candidates is not None:
+                result["unknown_items"] = list(unknown_items)
+            results.append(result)
+        return results
+
+    def _candidates(self, candidates: Sequence[RawId] | None) -> tuple[Tensor | None, list[str]]:
+        """Known candidate item indices (de-duplicated, request order) and the unknown raw ids."""
+        if candidates is None:
+            return None, []
+        if isinstance(candidates, (str, bytes)):
+            raise UserError(f"candidates must be a list of item ids, got the string {candidates!r}")
+        wanted = dict.fromkeys(str(c) for c in candidates)
+        idx = [self.item_index[c] for c in wanted if c in self.item_index]
+        unknown = [c for c in wanted if c not in self.item_index]
+        return torch.tensor(idx, dtype=torch.int64, device=self.device), unknown
+
+    @torch.inference_mode()
+    def _top_known(
+        self, users: Tensor, k: int, exclude_seen: bool, cand_idx: Tensor | None
+    ) -> list[list[dict[str, Any]]]:
+        n_cols = self.n_items if cand_idx is None else len(cand_idx)
+        if n_cols == 0:
+            return [[] for _ in range(len(users))]
+        scores = self.model.score_items(users, cand_idx).float()  # [B, M] logits
+        if exclude_seen:
+            rows, cols = csr_rows(users, self._indptr, self._indices)
+            if cand_idx is not None:
+                # Seen item index -> its column among the candidates (-1 when it is not a candidate).
+                column_of = torch.full((self.n_items,), -1, dtype=torch.int64, device=self.device)
+                column_of[cand_idx] = torch.arange(len(cand_idx), device=self.device)
+                cols = column_of[cols]
+                keep = cols >= 0
+                rows, cols = rows[keep], cols[keep]
+            scores[rows, cols] = float("-inf")
+        top_scores, top_cols = torch.topk(scores, min(k, n_cols), dim=1)
+        top_items = top_cols if cand_idx is None else cand_idx[top_cols]
+        return [
+            self._items(items_row, scores_row)
+            for items_row, scores_row in zip(top_items.cpu().numpy(), top_scores.cpu().numpy())
+        ]
+
+    def _top_popular(self, k: int, cand_idx: Tensor | None) -> list[dict[str, Any]]:
+        if cand_idx is None:
+            order = self._pop_order[:k]
+        else:
+            cand = cand_idx.cpu()
+            order = cand[torch.argsort(-self._pop_score[cand], stable=True)[:k]]
+        return self._items(order.numpy(), self._pop_score[order].numpy())
+
+    def _items(self, item_idx: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
+        finite = np.isfinite(scores)  # -inf marks a seen item: fewer than k left to recommend
+        ids = self.item_ids[item_idx[finite]].tolist()
+        return [{"item_id": i, "score": s} for i, s in zip(ids, scores[finite].tolist())]
+
+    # -------------------------------------------------------------------------------------------- score
+    @torch.inference_mode()
+    def score(self, user_id: RawId, item_ids: Sequence[RawId]) -> dict[str, Any]:
+        """Scores of given items for one user: {"user_id", "scores": [{"item_id", "score" | None, "known"}],
+        "cold_start"}. Unknown items get score None and known False, in request order."""
+        if isinstance(item_ids, (str, bytes)):
+            raise UserError(f"item_ids must be a list of ids, got the string {item_ids!r}")
+        key = str(user_id)
+        keys = [str(i) for i in item_ids]
+        idx = [self.item_index.get(i, -1) for i in keys]
+        known_idx = torch.tensor([i for i in idx if i >= 0], dtype=torch.int64, device=self.device)
+        cold = key not in self.user_index
+        if len(known_idx) == 0:
+            values: list[float] = []
+        elif cold:
+            values = self._pop_score[known_idx.cpu()].tolist()
+        else:
+            user = torch.tensor([self.user_index[key]], dtype=torch.int64, device=self.device)
+            values = self.model.score_items(user, known_idx)[0].float().cpu().tolist()
+        it = iter(values)
+        scores = [
+            {"item_id": item, "score": next(it), "known": True}
+            if i >= 0
+            else {"item_id": item, "score": None, "known": False}
+            for item, i in zip(keys, idx)
+        ]
+        return {"user_id": key, "scores": scores, "cold_start": cold}

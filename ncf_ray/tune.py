@@ -1,0 +1,339 @@
+"""Hyperparameter sweeps on Ray Tune: embedding size x MLP depth (+ lr, negatives, weight decay), ASHA on valid HR@K.
+
+    ncf-ray tune DATASET_DIR --out SWEEP_DIR [--num-samples 8] [--max-epochs 10] [--search random|grid|optuna]
+
+Each trial is a Ray Train run built by `train.build_trainer` (Train V2 pattern: a function trainable that builds
+and fits a TorchTrainer; `TuneReportCallback` forwards the workers' per-epoch reports to Tune so ASHA can stop
+weak trials). Only valid metrics reach the search; the best trial's checkpoint is exported to SWEEP_DIR/best/
+and its test metrics computed once, afterwards.
+
+Per-trial overhead: every trial starts a TorchTrainer worker group (~15-20 s here), so short trials are dominated
+by startup: give trials enough epochs for that to amortise, and use ASHA rather than many tiny trials.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig, TuneConfig, to_dict
+from ncf_ray.errors import UserError
+
+METRIC_KEY = "valid_hr@{k}"
+SEARCHES = ("random", "grid", "optuna")
+
+# The default space of the issue: embedding size x depth, plus optimiser knobs.
+DEFAULT_SPACE: dict[str, Any] = {
+    "factors": [8, 16, 32, 64, 128],
+    "depth": [0, 1, 2, 3, 4],
+    "lr": {"loguniform": [3e-4, 1e-2]},
+    "negatives": [2, 3, 4, 6, 8],
+    "weight_decay": {"loguniform": [1e-7, 1e-4]},
+}
+SPACE_KEYS = {"factors", "depth", "lr", "negatives", "weight_decay", "batch_size", "dropout"}
+
+
+# ------------------------------------------------------------------------------------------- space
+def tower(factors: int, depth: int) -> tuple[int, ...]:
+    """MLP widths for `depth` hidden layers: input = user+item embeddings of `factors` each, then halving."""
+    return tuple(max(1, (2 * factors) >> j) for j in range(depth + 1))
+
+
+def _check_values(key: str, values: list[Any]) -> None:
+    if not values:
+        raise UserError(f"search space key {key!r} has no values")
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise UserError(f"search space {key}={v!r} must be a number")
+        if key == "depth" and (v < 0 or v != int(v)):
+            raise UserError(f"search space depth={v} must be an integer >= 0")
+        if key in ("factors", "negatives", "batch_size") and (v <= 0 or v != int(v)):
+            raise UserError(f"search space {key}={v} must be an integer > 0")
+        if key in ("lr",) and v <= 0:
+            raise UserError(f"search space lr={v} must be > 0")
+        if key in ("weight_decay", "dropout") and v < 0:
+            raise UserError(f"search space {key}={v} must be >= 0")
+
+
+def validate_space(space: dict[str, Any]) -> dict[str, Any]:
+    """Refuse bad spaces before any trial starts, naming the offending key. Values are a list (choice/grid),
+    a scalar (fixed), or {"loguniform"|"uniform": [low, high]}."""
+    if not isinstance(space, dict) or not space:
+        raise UserError("search space must be a non-empty mapping of key -> values")
+    unknown = sorted(set(space) - SPACE_KEYS)
+    if unknown:
+        raise UserError(f"unknown search space key(s): {', '.join(unknown)} (known: {', '.join(sorted(SPACE_KEYS))})")
+    for key, spec in space.items():
+        if isinstance(spec, dict):
+            if len(spec) != 1 or next(iter(spec)) not in ("loguniform", "uniform"):
+                raise UserError(f"search space {key}: a distribution is {{loguniform|uniform: [low, high]}}, got {spec}")
+            kind, bounds = next(iter(spec.items()))
+            if not isinstance(bounds, list) or len(bounds) != 2:
+                raise UserError(f"search space {key}.{kind} needs [low, high], got {bounds!r}")
+            _check_values(key, bounds)
+            if not bounds[0] < bounds[1]:
+                raise UserError(f"search space {key}.{kind}: low={bounds[0]} must be < high={bounds[1]}")
+            if key in ("factors", "depth", "negatives", "batch_size"):
+                raise UserError(f"search space {key} takes a list of integers, not a distribution")
+        else:
+            _check_values(key, spec if isinstance(spec, list) else [spec])
+    return space
+
+
+def load_space(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return dict(DEFAULT_SPACE)
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"search space file not found: {p}")
+    try:
+        space = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"search space {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return validate_space(space)
+
+
+def to_param_space(space: dict[str, Any], search: str) -> dict[str, Any]:
+    """Our YAML space -> Tune's param_space. Lists become grid axes under --search grid, choices otherwise."""
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        if isinstance(spec, dict):
+            kind, (low, high) = next(iter(spec.items()))
+            out[key] = tune.loguniform(low, high) if kind == "loguniform" else tune.uniform(low, high)
+        elif isinstance(spec, list):
+            out[key] = tune.grid_search(spec) if search == "grid" else tune.choice(spec)
+        else:
+            out[key] = spec
+    return out
+
+
+def trial_train_config(base: TrainConfig, model_name: str, params: dict[str, Any]) -> TrainConfig:
+    """One trial's TrainConfig: the sweep's base settings with the sampled parameters applied."""
+    factors = int(params.get("factors", base.model.factors))
+    depth = int(params.get("depth", max(len(base.model.layers) - 1, 0)))
+    model = ModelConfig(name=model_name, factors=factors, layers=tower(factors, depth),
+                        dropout=float(params.get("dropout", base.model.dropout)))
+    fields: dict[str, Any] = {k: float(params[k]) for k in ("lr", "weight_decay") if k in params}
+    fields.update({k: int(params[k]) for k in ("negatives", "batch_size") if k in params})
+    return dataclasses.replace(base, model=model, **fields)
+
+
+# ------------------------------------------------------------------------------------------- trial
+def _trial(config: dict[str, Any]) -> None:
+    """Function trainable: build and fit one Ray Train run; its reports reach Tune through the callback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ncf_ray.config import from_dict
+    from ncf_ray.train import build_trainer
+
+    base = from_dict(TrainConfig, config["__base__"])
+    params = {k: v for k, v in config.items() if not k.startswith("__")}
+    cfg = trial_train_config(base, config["__model__"], params)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(config["__dataset__"], cfg, storage_path=config["__storage__"], name=f"trial_{trial_id}",
+                            callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+
+
+def default_max_concurrent(workers_per_trial: int) -> int:
+    """Trials that fit the cluster at once: one CPU per Ray Train worker, keeping one CPU for Ray Data reads
+    when the cluster is small."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    by_cpu = max(1, cpus // workers_per_trial)
+    return max(1, min(by_cpu, gpus // workers_per_trial)) if gpus >= workers_per_trial else by_cpu
+
+
+# ------------------------------------------------------------------------------------------- sweep
+def run_sweep(
+    dataset_dir: str,
+    out_dir: str,
+    tcfg: TuneConfig,
+    base: TrainConfig | None = None,
+    space: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; write results.csv, plot.png, best/ and return a summary dict."""
+    from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    from ncf_ray.data.dataset import read_meta
+    from ncf_ray.train import ensure_ray
+
+    if tcfg.model not in MODEL_NAMES:
+        raise UserError(f"--model={tcfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
+    if tcfg.search not in SEARCHES:
+        raise UserError(f"--search={tcfg.search!r} is not one of {', '.join(SEARCHES)}")
+    for name in ("num_samples", "max_epochs", "workers_per_trial", "grace_period", "reduction_factor"):
+        if getattr(tcfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(tcfg, name)} must be > 0")
+    space = validate_space(space if space is not None else dict(DEFAULT_SPACE))
+    read_meta(dataset_dir)  # refuses a path that is not a dataset dir before Ray starts
+    base = base or TrainConfig()
+    base = dataclasses.replace(base, epochs=tcfg.max_epochs, workers=tcfg.workers_per_trial, seed=tcfg.seed)
+    out = Path(out_dir).resolve()
+    exp_name = "sweep"
+    exp_path = out / exp_name
+    if resume and not exp_path.exists():
+        raise UserError(f"--resume: no sweep found in {out}")
+    if not resume and exp_path.exists():
+        raise UserError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+
+    k = base.eval_k
+    metric = METRIC_KEY.format(k=k)
+    trainable = tune.with_resources(_trial, {"cpu": 0.01})  # the trial driver only waits on its TorchTrainer
+    t0 = time.time()
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        param_space = to_param_space(space, tcfg.search)
+        param_space.update({"__base__": to_dict(base), "__model__": tcfg.model,
+                            "__dataset__": str(Path(dataset_dir).resolve()), "__storage__": str(out / "trials")})
+        search_alg = None
+        if tcfg.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(metric=metric, mode="max", seed=tcfg.seed)
+        max_conc = tcfg.max_concurrent or default_max_concurrent(tcfg.workers_per_trial)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=metric, mode="max", num_samples=tcfg.num_samples, search_alg=search_alg,
+                max_concurrent_trials=max_conc,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
+                                        reduction_factor=tcfg.reduction_factor),
+            ),
+            run_config=tune.RunConfig(name=exp_name, storage_path=str(out), callbacks=[TBXLoggerCallback()],
+                                      verbose=0),
+        )
+    grid = tuner.fit()
+    seconds = time.time() - t0
+    rows = _result_rows(grid, k)
+    _write_csv(out / "results.csv", rows)
+    summary: dict[str, Any] = {"trials": len(rows), "seconds": seconds, "results_csv": str(out / "results.csv"),
+                               "errors": sum(r["status"] == "ERROR" for r in rows)}
+    ok = [r for r in rows if r["best_valid_hr"] is not None and r["checkpoint_path"]]
+    if not ok:
+        raise UserError(f"no trial of the sweep in {out} produced a checkpoint; see results.csv")
+    best_row = max(ok, key=lambda r: r["best_valid_hr"])
+    best = _export_best(dataset_dir, out, best_row, base, tcfg.model)
+    summary.update(best=best_row["trial_id"], best_dir=str(out / "best"), best_metrics=best)
+    try:
+        _plot(out / "plot.png", rows, best["popularity"]["valid"][f"hr@{k}"], k)
+    except Exception as exc:  # a missing plotting backend must not lose a finished sweep
+        print(f"warning: plot.png not written: {exc}")
+    return summary
+
+
+def _result_rows(grid: Any, k: int) -> list[dict[str, Any]]:
+    rows = []
+    for res in grid:
+        cfg = res.config or {}
+        df = res.metrics_dataframe
+        metric = METRIC_KEY.format(k=k)
+        best_hr = best_ndcg = None
+        epochs = 0
+        if df is not None and len(df) and metric in df:
+            i = df[metric].idxmax()
+            best_hr, best_ndcg = float(df[metric][i]), float(df[f"valid_ndcg@{k}"][i])
+            epochs = int(df["epoch"].max())
+        last = res.metrics or {}
+        status = "ERROR" if res.error else "TERMINATED"
+        ckpt = None
+        if df is not None and "checkpoint_path" in df and df["checkpoint_path"].notna().any():
+            ckpt = str(df["checkpoint_path"].dropna().iloc[-1])
+        rows.append({
+            "trial_id": last.get("trial_id") or (Path(res.path).name if res.path else ""),
+            "factors": cfg.get("factors"), "depth": cfg.get("depth"), "lr": cfg.get("lr"),
+            "negatives": cfg.get("negatives"), "weight_decay": cfg.get("weight_decay"),
+            "best_valid_hr": best_hr, "best_valid_ndcg": best_ndcg, "epochs": epochs,
+            "seconds": float(last.get("time_total_s", 0.0) or 0.0), "status": status,
+            "error": str(res.error).splitlines()[0][:300] if res.error else "", "checkpoint_path": ckpt,
+            "config": cfg,
+        })
+    rows.sort(key=lambda r: -(r["best_valid_hr"] or -1))
+    return rows
+
+
+CSV_COLUMNS = ["trial_id", "factors", "depth", "lr", "negatives", "weight_decay", "best_valid_hr",
+               "best_valid_ndcg", "epochs", "seconds", "status", "error"]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _export_best(dataset_dir: str, out: Path, row: dict[str, Any], base: TrainConfig, model: str) -> dict[str, Any]:
+    """Best trial (by valid HR only) -> SWEEP_DIR/best artifact; test metrics computed here, once."""
+    from ncf_ray.train import finalize, load_state
+
+    params = {k: v for k, v in row["config"].items() if not k.startswith("__")}
+    cfg = trial_train_config(base, model, params)
+    state = load_state(row["checkpoint_path"])
+    return finalize(dataset_dir, out / "best", out / "best_metrics.json", cfg, state, row["seconds"])
+
+
+def _plot(path: Path, rows: list[dict[str, Any]], popularity_hr: float | None, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    depths = sorted({r["depth"] for r in rows if r["depth"] is not None})
+    for d in depths:
+        pts = sorted((r["factors"], r["best_valid_hr"]) for r in rows if r["depth"] == d and r["best_valid_hr"] is not None)
+        best_by_f: dict[int, float] = {}
+        for f, hr in pts:
+            best_by_f[f] = max(hr, best_by_f.get(f, -math.inf))
+        if best_by_f:
+            ax.plot(list(best_by_f), list(best_by_f.values()), marker="o", label=f"depth {d}")
+    if popularity_hr is not None:
+        ax.axhline(popularity_hr, color="grey", linestyle="--", label="popularity")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("embedding size (factors)")
+    ax.set_ylabel(f"best valid HR@{k}")
+    ax.set_title("Sweep: valid HR by embedding size and MLP depth")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def format_table(rows_csv: str, top: int = 10) -> str:
+    with open(rows_csv) as f:
+        rows = list(csv.DictReader(f))
+    head = f"{'trial':<10} {'factors':>7} {'depth':>5} {'lr':>9} {'neg':>4} {'wd':>9} {'valid_hr':>9} {'ndcg':>7} {'ep':>3} {'status':<10}"
+    lines = [head]
+    for r in rows[:top]:
+        def num(x: str, fmt: str) -> str:
+            return format(float(x), fmt) if x not in ("", "None") else "-"
+        lines.append(f"{r['trial_id']:<10} {r['factors']:>7} {r['depth']:>5} {num(r['lr'], '9.2e')} {r['negatives']:>4} "
+                     f"{num(r['weight_decay'], '9.1e')} {num(r['best_valid_hr'], '9.4f')} {num(r['best_valid_ndcg'], '7.4f')} "
+                     f"{r['epochs']:>3} {r['status']:<10}")
+    return "\n".join(lines)

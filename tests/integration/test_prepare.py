@@ -1,0 +1,222 @@
+"""`ncf-ray prepare` on local Ray: format parity, every bad input, the NCF and MovieLens loaders, and one real
+subprocess run on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ncf_ray.cli import main
+from ncf_ray.data import schema as S
+
+pytestmark = pytest.mark.integration
+
+DATASET_FILES = [S.VALID_FILE, S.TEST_FILE, S.VALID_NEG_FILE, S.TEST_NEG_FILE, S.USERS_FILE, S.ITEMS_FILE]
+
+
+def _log(n_users: int = 40, n_items: int = 30, per_user: int = 8, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        for j, i in enumerate(rng.choice(n_items, per_user, replace=False)):
+            rows.append((u + 100, int(i) + 1, 1_000_000 + u * 100 + j * 7))
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
+    older = df.iloc[:5].assign(timestamp=df.timestamp.iloc[:5] - 1)  # a few older duplicates
+    return pd.concat([df, older], ignore_index=True)
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(["prepare", *args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _read_dir(d: Path) -> dict[str, object]:
+    tables = {name: pq.read_table(d / name) for name in DATASET_FILES}
+    tables["train"] = pq.read_table(d / S.TRAIN_DIR)
+    return tables
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith((".out", "out")))
+
+
+@pytest.fixture(scope="module")
+def formats(tmp_path_factory, ray_local):
+    d = tmp_path_factory.mktemp("formats")
+    df = _log()
+    df.to_csv(d / "log.csv", index=False)
+    df.to_parquet(d / "log.parquet", index=False)
+    df.to_json(d / "log.jsonl", orient="records", lines=True)
+    return d, df
+
+
+def test_csv_parquet_jsonl_give_identical_datasets(formats, capsys):
+    d, df = formats
+    outs = []
+    for ext in ("csv", "parquet", "jsonl"):
+        out = d / f"ds_{ext}"
+        rc, stdout, err = _run([str(d / f"log.{ext}"), "--out", str(out), "--eval-negatives", "5", "--shards",
+                                "2", "--json"], capsys)
+        assert rc == 0, err
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        assert summary["n_users"] == 40 and summary["dropped"]["duplicates"] == 5
+        outs.append(_read_dir(out))
+    for other in outs[1:]:
+        for name, table in outs[0].items():
+            assert table.equals(other[name]), name
+    meta = json.loads((d / "ds_csv" / S.META_FILE).read_text())
+    assert meta["protocol"] == "leave-one-out-by-time" and meta["n_valid"] == meta["n_test"] == 40
+    assert sorted(os.listdir(d / "ds_csv" / S.TRAIN_DIR)) == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def _bad_case(d: Path, name: str) -> list[str]:
+    """Write one bad input and return its prepare arguments (without --out)."""
+    good = _log(n_users=10)
+    if name == "missing_column":
+        good.rename(columns={"item_id": "movie"}).to_csv(d / "m.csv", index=False)
+        return [str(d / "m.csv")]
+    if name == "bad_values":
+        bad = good.astype(str)
+        bad.loc[bad.index[:10], "timestamp"] = "not-a-time"
+        bad.to_csv(d / "b.csv", index=False)
+        return [str(d / "b.csv")]
+    if name == "empty":
+        (d / "e.csv").write_text("")
+        return [str(d / "e.csv")]
+    if name == "header_only":
+        (d / "h.csv").write_text("user_id,item_id,timestamp\n")
+        return [str(d / "h.csv")]
+    if name == "not_found":
+        return [str(d / "nope.csv")]
+    if name == "unknown_format":
+        (d / "x.xlsx").write_text("data")
+        return [str(d / "x.xlsx")]
+    if name == "all_filtered":
+        good.to_csv(d / "f.csv", index=False)
+        return [str(d / "f.csv"), "--min-user-interactions", "50"]
+    raise AssertionError(name)
+
+
+BAD = {
+    "missing_column": "missing required column 'item_id'",
+    "bad_values": "10 of 85 rows (11.8%) are malformed",
+    "empty": "empty input",
+    "header_only": "empty input",
+    "not_found": "path not found",
+    "unknown_format": "unknown format",
+    "all_filtered": "everything filtered out",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(case, tmp_path, capsys, ray_local):
+    args = _bad_case(tmp_path, case)
+    rc, out, err = _run([*args, "--out", str(tmp_path / "out")], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, err
+    assert BAD[case] in lines[0]
+    assert _leftovers(tmp_path) == []
+
+
+def test_bad_values_example_names_the_offending_value(tmp_path, capsys, ray_local):
+    rc, _, err = _run([*_bad_case(tmp_path, "bad_values"), "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "timestamp='not-a-time'" in err and "columns" not in err
+
+
+def test_few_bad_rows_are_dropped_and_counted(tmp_path, capsys, ray_local):
+    args = _bad_case(tmp_path, "bad_values")
+    rc, _, err = _run([*args, "--out", str(tmp_path / "out"), "--max-bad-fraction", "0.2"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / S.META_FILE).read_text())["dropped"]["bad_rows"] == 10
+
+
+def test_existing_out_is_refused_unless_overwrite(formats, tmp_path, capsys):
+    d, _ = formats
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    rc, _, err = _run([str(d / "log.csv"), "--out", str(out)], capsys)
+    assert rc == 2 and "already exists" in err and (out / "keep.txt").exists()
+    rc, _, err = _run([str(d / "log.csv"), "--out", str(out), "--overwrite", "--eval-negatives", "5"], capsys)
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists() and (out / S.META_FILE).exists()
+    assert _leftovers(tmp_path) == ["out"]
+
+
+def test_ncf_loader_keeps_paper_test_items_and_negatives(tmp_path, capsys, ray_local):
+    rng = np.random.default_rng(0)
+    n_users, n_items = 12, 40
+    train, test, negs = [], [], []
+    for u in range(n_users):
+        items = rng.choice(n_items, 7, replace=False)
+        for j, i in enumerate(items[:6]):
+            train.append(f"{u}\t{i}\t{1 + j % 5}\t{100 + j}")
+        test.append(f"{u}\t{items[6]}\t5\t999")
+        free = np.setdiff1d(np.arange(n_items), items)
+        negs.append(f"({u},{items[6]})\t" + "\t".join(str(x) for x in rng.choice(free, 10, replace=False)))
+    prefix = tmp_path / "ml-1m"
+    Path(f"{prefix}.train.rating").write_text("\n".join(train) + "\n")
+    Path(f"{prefix}.test.rating").write_text("\n".join(test) + "\n")
+    Path(f"{prefix}.test.negative").write_text("\n".join(negs) + "\n")
+    out = tmp_path / "ds"
+    rc, _, err = _run([f"ncf:{prefix}", "--out", str(out)], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / S.META_FILE).read_text())
+    assert meta["protocol"] == "ncf-paper" and meta["n_test"] == n_users and meta["eval_negatives"] == 10
+    t = pq.read_table(out / S.TEST_FILE)
+    assert t[S.ITEM_IDX].to_pylist() == [int(line.split("\t")[1]) for line in test]
+    got = pq.read_table(out / S.TEST_NEG_FILE)[S.NEGATIVES_COL].to_pylist()
+    assert got == [[int(x) for x in line.split("\t")[1:]] for line in negs]
+    assert pq.read_table(out / S.TRAIN_DIR).num_rows == n_users * 5
+
+
+def test_movielens_from_local_zip(tmp_path, capsys, ray_local):
+    lines = [f"{u}::{i}::{1 + (u + i) % 5}::{978300000 + u * 10 + i}" for u in range(1, 9) for i in range(1, 7)]
+    z = tmp_path / "ml-1m.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("ml-1m/ratings.dat", "\n".join(lines) + "\n")
+        zf.writestr("ml-1m/README", "fake, for tests")
+    out = tmp_path / "ds"
+    rc, _, err = _run(["movielens-1m", "--from", str(z), "--out", str(out), "--eval-negatives", "3",
+                       "--min-rating", "2"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / S.META_FILE).read_text())
+    assert meta["source"] == "movielens-1m" and meta["n_users"] == 8
+    assert meta["dropped"]["below_min_rating"] == sum(1 for ln in lines if ln.split("::")[2] == "1")
+    assert _leftovers(tmp_path) == []
+
+
+def test_movielens_download_offline_is_a_clear_error(tmp_path, capsys, ray_local, monkeypatch):
+    monkeypatch.setenv("NCF_RAY_MOVIELENS_URL", "http://127.0.0.1:9/")  # nothing listens: fails fast
+    monkeypatch.setenv("NCF_RAY_CACHE", str(tmp_path / "cache"))
+    rc, _, err = _run(["movielens-100k", "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "could not download" in err and "--from" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_subprocess_on_synthetic(tmp_path):
+    out = tmp_path / "syn"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncf_ray.cli", "prepare", "synthetic", "--out", str(out), "--users", "200",
+         "--items", "100", "--interactions", "5000", "--eval-negatives", "20", "--json"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "users" in proc.stdout and summary["n_users"] == 200
+    meta = json.loads((out / S.META_FILE).read_text())
+    assert meta["n_train"] + meta["n_valid"] + meta["n_test"] == meta["n_interactions"]
+    users = pq.read_table(out / S.USERS_FILE)
+    assert users.schema.field(S.USER_COL).type == "string" and users.num_rows == 200
+    assert pq.read_table(out / S.VALID_NEG_FILE)[S.NEGATIVES_COL].to_pylist()[0].__len__() == 20
