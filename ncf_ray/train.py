@@ -218,9 +218,14 @@ def build_trainer(
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.config import LoggingConfig
 
     check_dataset_dir(dataset_dir)
     train_ds = ray.data.read_parquet(str(Path(dataset_dir) / S.TRAIN_DIR), columns=[S.USER_IDX, S.ITEM_IDX])
+    if not cfg.stream:
+        # Fast path: read the positives into the object store now, before the worker group holds the CPUs.
+        # Otherwise, on a cluster whose CPUs all go to workers, Ray Data's read tasks would never be scheduled.
+        train_ds = train_ds.materialize()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve())},
@@ -231,6 +236,7 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             callbacks=callbacks or [],
+            logging_config=LoggingConfig(log_level="WARNING"),  # our epoch table, not per-report INFO lines
         ),
         datasets={"train": train_ds},
     )
@@ -241,7 +247,12 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_level="ERROR")
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # per-block bars drown the epoch table
+    ctx.print_on_execution_start = False
 
 
 def finalize(
