@@ -291,6 +291,55 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- serve
+def _replicas(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"replicas must be >= 1, got {n}")
+    return n
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from ncf_ray.config import ServeConfig
+
+    d = ServeConfig()
+    p = sub.add_parser("serve", help="serve a model artifact over HTTP (Ray Serve; blocks until Ctrl-C)")
+    p.add_argument("model_dir")
+    p.add_argument("--host", default=d.host, help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--replicas", type=_replicas, default=d.replicas, help="N or 'auto' (autoscaling)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size, help="requests per forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_timeout_s * 1000,
+                   help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests)
+    p.add_argument("--ha-proxy", action=argparse.BooleanOptionalAction, default=True,
+                   help="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; ~10x the default proxy's req/s)")
+    p.add_argument("--emit-config", action="store_true", help="print a `serve deploy` YAML and exit")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.config import ServeConfig
+    from ncf_ray.serve import emit_config, run_server
+
+    cfg = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, replicas=args.replicas,
+                      max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                      max_ongoing_requests=args.max_ongoing_requests)
+    art = load_artifact(args.model_dir)  # verify (manifest, weights) before starting Ray
+    if args.emit_config:
+        print(emit_config(cfg), end="")
+        return 0
+    print(f"model {art.model_version}: {art.n_users} users x {art.n_items} items", flush=True)
+    run_server(cfg, blocking=True, ha_proxy=args.ha_proxy)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare,
@@ -298,6 +347,7 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_evaluate,
     _add_recommend,
     _add_tune,
+    _add_serve,
 ]
 
 

@@ -1,0 +1,275 @@
+"""Serving benchmark: requests/s, p50, p99 and errors of the Serve endpoint under concurrent keep-alive load.
+
+    ncf-ray bench serve                    # (the lead's bench CLI calls bench_serve and writes the JSON)
+    python -m ncf_ray.bench_serve [MODEL_DIR] [--quick] [--replicas 2]     # the same, printed
+
+One run starts Serve (HAProxy ingress unless Ray is already up), deploys the model app and a no-op endpoint (the
+floor: what Serve itself costs per request), and drives each from a SEPARATE process on loopback: a small asyncio
+HTTP/1.1 client holding `connections` keep-alive connections, one request in flight on each (like `wrk -c16`).
+Measured: POST /recommend top-10 over all items, POST /recommend/batch (users/s) and the no-op floor.
+
+Without MODEL_DIR it builds an ML-1M-size NeuMF artifact (6,040 users x 3,706 items, factors 32, layers 64,32,16,
+~165 seen items per user) from an initialised, untrained model: serving speed does not depend on the weights.
+This module writes no result file; the caller does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+BENCH_APP, NOOP_APP = "ncf_bench", "ncf_noop"
+ML1M = {"n_users": 6040, "n_items": 3706, "factors": 32, "layers": (64, 32, 16), "seen_per_user": 165}
+TINY = {"n_users": 300, "n_items": 200, "factors": 8, "layers": (16, 8), "seen_per_user": 20}
+
+
+# ------------------------------------------------------------------------------------------------ artifact
+def make_bench_artifact(out_dir: str, n_users: int, n_items: int, factors: int, layers: tuple[int, ...],
+                        seen_per_user: int, seed: int = 0) -> str:
+    """An artifact with a freshly initialised NeuMF, ids "1".."n", random seen sets; returns model_version."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from ncf_ray.artifact import save_artifact
+    from ncf_ray.config import ModelConfig
+    from ncf_ray.model import model_from_config
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    cfg = ModelConfig(name="neumf", factors=factors, layers=tuple(layers))
+    seen_per_user = min(seen_per_user, n_items)
+    indices = np.concatenate([np.sort(rng.choice(n_items, seen_per_user, replace=False)) for _ in range(n_users)])
+    indptr = np.arange(n_users + 1, dtype=np.int64) * seen_per_user
+    counts = np.bincount(indices, minlength=n_items).astype(np.int64)
+    users = pd.DataFrame({"user_idx": np.arange(n_users, dtype=np.int32),
+                          "user_id": [str(i + 1) for i in range(n_users)],
+                          "count": np.full(n_users, seen_per_user, dtype=np.int64)})
+    items = pd.DataFrame({"item_idx": np.arange(n_items, dtype=np.int32),
+                          "item_id": [str(i + 1) for i in range(n_items)], "count": counts})
+    meta = {"source": "bench_serve (untrained model, random seen sets)", "n_users": n_users, "n_items": n_items}
+    return save_artifact(out_dir, model_from_config(cfg, n_users, n_items), cfg, n_users, n_items, users, items,
+                         indptr, indices, counts.astype(np.float64), {"note": "untrained"}, meta)
+
+
+# ------------------------------------------------------------------------------------------------ load generator
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Read one HTTP/1.1 response (Content-Length or chunked body); return its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in lines[1:] if ln)}
+    if b"content-length" in headers:
+        await reader.readexactly(int(headers[b"content-length"]))
+    elif headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    return status
+
+
+async def _connection(host: str, port: int, requests: list[bytes], offset: int, start: float, end: float,
+                      lat: list[float], errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    i = offset
+    while (now := time.perf_counter()) < end:
+        writer.write(requests[i % len(requests)])
+        i += 1
+        try:
+            status = await _read_response(reader)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+            errors.append(type(exc).__name__)
+            writer.close()
+            reader, writer = await asyncio.open_connection(host, port)
+            continue
+        done = time.perf_counter()
+        if status != 200:
+            errors.append(str(status))
+        elif now >= start:  # requests sent during the warm-up are not counted
+            lat.append(done - now)
+    writer.close()
+
+
+async def _drive(spec: dict[str, Any]) -> dict[str, Any]:
+    host, port, path = spec["host"], spec["port"], spec["path"]
+    requests = [
+        (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+         f"Content-Length: {len(body.encode())}\r\n\r\n{body}").encode()
+        for body in spec["bodies"]
+    ]
+    lat: list[float] = []
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    start, end = t0 + spec["warmup_s"], t0 + spec["warmup_s"] + spec["seconds"]
+    n = spec["connections"]
+    await asyncio.gather(*(_connection(host, port, requests, c * 7919, start, end, lat, errors)
+                           for c in range(n)))
+    lat.sort()
+
+    def q(p: float) -> float:
+        return 1000 * lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    return {"requests": len(lat), "rps": len(lat) / spec["seconds"], "p50_ms": q(0.50), "p99_ms": q(0.99),
+            "errors": len(errors), "error_kinds": sorted(set(errors))[:5], "connections": n,
+            "seconds": spec["seconds"]}
+
+
+def load_main() -> None:
+    """Entry of the load process: a JSON spec on stdin, a JSON result on stdout."""
+    spec = json.loads(sys.stdin.read())
+    try:
+        import uvloop  # the client's own overhead matters on 2 cores: uvloop roughly halves it
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(asyncio.run(_drive(spec))))
+
+
+def run_load(host: str, port: int, path: str, bodies: list[str], connections: int, seconds: float,
+             warmup_s: float = 1.0) -> dict[str, Any]:
+    """Drive `path` from a separate process; returns rps, p50_ms, p99_ms, errors."""
+    spec = {"host": host, "port": port, "path": path, "bodies": bodies, "connections": connections,
+            "seconds": seconds, "warmup_s": warmup_s}
+    proc = subprocess.run([sys.executable, "-m", "ncf_ray.bench_serve", "--load"], input=json.dumps(spec),
+                          capture_output=True, text=True, timeout=seconds + warmup_s + 60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ serve side
+def _noop_app() -> Any:
+    from ray import serve
+    from starlette.responses import Response
+
+    @serve.deployment(name="Noop", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
+    class Noop:
+        async def __call__(self, request: Any) -> Response:
+            return Response(b"{}", media_type="application/json")
+
+    return Noop.bind()
+
+
+def _wait_http(host: str, port: int, path: str, body: str, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            headers = {"content-type": "application/json"}
+            if httpx.post(f"http://{host}:{port}{path}", content=body, headers=headers, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not answer 200 within {timeout_s}s")
+        time.sleep(0.25)
+
+
+def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connections: int = 16,
+                batch_users: int = 256, ha_proxy: bool = True) -> dict[str, Any]:
+    """Measure the no-op floor, /recommend top-10 and /recommend/batch; return the figures and the settings."""
+    import ray
+    from ray import serve
+
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.config import ServeConfig
+    from ncf_ray.serve import bind_app, start_ray
+
+    seconds = 3.0 if quick else 10.0
+    tmp = tempfile.TemporaryDirectory(prefix="ncf-bench-serve-")
+    note = None
+    if model_dir is None:
+        size = TINY if quick else ML1M
+        model_dir = os.path.join(tmp.name, "model")
+        make_bench_artifact(model_dir, **size)
+        note = (f"untrained NeuMF {size['n_users']} users x {size['n_items']} items, factors {size['factors']}, "
+                f"layers {list(size['layers'])}: serving speed does not depend on the weights")
+    art = load_artifact(model_dir)
+    user_ids = [str(u) for u in art.user_ids[: min(art.n_users, 4096)]]
+
+    owns_ray = start_ray(ha_proxy)
+    if owns_ray:
+        serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    host, port = "127.0.0.1", int(http.port)
+    if quick and not owns_ray:
+        replicas = 1  # a shared test cluster has little CPU to spare
+    cfg = ServeConfig(model_dir=model_dir, replicas=replicas)
+    try:
+        serve.run(bind_app(cfg), name=BENCH_APP, route_prefix="/bench")
+        serve.run(_noop_app(), name=NOOP_APP, route_prefix="/noop")
+        one = [json.dumps({"user_id": u, "k": 10}) for u in user_ids]
+        many = [json.dumps({"user_ids": user_ids[i: i + batch_users], "k": 10})
+                for i in range(0, len(user_ids) - batch_users + 1, batch_users)] or [json.dumps({"user_ids": user_ids, "k": 10})]
+        _wait_http(host, port, "/bench/recommend", one[0])
+        _wait_http(host, port, "/noop", one[0])
+        floor = run_load(host, port, "/noop", one, connections, seconds)
+        rec = run_load(host, port, "/bench/recommend", one, connections, seconds)
+        batch = run_load(host, port, "/bench/recommend/batch", many, connections, seconds)
+    finally:
+        if owns_ray:
+            ray.shutdown()  # takes Serve with it, without waiting out each replica's drain window
+        else:
+            for app in (BENCH_APP, NOOP_APP):
+                try:
+                    serve.delete(app)
+                except Exception:  # noqa: BLE001 - best-effort cleanup; the caller's Serve keeps running
+                    pass
+        tmp.cleanup()
+    users_per_request = len(json.loads(many[0])["user_ids"])
+    batch["users_per_request"] = users_per_request
+    batch["users_per_s"] = batch["rps"] * users_per_request
+    return {
+        "recommend": rec,
+        "recommend_batch": batch,
+        "noop_floor": floor,
+        "ratio_to_floor": rec["rps"] / floor["rps"] if floor["rps"] else None,
+        "settings": {"ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "default proxy",
+                     "replicas": replicas, "max_batch_size": cfg.max_batch_size,
+                     "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+                     "max_ongoing_requests": cfg.max_ongoing_requests, "torch_threads_per_replica": 1,
+                     "connections": connections, "seconds": seconds, "k": 10, "cpus": os.cpu_count(),
+                     "model": {"n_users": art.n_users, "n_items": art.n_items, **dataclass_dict(art.model_cfg)}},
+        "note": note,
+    }
+
+
+def dataclass_dict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--load"]:
+        return load_main()
+    p = argparse.ArgumentParser(prog="python -m ncf_ray.bench_serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("model_dir", nargs="?", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--batch-users", type=int, default=256)
+    p.add_argument("--no-ha-proxy", dest="ha_proxy", action="store_false")
+    a = p.parse_args(argv)
+    out = bench_serve(a.model_dir, a.quick, replicas=a.replicas, connections=a.connections,
+                      batch_users=a.batch_users, ha_proxy=a.ha_proxy)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

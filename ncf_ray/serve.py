@@ -1,0 +1,410 @@
+"""Ray Serve endpoint for a model artifact: top-K recommendations over HTTP, batched, hot-swappable.
+
+    ncf-ray serve MODEL_DIR [--host 127.0.0.1] [--port 8000] [--replicas N|auto] [--ha-proxy]
+    serve run ncf_ray.serve:build_app model_dir=RUN_DIR/model          # the same app through the Serve CLI
+    ncf-ray serve MODEL_DIR --emit-config > serve.yaml && serve deploy serve.yaml
+
+One deployment (`NCFServer`) holds a `Recommender` and is also the FastAPI ingress, so a request goes proxy ->
+replica -> model with no second hop. Concurrent `POST /recommend` calls are grouped by `@serve.batch` into one
+`score_items` pass over all items; `max_ongoing_requests` (default 128) is well above `max_batch_size` so batches
+can fill. The artifact path travels in `user_config`, so changing it calls `reconfigure`, which loads and verifies
+the new artifact off the event loop and only then swaps the reference: batches already running keep the old model.
+
+Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
+the replica's own HTTP server answers directly (about 10x the default Python proxy's throughput on 2 cores; see
+bench_serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise (HAProxy's stats/metrics
+ports, 8404 and 9101, bind all interfaces: Ray's template, not ours). Nothing runs at import.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see the real request model classes in the route
+# signatures that @serve.ingress rebinds.
+import asyncio
+import dataclasses
+import hashlib
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from ray import serve
+
+from ncf_ray.config import ServeConfig
+from ncf_ray.errors import UserError
+from ncf_ray.recommender import Recommender
+
+APP_NAME = "ncf"
+MAX_BODY_BYTES = 1 << 20
+MAX_IDS = 1000
+MAX_K = 1000
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+# A raw id is an int or a string as the client knows it (never a float, bool or null).
+RawId = StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=256)]
+K = Annotated[StrictInt, Field(ge=1, le=MAX_K)]
+
+
+# ------------------------------------------------------------------------------------------------ request bodies
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo such as "top_k" must not be silently ignored
+
+
+class RecommendRequest(_Body):
+    user_id: RawId
+    k: K = 10
+    exclude_seen: StrictBool = True
+    candidates: list[RawId] | None = Field(None, max_length=MAX_IDS)
+
+
+class BatchRequest(_Body):
+    user_ids: list[RawId] = Field(min_length=1, max_length=MAX_IDS)
+    k: K = 10
+    exclude_seen: StrictBool = True
+
+
+class ScoreRequest(_Body):
+    user_id: RawId
+    item_ids: list[RawId] = Field(min_length=1, max_length=MAX_IDS)
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float
+
+
+class Recommendation(BaseModel):
+    user_id: int | str
+    items: list[Item]
+    cold_start: bool
+    model_version: str
+    unknown_items: list[str] | None = None  # only with candidates: the ids the model does not know
+
+
+# ------------------------------------------------------------------------------------------------ HTTP plumbing
+def _error(status: int, message: str, detail: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually
+    received (a chunked or mislabelled upload is cut off at the limit, never buffered whole)."""
+
+    def __init__(self, app: Any, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        too_large = _error(413, f"request body over {self.max_bytes} bytes")
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None:
+            if not declared.isdigit():
+                return await _error(400, f"bad Content-Length {declared[:32]!r}")(scope, receive, send)
+            if int(declared) > self.max_bytes:
+                return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+api = FastAPI(
+    title="ncf_ray recommendations",
+    description="Top-K items per user from a Neural Collaborative Filtering model (raw ids in and out).",
+)
+api.add_middleware(BodyLimit)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+              for e in exc.errors()]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return _error(400, "malformed JSON body", errors)
+    return _error(422, "invalid request", errors)
+
+
+@api.exception_handler(UserError)
+async def _user_error(request: Request, exc: UserError) -> JSONResponse:
+    return _error(400, str(exc))
+
+
+# ------------------------------------------------------------------------------------------------ deployment
+def _load_recommender(model_dir: str) -> Recommender:
+    """Load + verify an artifact and warm it up (builds the item-half cache) so its first request is fast."""
+    rec = Recommender.from_path(model_dir)
+    if rec.n_users:
+        rec.recommend([str(rec.artifact.user_ids[0])], 1)
+    return rec
+
+
+def _answer(user_id: Any, res: dict[str, Any], rec: Recommender, k: int) -> dict[str, Any]:
+    """The response for one user: the raw id as the client sent it, at most k items, the model version."""
+    answer = {"user_id": user_id, "items": res["items"][:k], "cold_start": res["cold_start"],
+              "model_version": rec.model_version}
+    if "unknown_items" in res:
+        answer["unknown_items"] = res["unknown_items"]
+    return answer
+
+
+@serve.deployment(name="NCFServer")
+@serve.ingress(api)
+class NCFServer:
+    """Holds one Recommender; `reconfigure` swaps it. Model compute runs on the replica's event loop with one
+    torch thread: a replica is one CPU, and more replicas (not more threads) use more cores."""
+
+    def __init__(self) -> None:
+        torch.set_num_threads(1)
+        self._rec: Recommender | None = None
+        self._model_dir = ""
+        # Bulk requests run one at a time beside the event loop: on a one-CPU replica, concurrent big forwards
+        # only thrash caches, and the loop stays free to batch /recommend meanwhile.
+        self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ncf-bulk")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        model_dir = str(user_config.get("model_dir") or "")
+        if not model_dir:
+            raise UserError("user_config needs model_dir")
+        if "max_batch_size" in user_config:
+            self._recommend_batched.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self._recommend_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        if self._rec is not None and model_dir == self._model_dir:
+            return
+        # Load and verify in a thread (requests keep flowing on the old model), then swap one reference.
+        rec = await asyncio.to_thread(_load_recommender, model_dir)
+        self._rec, self._model_dir = rec, model_dir
+
+    def _current(self) -> Recommender:
+        if self._rec is None:
+            raise RuntimeError("no model loaded yet")
+        return self._rec
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def _recommend_batched(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
+        """One forward pass per batch (per exclude_seen value) at the batch's largest k; each answer is cut to
+        its own k (top-k lists are prefixes of the top-kmax list)."""
+        rec = self._current()  # the whole batch uses one model, even if a swap lands meanwhile
+        out: list[dict[str, Any]] = [{} for _ in reqs]
+        for exclude in (True, False):
+            pos = [i for i, r in enumerate(reqs) if r.exclude_seen is exclude]
+            if not pos:
+                continue
+            kmax = max(reqs[i].k for i in pos)
+            results = rec.recommend([reqs[i].user_id for i in pos], kmax, exclude_seen=exclude)
+            for i, res in zip(pos, results):
+                out[i] = _answer(reqs[i].user_id, res, rec, reqs[i].k)
+        return out
+
+    @api.post("/recommend", response_model=Recommendation)
+    async def recommend(self, req: RecommendRequest) -> JSONResponse:
+        """Top-k items for one user; an unknown user gets the most popular items with cold_start true."""
+        if req.candidates is not None:  # a per-request candidate set cannot share a batch's item axis
+            rec = self._current()
+            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates)[0]
+            return JSONResponse(_answer(req.user_id, res, rec, req.k))
+        return JSONResponse(await self._recommend_batched(req))
+
+    @api.post("/recommend/batch", response_model=list[Recommendation])
+    async def recommend_batch(self, req: BatchRequest) -> JSONResponse:
+        """Top-k for up to 1000 users in one forward pass."""
+        rec = self._current()
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._bulk, rec.recommend, req.user_ids, req.k, req.exclude_seen)
+        return JSONResponse([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
+
+    @api.post("/score")
+    async def score(self, req: ScoreRequest) -> JSONResponse:
+        """Model scores of the given items for one user; unknown items come back with score null, known false."""
+        rec = self._current()
+        res = rec.score(req.user_id, req.item_ids)
+        res.update(user_id=req.user_id, model_version=rec.model_version)
+        return JSONResponse(res)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        rec = self._current()
+        return {"status": "ok", "model_version": rec.model_version}
+
+    @api.get("/model")
+    async def model(self) -> dict[str, Any]:
+        """The served model: version, architecture, vocabulary sizes, dataset meta and training metrics."""
+        art = self._current().artifact
+        return {
+            "model_version": art.model_version,
+            "model_dir": self._model_dir,
+            "created": art.created,
+            "model": dataclasses.asdict(art.model_cfg),
+            "n_users": art.n_users,
+            "n_items": art.n_items,
+            "dataset_meta": art.dataset_meta,
+            "metrics": art.metrics,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ builders
+def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
+    """A ServeConfig from `serve run ... key=value` strings (or a YAML `args` mapping); unknown keys refused."""
+    known = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise UserError(f"unknown serve arg(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values: dict[str, Any] = {}
+    for name, raw in args.items():
+        default = getattr(ServeConfig(), name)
+        try:
+            if name == "replicas":
+                values[name] = "auto" if str(raw) == "auto" else int(raw)
+            elif isinstance(default, (int, float, str)) and not isinstance(default, bool):
+                values[name] = type(default)(raw)
+            else:
+                values[name] = raw
+        except ValueError:
+            raise UserError(f"serve arg {name}={raw!r} is not a valid {type(default).__name__}") from None
+    cfg = ServeConfig(**values)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: ServeConfig) -> None:
+    if not cfg.model_dir:
+        raise UserError("model_dir is required (the model artifact dir, e.g. RUN_DIR/model)")
+    if cfg.replicas != "auto" and (not isinstance(cfg.replicas, int) or cfg.replicas < 1):
+        raise UserError(f"replicas={cfg.replicas!r} must be a positive integer or 'auto'")
+    if not 1 <= cfg.max_batch_size <= cfg.max_ongoing_requests:
+        raise UserError(f"max_batch_size={cfg.max_batch_size} must be within 1..max_ongoing_requests "
+                        f"({cfg.max_ongoing_requests}) so batches can fill")
+    if not 0 <= cfg.batch_wait_timeout_s <= 1:
+        raise UserError(f"batch_wait_timeout_s={cfg.batch_wait_timeout_s} must be within 0..1 seconds")
+
+
+def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
+    """Serve deployment options: one CPU per replica; 'auto' scales on ongoing requests up to the CPU count."""
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": 1},
+        "user_config": {
+            "model_dir": os.path.abspath(cfg.model_dir),
+            "max_batch_size": cfg.max_batch_size,
+            "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+        },
+        "graceful_shutdown_timeout_s": 10,
+    }
+    if cfg.replicas == "auto":
+        opts["autoscaling_config"] = {
+            "min_replicas": 1,
+            "max_replicas": max(1, os.cpu_count() or 1),
+            # A replica is "busy" once about half a batch is waiting on it.
+            "target_ongoing_requests": max(2, cfg.max_batch_size // 2),
+        }
+    else:
+        opts["num_replicas"] = int(cfg.replicas)
+    return opts
+
+
+def _code_version() -> str:
+    """A hash of the code a replica runs. `serve deploy` versions deployments by code already; imperative
+    `serve.run` picks a random version each call, which would replace replicas on every model change. With a code
+    version, a redeploy that changes only user_config (the model dir) is an in-place `reconfigure`."""
+    h = hashlib.sha256()
+    for mod in ("serve", "recommender", "model", "artifact"):
+        h.update(Path(__file__).with_name(f"{mod}.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def bind_app(cfg: ServeConfig) -> serve.Application:
+    """The Serve application for a checked ServeConfig."""
+    _check(cfg)
+    deployment = NCFServer.options(**deployment_options(cfg))
+    deployment._version = _code_version()  # no public setter since `version=` was removed from the options
+    return deployment.bind()
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The Serve application (`serve run ncf_ray.serve:build_app model_dir=...`)."""
+    return bind_app(serve_config_from_args(args))
+
+
+def emit_config(cfg: ServeConfig) -> str:
+    """A Serve config YAML for `serve deploy` (import path + args, HTTP host/port)."""
+    import yaml
+
+    _check(cfg)
+    args = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("host", "port")}
+    args["model_dir"] = os.path.abspath(cfg.model_dir)
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "ncf_ray.serve:build_app", "args": args},
+        ],
+    }
+    header = (
+        "# Serve config for ncf_ray (written by `ncf-ray serve --emit-config`).\n"
+        f"# For HAProxy ingress start the cluster with {HA_PROXY_ENV}=1 ray start --head, then: serve deploy FILE\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def start_ray(ha_proxy: bool) -> bool:
+    """Start or join Ray with the ingress choice in the environment every Serve process inherits (Serve reads
+    RAY_SERVE_ENABLE_HA_PROXY at import in each of its actors; a cluster joined via RAY_ADDRESS keeps its own).
+    Returns True when this call started a local Ray that the caller should shut down."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return False
+    os.environ[HA_PROXY_ENV] = "1" if ha_proxy else "0"
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -> str:
+    """Start Serve on cfg.host:cfg.port with the app and return its URL; blocks until Ctrl-C when blocking."""
+    import ray
+
+    _check(cfg)
+    owns_ray = start_ray(ha_proxy)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(bind_app(cfg), name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.host}:{cfg.port}"
+    if blocking:
+        print(f"serving {cfg.model_dir} at {url}  (OpenAPI: {url}/docs; Ctrl-C stops)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:  # Ctrl-C is how a foreground server is meant to stop
+            print("stopping", flush=True)
+            if owns_ray:
+                ray.shutdown()  # at once: serve.shutdown() would wait out each replica's 30 s drain window
+            else:
+                serve.delete(APP_NAME)
+    return url
