@@ -151,9 +151,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen.manual_seed(cfg.seed * 7919 + rank + 104729 * state["epoch"])  # fresh stream after a restart
         if rank == 0:
             print(f"resumed from epoch {state['epoch']} (best valid hr {state['best_hr']:.4f})", flush=True)
+        if state["history"] and (state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience):
+            # Nothing left to train (a run restored after it had finished): repeat the last report so a Tune
+            # trial resumed at this point still hands its metrics to the scheduler.
+            ray.train.report(state["history"][-1])
+            return
     if rank == 0:
         print(HEADER, flush=True)
 
+    started = time.perf_counter()  # wall clock of this worker group, for time-to-quality curves
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
             break  # a resumed run that had already stopped early
@@ -187,7 +193,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = {"epoch": epoch + 1, "loss": float(loss_t), f"valid_hr@{cfg.eval_k}": hr,
                f"valid_ndcg@{cfg.eval_k}": ndcg, "samples_per_second_per_worker": samples_per_s,
                "samples_per_second": samples_per_s * world, "epoch_seconds": timer.seconds,
-               "best_valid_hr": state["best_hr"], "best_epoch": state["best_epoch"]}
+               "elapsed_seconds": time.perf_counter() - started,
+               "best_valid_hr": state["best_hr"], "best_valid_ndcg": state["best_ndcg"],
+               "best_epoch": state["best_epoch"]}
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["model"] = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
@@ -207,29 +215,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver side
+def read_train(dataset_dir: str, materialize: bool = True) -> Any:
+    """The train positives as a Ray Dataset. Materialised for the fast path: read into the object store now,
+    before worker groups hold the CPUs — on a cluster whose CPUs all go to workers (or to concurrent Tune
+    trials), Ray Data's read tasks would otherwise never be scheduled."""
+    import ray
+
+    ds = ray.data.read_parquet(str(Path(dataset_dir) / S.TRAIN_DIR), columns=[S.USER_IDX, S.ITEM_IDX])
+    return ds.materialize() if materialize else ds
+
+
 def build_trainer(
     dataset_dir: str,
     cfg: TrainConfig,
     storage_path: str,
     name: str = RAY_RUN_NAME,
     callbacks: list[Any] | None = None,
+    placement_strategy: str = "PACK",
+    train_ds: Any = None,
 ) -> Any:
-    """The TorchTrainer for one training run. Tune trials call this too (tune.py), so there is one loop."""
+    """The TorchTrainer for one training run. Tune trials call this too (tune.py), so there is one loop.
+    `train_ds` is an already-read Ray Dataset of positives (a sweep reads it once for all its trials).
+    `placement_strategy="SPREAD"` puts the workers on different nodes (so losing one node loses one worker)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.train.v2.api.config import LoggingConfig
 
     check_dataset_dir(dataset_dir)
-    train_ds = ray.data.read_parquet(str(Path(dataset_dir) / S.TRAIN_DIR), columns=[S.USER_IDX, S.ITEM_IDX])
-    if not cfg.stream:
-        # Fast path: read the positives into the object store now, before the worker group holds the CPUs.
-        # Otherwise, on a cluster whose CPUs all go to workers, Ray Data's read tasks would never be scheduled.
-        train_ds = train_ds.materialize()
+    if train_ds is None:
+        train_ds = read_train(dataset_dir, materialize=not cfg.stream)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve())},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                              placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -246,6 +266,8 @@ def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray."""
     import ray
 
+    # Read by every Ray Data context, trial actors' included (a local Ray's workers inherit this environment).
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_level="ERROR")
     import ray.data
@@ -337,7 +359,8 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def run_training(
-    dataset_dir: str, out_dir: str, cfg: TrainConfig, resume: bool = False, storage_path: str | None = None
+    dataset_dir: str, out_dir: str, cfg: TrainConfig, resume: bool = False, storage_path: str | None = None,
+    placement_strategy: str = "PACK",
 ) -> dict[str, Any]:
     """Train on Ray, export RUN_DIR/model, write RUN_DIR/metrics.json; returns the metrics dict.
     `storage_path` (local dir or URI such as s3://...) holds checkpoints; it defaults to RUN_DIR so every node of
@@ -357,7 +380,7 @@ def run_training(
           f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}", flush=True)
     ensure_ray()
     t0 = time.time()
-    result: Result = build_trainer(dataset_dir, cfg, storage).fit()
+    result: Result = build_trainer(dataset_dir, cfg, storage, placement_strategy=placement_strategy).fit()
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:

@@ -17,12 +17,15 @@ import csv
 import dataclasses
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig, TuneConfig, to_dict
 from ncf_ray.errors import UserError
+from ncf_ray.train import STATE_FILE
 
 METRIC_KEY = "valid_hr@{k}"
 SEARCHES = ("random", "grid", "optuna")
@@ -128,7 +131,7 @@ def trial_train_config(base: TrainConfig, model_name: str, params: dict[str, Any
 
 
 # ------------------------------------------------------------------------------------------- trial
-def _trial(config: dict[str, Any]) -> None:
+def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
     """Function trainable: build and fit one Ray Train run; its reports reach Tune through the callback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -141,21 +144,26 @@ def _trial(config: dict[str, Any]) -> None:
     cfg = trial_train_config(base, config["__model__"], params)
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(config["__dataset__"], cfg, storage_path=config["__storage__"], name=f"trial_{trial_id}",
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], train_ds=train_ds)
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"trial {trial_id} failed: {result.error}")
 
 
-def default_max_concurrent(workers_per_trial: int) -> int:
-    """Trials that fit the cluster at once: one CPU per Ray Train worker, keeping one CPU for Ray Data reads
-    when the cluster is small."""
+TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer; Tune refuses 0
+
+
+def default_max_concurrent(workers_per_trial: int, use_gpu: bool = False) -> int:
+    """Trials that fit the cluster at once. Each trial holds its driver's sliver of CPU plus one CPU (and one GPU
+    with --gpu) per Ray Train worker; a trial that does not fit would wait for its worker group and time out.
+    On a 2-CPU laptop that is one one-worker trial at a time."""
     import ray
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    by_cpu = max(1, cpus // workers_per_trial)
-    return max(1, min(by_cpu, gpus // workers_per_trial)) if gpus >= workers_per_trial else by_cpu
+    res = ray.cluster_resources()
+    k = int(res.get("CPU", 1) // (workers_per_trial + TRIAL_DRIVER_CPU))
+    if use_gpu:
+        k = min(k, int(res.get("GPU", 0) // workers_per_trial))
+    return max(1, k)
 
 
 # ------------------------------------------------------------------------------------------- sweep
@@ -198,7 +206,11 @@ def run_sweep(
 
     k = base.eval_k
     metric = METRIC_KEY.format(k=k)
-    trainable = tune.with_resources(_trial, {"cpu": 0.01})  # the trial driver only waits on its TorchTrainer
+    from ncf_ray.train import read_train
+
+    # Read the positives once for every trial, before trials hold the CPUs (see train.read_train).
+    trainable = tune.with_parameters(_trial, train_ds=read_train(dataset_dir))
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
     t0 = time.time()
     if resume:
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
@@ -211,7 +223,11 @@ def run_sweep(
             from ray.tune.search.optuna import OptunaSearch
 
             search_alg = OptunaSearch(metric=metric, mode="max", seed=tcfg.seed)
-        max_conc = tcfg.max_concurrent or default_max_concurrent(tcfg.workers_per_trial)
+        max_conc = tcfg.max_concurrent or default_max_concurrent(tcfg.workers_per_trial, base.gpu)
+        if max_conc > 1 and not base.gpu and base.threads_per_worker is None:
+            # Concurrent trials each defaulting to every core of the node would oversubscribe it: one torch
+            # thread per worker, matching the one CPU each worker reserves.
+            param_space["__base__"]["threads_per_worker"] = 1
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
@@ -224,8 +240,12 @@ def run_sweep(
             run_config=tune.RunConfig(name=exp_name, storage_path=str(out), callbacks=[TBXLoggerCallback()],
                                       verbose=0),
         )
+    handler_before = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     seconds = time.time() - t0
+    if _was_interrupted(handler_before):  # Tune saved the sweep's state; nothing is exported from a partial sweep
+        raise UserError(f"sweep interrupted after {len(grid)} trial(s) started; "
+                        f"finish it with `ncf-ray tune {dataset_dir} --out {out_dir} --resume`")
     rows = _result_rows(grid, k)
     _write_csv(out / "results.csv", rows)
     summary: dict[str, Any] = {"trials": len(rows), "seconds": seconds, "results_csv": str(out / "results.csv"),
@@ -243,25 +263,35 @@ def run_sweep(
     return summary
 
 
+def _was_interrupted(handler_before: Any) -> bool:
+    """Whether Ctrl-C (SIGINT) stopped the sweep. Tune swaps in its own SIGINT handler for the run and puts the
+    previous one back only when a stop signal arrives, so finding the old handler again means "interrupted"."""
+    if threading.current_thread() is not threading.main_thread() or os.getenv("TUNE_DISABLE_SIGINT_HANDLER") == "1":
+        return False
+    return signal.getsignal(signal.SIGINT) is handler_before
+
+
 def _result_rows(grid: Any, k: int) -> list[dict[str, Any]]:
     rows = []
     for res in grid:
         cfg = res.config or {}
         df = res.metrics_dataframe
-        metric = METRIC_KEY.format(k=k)
         best_hr = best_ndcg = None
         epochs = 0
-        if df is not None and len(df) and metric in df:
-            i = df[metric].idxmax()
-            best_hr, best_ndcg = float(df[metric][i]), float(df[f"valid_ndcg@{k}"][i])
+        if df is not None and len(df) and "best_valid_hr" in df:
+            # Every report carries the best-so-far, so the last row is right even for a trial that a resumed
+            # sweep restored after it had finished (it re-reports only its final row).
+            best_hr, best_ndcg = float(df["best_valid_hr"].iloc[-1]), float(df["best_valid_ndcg"].iloc[-1])
             epochs = int(df["epoch"].max())
         last = res.metrics or {}
+        trial_id = last.get("trial_id") or (Path(res.path).name if res.path else "")
         status = "ERROR" if res.error else "TERMINATED"
-        ckpt = None
-        if df is not None and "checkpoint_path" in df and df["checkpoint_path"].notna().any():
-            ckpt = str(df["checkpoint_path"].dropna().iloc[-1])
+        # The trial's Ray Train run keeps one checkpoint (current + best-by-valid weights) under its name.
+        ckpts = sorted(p for p in Path(cfg.get("__storage__", ".")).glob(f"trial_{trial_id}/checkpoint_*")
+                       if (p / STATE_FILE).is_file())
+        ckpt = str(ckpts[-1]) if ckpts else None
         rows.append({
-            "trial_id": last.get("trial_id") or (Path(res.path).name if res.path else ""),
+            "trial_id": trial_id,
             "factors": cfg.get("factors"), "depth": cfg.get("depth"), "lr": cfg.get("lr"),
             "negatives": cfg.get("negatives"), "weight_decay": cfg.get("weight_decay"),
             "best_valid_hr": best_hr, "best_valid_ndcg": best_ndcg, "epochs": epochs,
