@@ -340,6 +340,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from ncf_ray.bench import BENCHES, DEFAULT_OUT, QUICK_OUT
+
+    p = sub.add_parser("bench", help="benchmarks, each figure beside a same-run baseline -> bench/RESULTS.md")
+    p.add_argument("name", choices=(*BENCHES, "all"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes (minutes, not tens of minutes)")
+    p.add_argument("--out", default=None, help=f"results dir (default {DEFAULT_OUT}; {QUICK_OUT} with --quick); "
+                                               "RESULTS.md goes beside it")
+    p.add_argument("--json", action="store_true", help="print the results JSON as the last line")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ncf_ray.bench import format_rows, run_bench
+
+    command = "ncf-ray bench " + " ".join(
+        [args.name, *(["--quick"] if args.quick else []), *(["--out", args.out] if args.out else [])])
+    results = run_bench(args.name, args.quick, args.out, command=command)
+    print(format_rows(results))
+    if args.json:
+        _print_json_last(results if args.name == "all" else results[args.name])
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare,
@@ -348,6 +373,7 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_recommend,
     _add_tune,
     _add_serve,
+    _add_bench,
 ]
 
 

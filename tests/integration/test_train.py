@@ -98,8 +98,9 @@ def test_resume_continues_from_the_saved_epoch(dataset, tmp_path, capsys):
 
 
 def test_stream_path_matches_fast_path(dataset, tmp_path):
-    fast = _train(dataset, tmp_path / "fast", "--epochs", "3", "--seed", "5")
-    stream = _train(dataset, tmp_path / "stream", "--epochs", "3", "--seed", "5", "--stream")
-    pop = fast["popularity"]["test"]["hr@10"]
+    # A higher rate than the default: 300 users give only ~40 steps an epoch.
+    fast = _train(dataset, tmp_path / "fast", "--epochs", "3", "--seed", "5", "--lr", "0.01")
+    stream = _train(dataset, tmp_path / "stream", "--epochs", "3", "--seed", "5", "--lr", "0.01", "--stream")
+    pop = fast["popularity"]["valid"]["hr@10"]
     assert fast["valid"]["hr@10"] > pop and stream["valid"]["hr@10"] > pop
-    assert abs(fast["valid"]["hr@10"] - stream["valid"]["hr@10"]) < 0.08  # 300 users: noise is ~0.03
+    assert abs(fast["valid"]["hr@10"] - stream["valid"]["hr@10"]) < 0.08  # 300 users: one user is 0.0033
