@@ -123,8 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.threads_per_worker or default_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)  # identical init on every rank; DDP also broadcasts rank 0's weights
-    gen = torch.Generator(device=device)
-    gen.manual_seed(cfg.seed * 7919 + rank)  # per-rank negatives and shuffles
+    gen = torch.Generator(device=device)  # negatives and shuffles; re-seeded per (seed, rank, epoch) below
 
     data = load_dataset(config["dataset_dir"])
     # Exclusion needs every train positive of a user, not only this shard's: keys are 8 bytes per interaction.
@@ -157,7 +156,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_state(ckpt_dir)
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        gen.manual_seed(cfg.seed * 7919 + rank + 104729 * state["epoch"])  # fresh stream after a restart
         if rank == 0:
             print(f"resumed from epoch {state['epoch']} (best valid hr {state['best_hr']:.4f})", flush=True)
         if state["history"] and (state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience):
@@ -172,6 +170,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], cfg.epochs):
         if state["bad_epochs"] >= cfg.patience:
             break  # a resumed run that had already stopped early
+        # Seeding each epoch from (seed, rank, epoch) makes a run restored from a checkpoint draw the same
+        # negatives as an uninterrupted one, so a lost node does not change the result.
+        gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         if cfg.stream:
             # Step count is only known afterwards; the schedule uses the expected count per rank.
             steps = engine.steps_for(len(data.train_users) * (1 + cfg.negatives) // world, per_rank_batch)
