@@ -23,7 +23,7 @@ from ncf_ray.pipeline import run_job  # noqa: E402
 def main(argv: list[str]) -> int:
     from ncf_ray.artifact import load_artifact
     from ncf_ray.config import ServeConfig
-    from ncf_ray.pipeline import connect_ray, smoke_query
+    from ncf_ray.pipeline import smoke_query
     from ncf_ray.serve import run_server
 
     job = argparse.ArgumentParser(add_help=False)
@@ -34,7 +34,6 @@ def main(argv: list[str]) -> int:
                       replicas=args.replicas, max_batch_size=args.max_batch_size,
                       batch_wait_timeout_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing_requests)
     art = load_artifact(cfg.model_dir)  # verify the manifest before touching Serve
-    connect_ray()
     url = run_server(cfg, blocking=False, ha_proxy=args.ha_proxy)
     print(f"deployed {art.model_version} ({art.n_users} users x {art.n_items} items) at {url}", flush=True)
     if not extra.no_check:

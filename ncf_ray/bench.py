@@ -218,47 +218,6 @@ def _ttq_run(label: str, history: list[dict], metrics: dict[str, Any]) -> dict[s
             "popularity_test": metrics["popularity"]["test"]}
 
 
-def _self_addressed_local_ray() -> dict[str, Any]:
-    """ray.init kwargs for a local Ray whose processes know its address (RAY_ADDRESS in their env).
-    Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is alive, and without
-    RAY_ADDRESS that API finds "the" cluster via /tmp/ray/ray_current_cluster — on a machine where someone else
-    ran `ray start`, that is their cluster, which does not know our controller, so the cleaner removes our
-    placement group and kills the run mid-epoch ("Destroying worker since its placement group was removed")."""
-    import socket
-
-    import ray
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the GCS that ray.init starts
-    return {"runtime_env": {"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}}}
-
-
-def _init_ray() -> bool:
-    """Join RAY_ADDRESS or start a quiet local Ray (the workers' epoch tables are not wanted here); True when
-    this call started Ray (the caller shuts it down, so that `bench all` hands Serve a clean slate)."""
-    import logging
-
-    import ray
-
-    owns = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        extra: dict[str, Any] = {}
-        if address is None:
-            extra = _self_addressed_local_ray()
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                     **extra)
-        finally:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)  # only for the GCS started just now
-    from ncf_ray.train import ensure_ray
-
-    ensure_ray()  # Ray Data progress bars off
-    return owns
-
-
 def bench_train(quick: bool) -> dict[str, Any]:
     from ncf_ray.config import ModelConfig
     from ncf_ray.train import default_threads
@@ -266,7 +225,9 @@ def bench_train(quick: bool) -> dict[str, Any]:
     size = TRAIN_SIZES[quick]
     threads = default_threads(1)  # what train.py gives a lone worker
     model_cfg = ModelConfig(**PAPER_NEUMF)
-    owns_ray = _init_ray()
+    from ncf_ray.runtime import ensure_ray
+
+    owns_ray = ensure_ray(log_to_driver=False)  # the workers' epoch tables are not wanted here
     try:
         return _bench_train(quick, size, threads, model_cfg)
     finally:

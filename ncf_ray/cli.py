@@ -71,28 +71,6 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_prepare)
 
 
-def _init_ray() -> None:
-    """Join RAY_ADDRESS when set, else start (or reuse) a local Ray; keep Ray Data's progress chatter off."""
-    import logging
-    import os
-
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        # ERROR: init-time notices (auth token, etc.) would break the "one line on failure" promise.
-        ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
-    import ray.data
-
-    data_log = logging.getLogger("ray.data")
-    data_log.setLevel(logging.ERROR)  # silences the "progress bars disabled" notice itself
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    data_log.setLevel(logging.WARNING)
-
-
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from ncf_ray.config import DataConfig
     from ncf_ray.data.prepare import format_summary, prepare
@@ -112,7 +90,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
         raise UserError("--users/--items/--interactions only apply to SOURCE=synthetic")
     if args.local_from and not args.source.startswith("movielens"):
         raise UserError(f"--from only applies to movielens-* sources, not {args.source!r}")
-    _init_ray()
+    from ncf_ray.runtime import ensure_ray
+
+    ensure_ray(log_to_driver=False)
     summary = prepare(cfg, args.out, overwrite=args.overwrite, local_from=args.local_from, synthetic=synthetic)
     print(format_summary(summary))
     if args.json:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ncf_ray.config import ServeConfig, TrainConfig, TuneConfig, from_dict
 from ncf_ray.errors import UserError
+from ncf_ray.runtime import ensure_ray
 
 # Sizes per preset (None: the synthetic generator's ML-1M-shaped default, 6,040 users x 3,706 items, ~1M rows).
 # quick: tiny data, a few minutes on 2 CPUs (tests, reviewers). demo: `make demo`, the ML-1M-shaped data with a
@@ -89,13 +90,6 @@ def _sub(storage: str | None, name: str) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- stages
-def connect_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`) or start a local Ray (see train.ensure_ray)."""
-    from ncf_ray.train import ensure_ray
-
-    ensure_ray()
-
-
 def stage_prepare(cfg: PipelineConfig, dataset_dir: Path) -> dict[str, Any]:
     from ncf_ray.config import DataConfig
     from ncf_ray.data.prepare import prepare
@@ -200,7 +194,7 @@ def run_pipeline(cfg: PipelineConfig, log: Any = print) -> dict[str, Any]:
         timings[name] = round(time.time() - t, 1)
         return res
 
-    connect_ray()
+    ensure_ray()
     dataset_dir, sweep_dir, run_dir = out / "dataset", out / "sweep", out / "train"
     data = timed("prepare", stage_prepare, cfg, dataset_dir)
     sweep = timed("tune", stage_tune, cfg, dataset_dir, sweep_dir)

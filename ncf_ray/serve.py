@@ -377,14 +377,11 @@ def start_ray(ha_proxy: bool) -> bool:
     Returns True when this call started a local Ray that the caller should shut down."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return False
-    os.environ[HA_PROXY_ENV] = "1" if ha_proxy else "0"
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return True
+    from ncf_ray.runtime import ensure_ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        os.environ[HA_PROXY_ENV] = "1" if ha_proxy else "0"
+    return ensure_ray(log_to_driver=False)
 
 
 def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -> str:

@@ -30,6 +30,7 @@ from ncf_ray.data.sampler import NegativeSampler
 from ncf_ray.errors import UserError
 from ncf_ray.metrics import build_csr
 from ncf_ray.model import model_from_config
+from ncf_ray.runtime import ensure_ray
 
 STATE_FILE = "state.pt"
 RAY_RUN_NAME = "ray_train"
@@ -270,42 +271,6 @@ def build_trainer(
         ),
         datasets={"train": train_ds},
     )
-
-
-def ensure_ray() -> None:
-    """Connect to the cluster in RAY_ADDRESS (e.g. under `ray job submit`) or start a local Ray."""
-    import ray
-
-    # Read by every Ray Data context, trial actors' included (a local Ray's workers inherit this environment).
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, logging_level="ERROR")
-        else:
-            _start_local_ray()
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # per-block bars drown the epoch table
-    ctx.print_on_execution_start = False
-
-
-def _start_local_ray() -> None:
-    """A local Ray in a private temp dir whose address file names it, as `ray start` writes one. Ray Train's
-    PlacementGroupCleaner (it frees the workers of a trial that ASHA stops or that ends) finds the cluster through
-    that file; on a machine running another Ray instance (say `ncf-ray serve` beside `ncf-ray tune`) it otherwise
-    fails with "Found multiple active Ray instances", the finished trial's CPUs stay reserved and the next trial
-    waits forever (seen here). Workers inherit RAY_TMPDIR."""
-    import atexit
-    import shutil
-
-    import ray
-
-    tmp = tempfile.mkdtemp(prefix="ncfray", dir="/tmp" if os.path.isdir("/tmp") else None)  # short socket paths
-    os.environ["RAY_TMPDIR"] = tmp
-    atexit.register(shutil.rmtree, tmp, True)  # registered before ray.init: runs after Ray's own shutdown
-    ray.init(log_to_driver=True, logging_level="ERROR")
-    Path(tmp, "ray", "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
 
 
 def finalize(

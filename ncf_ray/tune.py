@@ -181,7 +181,7 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler
 
     from ncf_ray.data.dataset import read_meta
-    from ncf_ray.train import ensure_ray
+    from ncf_ray.runtime import ensure_ray
 
     if tcfg.model not in MODEL_NAMES:
         raise UserError(f"--model={tcfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
@@ -246,7 +246,7 @@ def run_sweep(
     if _was_interrupted(handler_before):  # Tune saved the sweep's state; nothing is exported from a partial sweep
         raise UserError(f"sweep interrupted after {len(grid)} trial(s) started; "
                         f"finish it with `ncf-ray tune {dataset_dir} --out {out_dir} --resume`")
-    rows = _result_rows(grid, k)
+    rows = _result_rows(grid)
     _write_csv(out / "results.csv", rows)
     summary: dict[str, Any] = {"trials": len(rows), "seconds": seconds, "results_csv": str(out / "results.csv"),
                                "errors": sum(r["status"] == "ERROR" for r in rows)}
@@ -271,7 +271,7 @@ def _was_interrupted(handler_before: Any) -> bool:
     return signal.getsignal(signal.SIGINT) is handler_before
 
 
-def _result_rows(grid: Any, k: int) -> list[dict[str, Any]]:
+def _result_rows(grid: Any) -> list[dict[str, Any]]:
     rows = []
     for res in grid:
         cfg = res.config or {}
