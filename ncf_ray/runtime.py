@@ -34,8 +34,9 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
             tmp = tempfile.mkdtemp(prefix="ncfray", dir="/tmp" if os.path.isdir("/tmp") else None)  # short sockets
             os.environ["RAY_TMPDIR"] = tmp
             atexit.register(shutil.rmtree, tmp, True)  # registered before ray.init: runs after Ray's shutdown
-            ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver,
-                     logging_level=logging.ERROR)
+            # The dashboard stays on: the PlacementGroupCleaner asks its state API whether a run is alive, and a
+            # sweep hung waiting for a trial's CPUs when it was off (seen here).
+            ray.init(address="local", log_to_driver=log_to_driver, logging_level=logging.ERROR)
             Path(tmp, "ray", "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
             started = True
     import ray.data
