@@ -1,8 +1,11 @@
 """Top-K recommendation from a loaded artifact: the pure logic behind `ncf-ray recommend` and `ncf-ray serve`.
 
-Known users: one batched `model.score_items` pass over all items (or a candidate subset), the user's seen items
-masked to -inf through the artifact's CSR (one vectorised scatter), then `torch.topk`. Unknown users get the
-popularity fallback, flagged `"cold_start": true`. Raw ids are normalised with str().
+Known users: one batched pass over all items (or a candidate subset), the user's seen items masked to -inf through
+the artifact's CSR (one vectorised scatter), then `torch.topk`. Over all items an `AllItemsScorer`
+(ncf_ray/scoring.py) does this: exact fp32 by default; with `precision="bf16"` (or "auto" where bf16 is fast, as
+Serve uses) a bf16 shortlist of k + margin items re-scored exactly in fp32, so returned scores are always the
+model's fp32 logits. Unknown users get the popularity fallback, flagged `"cold_start": true`. Raw ids are
+normalised with str().
 
 Scores: known users get the model's raw logit (higher is better; sigmoid(logit) is the model's predicted
 probability of an interaction). Cold-start users get popularity / max popularity, in [0, 1]. The two scales are
@@ -24,6 +27,7 @@ from torch import Tensor
 from ncf_ray.artifact import Artifact, load_artifact
 from ncf_ray.errors import UserError
 from ncf_ray.metrics import csr_rows
+from ncf_ray.scoring import AllItemsScorer
 
 RawId = str | int
 
@@ -31,9 +35,10 @@ RawId = str | int
 class Recommender:
     """Serves top-K lists and pair scores from one artifact. Build once per process/replica; thread-safe for reads."""
 
-    def __init__(self, artifact: Artifact) -> None:
+    def __init__(self, artifact: Artifact, precision: str = "fp32", compile: bool = True) -> None:
         self.artifact = artifact
         self.model = artifact.model.eval()
+        self.scorer = AllItemsScorer(self.model, precision=precision, compile=compile)
         self.device = next(self.model.parameters()).device
         self.item_ids: np.ndarray = artifact.item_ids
         self.user_index = artifact.user_index
@@ -48,8 +53,10 @@ class Recommender:
         self._pop_order = torch.argsort(-pop, stable=True)
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str | torch.device = "cpu") -> Recommender:
-        return cls(load_artifact(path, device=device))
+    def from_path(
+        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32", compile: bool = True
+    ) -> Recommender:
+        return cls(load_artifact(path, device=device), precision=precision, compile=compile)
 
     @property
     def model_version(self) -> str:
@@ -120,26 +127,32 @@ class Recommender:
     def _top_known(
         self, users: Tensor, k: int, exclude_seen: bool, cand_idx: Tensor | None
     ) -> list[list[dict[str, Any]]]:
-        n_cols = self.n_items if cand_idx is None else len(cand_idx)
-        if n_cols == 0:
+        exclude = self._mask_seen if exclude_seen else None
+        if cand_idx is None:
+            top_scores, top_items = self.scorer.top_k(users, k, exclude)
+        elif len(cand_idx) == 0:
             return [[] for _ in range(len(users))]
-        scores = self.model.score_items(users, cand_idx).float()  # [B, M] logits
-        if exclude_seen:
-            rows, cols = csr_rows(users, self._indptr, self._indices)
-            if cand_idx is not None:
+        else:
+            scores = self.model.score_items(users, cand_idx).float()  # [B, candidates]
+            if exclude_seen:
+                rows, cols = csr_rows(users, self._indptr, self._indices)
                 # Seen item index -> its column among the candidates (-1 when it is not a candidate).
                 column_of = torch.full((self.n_items,), -1, dtype=torch.int64, device=self.device)
                 column_of[cand_idx] = torch.arange(len(cand_idx), device=self.device)
                 cols = column_of[cols]
                 keep = cols >= 0
-                rows, cols = rows[keep], cols[keep]
-            scores[rows, cols] = float("-inf")
-        top_scores, top_cols = torch.topk(scores, min(k, n_cols), dim=1)
-        top_items = top_cols if cand_idx is None else cand_idx[top_cols]
+                scores[rows[keep], cols[keep]] = float("-inf")
+            top_scores, top_cols = torch.topk(scores, min(k, len(cand_idx)), dim=1)
+            top_items = cand_idx[top_cols]
         return [
             self._items(items_row, scores_row)
             for items_row, scores_row in zip(top_items.cpu().numpy(), top_scores.cpu().numpy())
         ]
+
+    def _mask_seen(self, users: Tensor, scores: Tensor) -> None:
+        """Set each user's training items to -inf in scores [B, n_items] (one vectorised scatter via the CSR)."""
+        rows, cols = csr_rows(users, self._indptr, self._indices)
+        scores[rows, cols] = float("-inf")
 
     def _top_popular(self, k: int, cand_idx: Tensor | None) -> list[dict[str, Any]]:
         if cand_idx is None:

@@ -1,0 +1,240 @@
+"""Fast all-items scoring for serving: a bf16 shortlist over every item, re-ranked exactly in fp32.
+
+Serving ranks all items for every request. For NeuMF and MLP, `model.score_items` already computes the item half
+of the first tower layer once, but what is left is still a matmul over every (user, item) pair per hidden layer
+plus elementwise passes (add, ReLU, bias, final dot) over tensors of that size: ~12K users/s per core in fp32 for
+the default model (f32, tower 64-32-16) against 3,706 items. Where bf16 dot-product units exist (AVX512-BF16 or
+AMX CPUs, GPUs) the tower runs as one `torch.compile`d kernel instead: add + ReLU + cast and bias + ReLU + final
+dot are fused into one pass each, the hidden matmuls run in bf16 with fp32 accumulation, and the graph runs as
+one C++ call that releases the GIL. Measured on this 2-core EPYC, one thread: ~26-28K users/s for the kernel,
+~17K users/s for a whole 256-user /recommend/batch body vs ~10K in fp32.
+
+bf16 moves logits by ~1e-2, enough to swap near-ties, so its scores only pick a shortlist: each chunk of users
+keeps its top k + margin items (`shortlist_size`) while the chunk is still in cache; the shortlist is then
+re-scored by the model's own fp32 forward and re-sorted. Returned scores are therefore the model's fp32 logits
+(the numbers `/score` gives), and the list is the exact top-k unless an exact top-k item ranks below k + margin
+by the bf16 score. On the trained default model (6,040 users) the bf16 top 10 alone held 99.8% of the exact top
+10, the bf16 top 15 all of it; `tests/unit/test_scoring.py` checks exactness on a model trained in the test.
+
+GMF, MF and MLPs without a tower layer are a single matmul already: they always use the exact fp32 path. If
+compilation fails (no C++ compiler on a CPU host, for instance) the scorer notes why and falls back to fp32.
+Ray-free: used by `Recommender` (ncf_ray/recommender.py) inside each Serve replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ncf_ray.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# Users per kernel call: the [chunk, M, h1] bf16 hidden tensor stays near this many elements (4 MiB).
+FAST_CHUNK_ELEMENTS = 1 << 21
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matmuls have hardware support here (AVX512-BF16/AMX through oneDNN, or a bf16 GPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def shortlist_size(k: int, n_items: int) -> int:
+    """How many bf16-ranked items are re-scored in fp32 for a top-k list: k plus a margin of max(k, 10). (On the
+    trained default model every exact top-10 item was within the bf16 top 20; topk's cost grows with its k.)"""
+    return min(n_items, k + max(k, 10))
+
+
+def reuse_large_allocations() -> bool:
+    """Keep freed multi-MiB buffers in the process heap (glibc) instead of unmapping them.
+
+    PyTorch's CPU allocator hands big temporaries straight to malloc/free. glibc serves them with mmap, or trims
+    them off the heap when freed, so every scoring call page-faults fresh memory for its [chunk, M, h] buffers:
+    measured here, the fused add+ReLU+cast pass took 1.06 ms per 17-user chunk with the default and 0.15 ms with
+    the buffers kept (whole bf16 scorer ~14K -> ~23K users/s). Raises the mmap threshold to glibc's 32 MiB cap
+    and the trim threshold to 256 MiB. Process-wide; called in each Serve replica. False where not glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 256 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
+def _tower_scores(
+    u_half: Tensor,
+    item_half_t: Tensor,
+    hidden_w: list[Tensor],
+    hidden_b: list[Tensor],
+    w_out: Tensor,
+    bias: Tensor,
+    u_dot: Tensor | None,
+    item_dot: Tensor | None,
+) -> Tensor:
+    """Logits [C, M] of C users against all M items: the tower from its split first layer, matmuls in the
+    dtype of hidden_w, everything else in fp32; plus the GMF branch's dot product when given.
+
+    Item-major layout: activations are [C, width, M], so every step runs along the long item axis — each hidden
+    layer is a [h_out, h_in] @ [h_in, M] matmul and the final dot is a sum over `width` rows of M-long vectors
+    (a [C * M, width] layout needs one horizontal vector reduction per pair; ~8% slower end to end here)."""
+    h = torch.relu(u_half[:, :, None] + item_half_t[None, :, :])
+    for w, b in zip(hidden_w, hidden_b):
+        h = torch.relu((w @ h.to(w.dtype)).float() + b[:, None])
+    out = (h * w_out[:, None]).sum(1) + bias
+    if u_dot is not None and item_dot is not None:
+        out = out + u_dot @ item_dot
+    return out
+
+
+class AllItemsScorer:
+    """Top-k over all items of a frozen eval-mode model.
+
+    `top_k(users, k, exclude)` gives the k best items per user with their fp32 logits. Exact scorers rank the
+    model's `score_items`; bf16 scorers run the compiled kernel a chunk of users at a time, keep each chunk's
+    top k + margin (while the chunk is still in cache), and re-rank that shortlist with `exact_pairs`.
+    `scores(users)` gives the raw [B, M] logits (bf16 approximations unless `exact`).
+    Thread-safe: kernel calls are serialised (a replica has one torch thread anyway)."""
+
+    def __init__(self, model: nn.Module, precision: str = "auto", compile: bool = True) -> None:
+        if precision not in PRECISIONS:
+            raise UserError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+        self.model = model.eval()
+        self.n_items = int(model.n_items)
+        self.device = next(model.parameters()).device
+        self.note = ""
+        self._lock = threading.Lock()
+        tower = getattr(model, "tower", None)
+        if precision == "fp32" or tower is None or not tower.linears:
+            self.precision = "fp32"
+            if precision == "bf16":
+                self.note = f"{type(model).__name__} has no tower layer to speed up: scored in fp32"
+            return
+        if precision == "auto" and not bf16_is_fast(self.device):
+            self.precision, self.note = "fp32", f"no bf16 matmul units on {self.device.type}: scoring in fp32"
+            return
+        if precision == "auto" and not compile:
+            self.precision, self.note = "fp32", "bf16 pays off only compiled: scoring in fp32"
+            return
+        self.precision = "bf16"
+        self._build_tables(model, tower)
+        # cpp_wrapper: the compiled graph runs as one C++ call that releases the GIL (the default Python wrapper
+        # holds it through each fused kernel, stalling the Serve replica's HTTP threads meanwhile).
+        self._kernel = (
+            torch.compile(_tower_scores, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+            if compile
+            else _tower_scores
+        )
+        self.compiled = compile
+        self._warm_up()
+
+    @property
+    def exact(self) -> bool:
+        return self.precision == "fp32"
+
+    @torch.no_grad()
+    def _build_tables(self, model: nn.Module, tower: nn.Module) -> None:
+        """Everything that does not depend on the request: user and item halves of the first layer for every
+        user and item, hidden weights in bf16, and the GMF branch with its prediction weights folded in."""
+        first = tower.linears[0]
+        d = tower.user_emb.embedding_dim
+        self._u_half = tower.user_emb.weight @ first.weight[:, :d].t()  # [n_users, h1]
+        self._item_half_t = torch.addmm(first.bias[:, None], first.weight[:, d:], tower.item_emb.weight.t())
+        self._hidden_w = [lin.weight.to(torch.bfloat16).contiguous() for lin in tower.linears[1:]]
+        self._hidden_b = [lin.bias.detach().clone() for lin in tower.linears[1:]]
+        w = model.predict.weight[0]
+        self._bias = model.predict.bias.detach().clone()
+        if hasattr(model, "gmf_user_emb"):  # NeuMF: h_g^T (p_u * q_i) = (p_u * h_g) @ q_i^T
+            f = model.factors
+            self._u_dot: Tensor | None = model.gmf_user_emb.weight * w[:f]
+            self._item_dot: Tensor | None = model.gmf_item_emb.weight.t().contiguous()
+            self._w_out = w[f:].detach().clone()
+        else:
+            self._u_dot = self._item_dot = None
+            self._w_out = w.detach().clone()
+        self._chunk = max(1, FAST_CHUNK_ELEMENTS // (self.n_items * self._item_half_t.shape[0]))
+
+    def _warm_up(self) -> None:
+        """Compile now, not on the first request: one user (Dynamo specialises size 1) and a full chunk plus a
+        remainder (the dynamic-size graph). Compilation failure means fp32 from here on, with the reason noted."""
+        n_users = self._u_half.shape[0]
+        try:
+            for size in (1, self._chunk + 2):
+                self.scores(torch.arange(size, device=self.device) % n_users)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, never fail the load
+            self.precision = "fp32"
+            self.note = f"bf16 kernel unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); fp32"
+            log.warning("ncf_ray scoring: %s", self.note)
+
+    def _kernel_scores(self, users: Tensor) -> Tensor:
+        u_dot = None if self._u_dot is None else self._u_dot[users]
+        return self._kernel(self._u_half[users], self._item_half_t, self._hidden_w, self._hidden_b, self._w_out,
+                            self._bias, u_dot, self._item_dot)
+
+    @torch.inference_mode()
+    def scores(self, users: Tensor) -> Tensor:
+        """[B, M] float32 logits of every user against all items (bf16 approximations unless `exact`)."""
+        users = users.to(self.device)
+        if self.exact:
+            return self.model.score_items(users).float()
+        with self._lock:
+            parts = [self._kernel_scores(users[s : s + self._chunk]) for s in range(0, len(users), self._chunk)]
+        return torch.cat(parts) if parts else self._item_half_t.new_zeros((0, self.n_items))
+
+    @torch.inference_mode()
+    def top_k(
+        self, users: Tensor, k: int, exclude: Callable[[Tensor, Tensor], None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(logits, item indices), each [B, min(k, M)], best first. `exclude(users, scores)` may set scores to
+        -inf in place (seen items); such items come back only when fewer than k others exist, with -inf."""
+        users = users.to(self.device)
+        if self.exact or len(users) == 0:
+            scores = self.model.score_items(users).float()
+            if exclude is not None:
+                exclude(users, scores)
+            return torch.topk(scores, min(k, self.n_items), dim=1)
+        n = shortlist_size(k, self.n_items)
+        values, items = [], []
+        with self._lock:
+            for s in range(0, len(users), self._chunk):
+                u = users[s : s + self._chunk]
+                scores = self._kernel_scores(u)
+                if exclude is not None:
+                    exclude(u, scores)
+                v, i = torch.topk(scores, n, dim=1)
+                values.append(v)
+                items.append(i)
+        approx, short = torch.cat(values), torch.cat(items)
+        exact = self.exact_pairs(users, short)
+        exact[approx == float("-inf")] = float("-inf")  # excluded stays excluded
+        top, order = torch.topk(exact, min(k, n), dim=1)
+        return top, short.gather(1, order)
+
+    @torch.inference_mode()
+    def exact_pairs(self, users: Tensor, items: Tensor) -> Tensor:
+        """fp32 logits [B, s] of users[B] against their own items[B, s] through the model's forward."""
+        b, s = items.shape
+        return self.model(users.to(self.device).repeat_interleave(s), items.reshape(-1)).float().view(b, s)
+
+
+__all__ = [
+    "AllItemsScorer",
+    "PRECISIONS",
+    "bf16_is_fast",
+    "shortlist_size",
+    "reuse_large_allocations",
+    "FAST_CHUNK_ELEMENTS",
+]
