@@ -6,7 +6,8 @@
 One run starts Serve (HAProxy ingress unless Ray is already up), deploys the model app and a no-op endpoint (the
 floor: what Serve itself costs per request), and drives each from a SEPARATE process on loopback: a small asyncio
 HTTP/1.1 client holding `connections` keep-alive connections, one request in flight on each (like `wrk -c16`).
-Measured: POST /recommend top-10 over all items, POST /recommend/batch (users/s) and the no-op floor.
+Measured: POST /recommend top-10 over all items, POST /recommend/batch (users/s) and the no-op floor; then the
+same deployment is reconfigured to exact fp32 scoring and both are measured again as the scoring baseline.
 
 Without MODEL_DIR it builds an ML-1M-size NeuMF artifact (6,040 users x 3,706 items, factors 32, layers 64,32,16,
 ~165 seen items per user) from an initialised, untrained model: serving speed does not depend on the weights.
@@ -16,6 +17,7 @@ This module writes no result file; the caller does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -159,6 +161,27 @@ def _noop_app() -> Any:
     return Noop.bind()
 
 
+def _scoring(host: str, port: int) -> dict[str, Any]:
+    """The deployment's scoring precision and note, from GET /bench/model."""
+    import httpx
+
+    return httpx.get(f"http://{host}:{port}/bench/model", timeout=10).json()["scoring"]
+
+
+def _wait_precision(host: str, port: int, precision: str, timeout_s: float = 120.0) -> None:
+    """Wait until every replica answers with the given scoring precision (after a reconfigure)."""
+    deadline = time.monotonic() + timeout_s
+    streak = 0
+    while streak < 8:  # consecutive answers, so both replicas behind the balancer have switched
+        try:
+            streak = streak + 1 if _scoring(host, port)["precision"] == precision else 0
+        except Exception:  # noqa: BLE001 - a replica restarting answers errors meanwhile
+            streak = 0
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replicas did not switch to precision {precision} within {timeout_s}s")
+        time.sleep(0.1)
+
+
 def _wait_http(host: str, port: int, path: str, body: str, timeout_s: float = 60.0) -> None:
     import httpx
 
@@ -216,8 +239,14 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
         _wait_http(host, port, "/bench/recommend", one[0])
         _wait_http(host, port, "/noop", one[0])
         floor = run_load(host, port, "/noop", one, connections, seconds)
+        scoring = _scoring(host, port)
         rec = run_load(host, port, "/bench/recommend", one, connections, seconds)
         batch = run_load(host, port, "/bench/recommend/batch", many, connections, seconds)
+        # Baseline: the same deployment switched to exact fp32 scoring (an in-place reconfigure).
+        serve.run(bind_app(dataclasses.replace(cfg, precision="fp32")), name=BENCH_APP, route_prefix="/bench")
+        _wait_precision(host, port, "fp32")
+        rec_fp32 = run_load(host, port, "/bench/recommend", one, connections, seconds)
+        batch_fp32 = run_load(host, port, "/bench/recommend/batch", many, connections, seconds)
     finally:
         if owns_ray:
             ray.shutdown()  # takes Serve with it, without waiting out each replica's drain window
@@ -229,13 +258,16 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
                     pass
         tmp.cleanup()
     users_per_request = len(json.loads(many[0])["user_ids"])
-    batch["users_per_request"] = users_per_request
-    batch["users_per_s"] = batch["rps"] * users_per_request
+    for b in (batch, batch_fp32):
+        b["users_per_request"] = users_per_request
+        b["users_per_s"] = b["rps"] * users_per_request
     return {
         "recommend": rec,
         "recommend_batch": batch,
         "noop_floor": floor,
         "ratio_to_floor": rec["rps"] / floor["rps"] if floor["rps"] else None,
+        "fp32_baseline": {"recommend": rec_fp32, "recommend_batch": batch_fp32},
+        "scoring": scoring,
         "settings": {"ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "default proxy",
                      "replicas": replicas, "max_batch_size": cfg.max_batch_size,
                      "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
@@ -247,8 +279,6 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
     return dataclasses.asdict(obj)
 
 

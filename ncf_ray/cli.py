@@ -286,6 +286,7 @@ def _replicas(text: str) -> int | str:
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from ncf_ray.config import ServeConfig
+    from ncf_ray.scoring import PRECISIONS
 
     d = ServeConfig()
     p = sub.add_parser("serve", help="serve a model artifact over HTTP (Ray Serve; blocks until Ctrl-C)")
@@ -297,6 +298,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_timeout_s * 1000,
                    help="how long a batch waits to fill")
     p.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="all-items scoring: auto = bf16 shortlist re-ranked in fp32 where bf16 is fast")
     p.add_argument("--ha-proxy", action=argparse.BooleanOptionalAction, default=True,
                    help="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; ~10x the default proxy's req/s)")
     p.add_argument("--emit-config", action="store_true", help="print a `serve deploy` YAML and exit")
@@ -310,7 +313,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, replicas=args.replicas,
                       max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                      max_ongoing_requests=args.max_ongoing_requests)
+                      max_ongoing_requests=args.max_ongoing_requests, precision=args.precision)
     art = load_artifact(args.model_dir)  # verify (manifest, weights) before starting Ray
     if args.emit_config:
         print(emit_config(cfg), end="")

@@ -124,6 +124,9 @@ class ServeConfig:
     max_batch_size: int = 64
     batch_wait_timeout_s: float = 0.002
     max_ongoing_requests: int = 128
+    # All-items scoring (ncf_ray/scoring.py): "auto" = a bf16 shortlist re-ranked in fp32 where bf16 matmuls are
+    # fast (AVX512-BF16/AMX CPUs, GPUs), else exact fp32; "bf16" forces the shortlist; "fp32" is always exact.
+    precision: str = "auto"
 
 
 # ----------------------------------------------------------------------------------------------- round trips

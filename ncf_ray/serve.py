@@ -6,8 +6,9 @@
 
 One deployment (`NCFServer`) holds a `Recommender` and is also the FastAPI ingress, so a request goes proxy ->
 replica -> model with no second hop. Concurrent `POST /recommend` calls are grouped by `@serve.batch` into one
-`score_items` pass over all items; `max_ongoing_requests` (default 128) is well above `max_batch_size` so batches
-can fill. The artifact path travels in `user_config`, so changing it calls `reconfigure`, which loads and verifies
+pass over all items; `max_ongoing_requests` (default 128) is well above `max_batch_size` so batches can fill.
+That pass is the `AllItemsScorer` of ncf_ray/scoring.py: with `precision="auto"` (the default) a compiled bf16
+kernel picks a shortlist that is re-ranked in fp32 wherever the CPU/GPU has bf16 units, else exact fp32. The artifact path travels in `user_config`, so changing it calls `reconfigure`, which loads and verifies
 the new artifact off the event loop and only then swaps the reference: batches already running keep the old model.
 
 Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
@@ -27,16 +28,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from ray import serve
 
 from ncf_ray.config import ServeConfig
 from ncf_ray.errors import UserError
 from ncf_ray.recommender import Recommender
+from ncf_ray.scoring import PRECISIONS, reuse_large_allocations
 
 APP_NAME = "ncf"
 MAX_BODY_BYTES = 1 << 20
@@ -155,12 +158,25 @@ async def _user_error(request: Request, exc: UserError) -> JSONResponse:
 
 
 # ------------------------------------------------------------------------------------------------ deployment
-def _load_recommender(model_dir: str) -> Recommender:
-    """Load + verify an artifact and warm it up (builds the item-half cache) so its first request is fast."""
-    rec = Recommender.from_path(model_dir)
+def _load_recommender(model_dir: str, precision: str) -> Recommender:
+    """Load + verify an artifact, build its scorer (compiling the bf16 kernel when used) and warm it up so the
+    first request is fast."""
+    rec = Recommender.from_path(model_dir, precision=precision)
     if rec.n_users:
         rec.recommend([str(rec.artifact.user_ids[0])], 1)
     return rec
+
+
+def _json(obj: Any) -> Response:
+    """A JSON response encoded with orjson (the hot endpoints' bodies are up to ~0.5 MB of ids and floats)."""
+    return Response(orjson.dumps(obj), media_type="application/json")
+
+
+def _batch_body(rec: Recommender, req: BatchRequest) -> bytes:
+    """Score and encode a /recommend/batch answer in one go: on the bulk thread, so the event loops that
+    carry HTTP do not hold the GIL encoding large bodies while the scorer waits for it."""
+    results = rec.recommend(req.user_ids, req.k, req.exclude_seen)
+    return orjson.dumps([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
 
 
 def _answer(user_id: Any, res: dict[str, Any], rec: Recommender, k: int) -> dict[str, Any]:
@@ -180,8 +196,9 @@ class NCFServer:
 
     def __init__(self) -> None:
         torch.set_num_threads(1)
+        reuse_large_allocations()  # scoring's multi-MiB temporaries stay in the heap (see ncf_ray/scoring.py)
         self._rec: Recommender | None = None
-        self._model_dir = ""
+        self._loaded: tuple[str, str] = ("", "")  # (model_dir, precision) of self._rec
         # Bulk requests run one at a time beside the event loop: on a one-CPU replica, concurrent big forwards
         # only thrash caches, and the loop stays free to batch /recommend meanwhile.
         self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ncf-bulk")
@@ -194,11 +211,12 @@ class NCFServer:
             self._recommend_batched.set_max_batch_size(int(user_config["max_batch_size"]))
         if "batch_wait_timeout_s" in user_config:
             self._recommend_batched.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
-        if self._rec is not None and model_dir == self._model_dir:
+        precision = str(user_config.get("precision") or "auto")
+        if self._rec is not None and (model_dir, precision) == self._loaded:
             return
         # Load and verify in a thread (requests keep flowing on the old model), then swap one reference.
-        rec = await asyncio.to_thread(_load_recommender, model_dir)
-        self._rec, self._model_dir = rec, model_dir
+        rec = await asyncio.to_thread(_load_recommender, model_dir, precision)
+        self._rec, self._loaded = rec, (model_dir, precision)
 
     def _current(self) -> Recommender:
         if self._rec is None:
@@ -222,29 +240,27 @@ class NCFServer:
         return out
 
     @api.post("/recommend", response_model=Recommendation)
-    async def recommend(self, req: RecommendRequest) -> JSONResponse:
+    async def recommend(self, req: RecommendRequest) -> Response:
         """Top-k items for one user; an unknown user gets the most popular items with cold_start true."""
         if req.candidates is not None:  # a per-request candidate set cannot share a batch's item axis
             rec = self._current()
             res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates)[0]
-            return JSONResponse(_answer(req.user_id, res, rec, req.k))
-        return JSONResponse(await self._recommend_batched(req))
+            return _json(_answer(req.user_id, res, rec, req.k))
+        return _json(await self._recommend_batched(req))
 
     @api.post("/recommend/batch", response_model=list[Recommendation])
-    async def recommend_batch(self, req: BatchRequest) -> JSONResponse:
+    async def recommend_batch(self, req: BatchRequest) -> Response:
         """Top-k for up to 1000 users in one forward pass."""
-        rec = self._current()
-        loop = asyncio.get_running_loop()
-        results = await loop.run_in_executor(self._bulk, rec.recommend, req.user_ids, req.k, req.exclude_seen)
-        return JSONResponse([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
+        body = await asyncio.get_running_loop().run_in_executor(self._bulk, _batch_body, self._current(), req)
+        return Response(body, media_type="application/json")
 
     @api.post("/score")
-    async def score(self, req: ScoreRequest) -> JSONResponse:
+    async def score(self, req: ScoreRequest) -> Response:
         """Model scores of the given items for one user; unknown items come back with score null, known false."""
         rec = self._current()
         res = rec.score(req.user_id, req.item_ids)
         res.update(user_id=req.user_id, model_version=rec.model_version)
-        return JSONResponse(res)
+        return _json(res)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
@@ -254,10 +270,12 @@ class NCFServer:
     @api.get("/model")
     async def model(self) -> dict[str, Any]:
         """The served model: version, architecture, vocabulary sizes, dataset meta and training metrics."""
-        art = self._current().artifact
+        rec = self._current()
+        art = rec.artifact
         return {
             "model_version": art.model_version,
-            "model_dir": self._model_dir,
+            "model_dir": self._loaded[0],
+            "scoring": {"precision": rec.scorer.precision, "note": rec.scorer.note},
             "created": art.created,
             "model": dataclasses.asdict(art.model_cfg),
             "n_users": art.n_users,
@@ -299,6 +317,8 @@ def _check(cfg: ServeConfig) -> None:
     if not 1 <= cfg.max_batch_size <= cfg.max_ongoing_requests:
         raise UserError(f"max_batch_size={cfg.max_batch_size} must be within 1..max_ongoing_requests "
                         f"({cfg.max_ongoing_requests}) so batches can fill")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
     if not 0 <= cfg.batch_wait_timeout_s <= 1:
         raise UserError(f"batch_wait_timeout_s={cfg.batch_wait_timeout_s} must be within 0..1 seconds")
 
@@ -312,6 +332,7 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
             "model_dir": os.path.abspath(cfg.model_dir),
             "max_batch_size": cfg.max_batch_size,
             "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+            "precision": cfg.precision,
         },
         "graceful_shutdown_timeout_s": 10,
     }
@@ -332,7 +353,7 @@ def _code_version() -> str:
     `serve.run` picks a random version each call, which would replace replicas on every model change. With a code
     version, a redeploy that changes only user_config (the model dir) is an in-place `reconfigure`."""
     h = hashlib.sha256()
-    for mod in ("serve", "recommender", "model", "artifact"):
+    for mod in ("serve", "recommender", "scoring", "model", "artifact"):
         h.update(Path(__file__).with_name(f"{mod}.py").read_bytes())
     return h.hexdigest()[:16]
 

@@ -143,6 +143,9 @@ def test_recommend_round_trip_never_returns_seen_items(server):
         assert scores == sorted(scores, reverse=True)
     top3 = _post(url, "/recommend", {"user_id": "u7", "k": 3}).json()["items"]
     assert len(top3) == 3
+    # The served scorer ranks a bf16 shortlist but returns fp32 logits: the same numbers /score gives.
+    scored = _post(url, "/score", {"user_id": "u7", "item_ids": [i["item_id"] for i in top3]}).json()["scores"]
+    assert [i["score"] for i in top3] == pytest.approx([s["score"] for s in scored], abs=1e-5)
 
 
 def test_concurrent_requests_match_single_answers(server):
@@ -198,6 +201,13 @@ def test_health_model_and_docs(server):
     meta = httpx.get(url + "/model").json()
     assert meta["model_version"] == _artifact(v1).model_version
     assert meta["n_items"] == N_ITEMS and meta["dataset_meta"]["seed"] == 1 and "loss" in meta["metrics"]
+    import torch
+
+    from ncf_ray.scoring import bf16_is_fast
+
+    # Serve's default precision is "auto": the bf16 kernel wherever this CPU has bf16 dot-product units.
+    want = "bf16" if bf16_is_fast(torch.device("cpu")) else "fp32"
+    assert meta["scoring"]["precision"] == want, meta["scoring"]
     assert httpx.get(url + "/docs").status_code == 200
     assert "/recommend/batch" in httpx.get(url + "/openapi.json").json()["paths"]
 
@@ -347,5 +357,10 @@ def test_bench_serve_quick_returns_positive_figures(server):
         assert out[key]["rps"] > 0 and out[key]["p50_ms"] > 0 and out[key]["p99_ms"] >= out[key]["p50_ms"]
     assert out["recommend_batch"]["users_per_s"] > 0 and out["ratio_to_floor"] > 0
     assert "untrained" in out["note"]
+    # The fp32 baseline ran on the same deployment after an in-place reconfigure.
+    base = out["fp32_baseline"]
+    assert base["recommend"]["rps"] > 0 and base["recommend_batch"]["users_per_s"] > 0
+    assert base["recommend"]["errors"] == base["recommend_batch"]["errors"] == 0
+    assert out["scoring"]["precision"] in ("bf16", "fp32")
     url, _, _ = server
     assert _post(url, "/recommend", {"user_id": "u1"}).status_code == 200  # the module's app is untouched
