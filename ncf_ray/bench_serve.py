@@ -6,8 +6,9 @@
 One run starts Serve (HAProxy ingress unless Ray is already up), deploys the model app and a no-op endpoint (the
 floor: what Serve itself costs per request), and drives each from a SEPARATE process on loopback: a small asyncio
 HTTP/1.1 client holding `connections` keep-alive connections, one request in flight on each (like `wrk -c16`).
-Measured: POST /recommend top-10 over all items, POST /recommend/batch (users/s) and the no-op floor; then the
-same deployment is reconfigured to exact fp32 scoring and both are measured again as the scoring baseline.
+Measured: POST /recommend top-10 over all items, POST /recommend/batch (users/s; at the endpoint's maximum of
+1,000 users per request, as a bulk client sends, and at 256) and the no-op floor; then the same deployment is
+reconfigured to exact fp32 scoring and /recommend and the 1,000-user batch are measured again as the baseline.
 
 Without MODEL_DIR it builds an ML-1M-size NeuMF artifact (6,040 users x 3,706 items, factors 32, layers 64,32,16,
 ~165 seen items per user) from an initialised, untrained model: serving speed does not depend on the weights.
@@ -161,6 +162,13 @@ def _noop_app() -> Any:
     return Noop.bind()
 
 
+def _batch_bodies(user_ids: list[str], size: int) -> list[str]:
+    """/recommend/batch bodies of `size` consecutive users each (one body of all users if there are fewer)."""
+    bodies = [json.dumps({"user_ids": user_ids[i: i + size], "k": 10})
+              for i in range(0, len(user_ids) - size + 1, size)]
+    return bodies or [json.dumps({"user_ids": user_ids, "k": 10})]
+
+
 def _scoring(host: str, port: int) -> dict[str, Any]:
     """The deployment's scoring precision and note, from GET /bench/model."""
     import httpx
@@ -199,7 +207,7 @@ def _wait_http(host: str, port: int, path: str, body: str, timeout_s: float = 60
 
 
 def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connections: int = 16,
-                batch_users: int = 256, ha_proxy: bool = True) -> dict[str, Any]:
+                batch_users: int = 1000, small_batch_users: int = 256, ha_proxy: bool = True) -> dict[str, Any]:
     """Measure the no-op floor, /recommend top-10 and /recommend/batch; return the figures and the settings."""
     import ray
     from ray import serve
@@ -218,7 +226,7 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
         note = (f"untrained NeuMF {size['n_users']} users x {size['n_items']} items, factors {size['factors']}, "
                 f"layers {list(size['layers'])}: serving speed does not depend on the weights")
     art = load_artifact(model_dir)
-    user_ids = [str(u) for u in art.user_ids[: min(art.n_users, 4096)]]
+    user_ids = [str(u) for u in art.user_ids[: min(art.n_users, 8192)]]
 
     owns_ray = start_ray(ha_proxy)
     if owns_ray:
@@ -234,14 +242,14 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
         serve.run(bind_app(cfg), name=BENCH_APP, route_prefix="/bench")
         serve.run(_noop_app(), name=NOOP_APP, route_prefix="/noop")
         one = [json.dumps({"user_id": u, "k": 10}) for u in user_ids]
-        many = [json.dumps({"user_ids": user_ids[i: i + batch_users], "k": 10})
-                for i in range(0, len(user_ids) - batch_users + 1, batch_users)] or [json.dumps({"user_ids": user_ids, "k": 10})]
+        many, few = _batch_bodies(user_ids, batch_users), _batch_bodies(user_ids, small_batch_users)
         _wait_http(host, port, "/bench/recommend", one[0])
         _wait_http(host, port, "/noop", one[0])
         floor = run_load(host, port, "/noop", one, connections, seconds)
         scoring = _scoring(host, port)
         rec = run_load(host, port, "/bench/recommend", one, connections, seconds)
         batch = run_load(host, port, "/bench/recommend/batch", many, connections, seconds)
+        batch_small = run_load(host, port, "/bench/recommend/batch", few, connections, seconds)
         # Baseline: the same deployment switched to exact fp32 scoring (an in-place reconfigure).
         serve.run(bind_app(dataclasses.replace(cfg, precision="fp32")), name=BENCH_APP, route_prefix="/bench")
         _wait_precision(host, port, "fp32")
@@ -257,13 +265,13 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
                 except Exception:  # noqa: BLE001 - best-effort cleanup; the caller's Serve keeps running
                     pass
         tmp.cleanup()
-    users_per_request = len(json.loads(many[0])["user_ids"])
-    for b in (batch, batch_fp32):
-        b["users_per_request"] = users_per_request
-        b["users_per_s"] = b["rps"] * users_per_request
+    for b, bodies in ((batch, many), (batch_fp32, many), (batch_small, few)):
+        b["users_per_request"] = len(json.loads(bodies[0])["user_ids"])
+        b["users_per_s"] = b["rps"] * b["users_per_request"]
     return {
         "recommend": rec,
         "recommend_batch": batch,
+        "recommend_batch_small": batch_small,
         "noop_floor": floor,
         "ratio_to_floor": rec["rps"] / floor["rps"] if floor["rps"] else None,
         "fp32_baseline": {"recommend": rec_fp32, "recommend_batch": batch_fp32},
@@ -293,11 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--connections", type=int, default=16)
-    p.add_argument("--batch-users", type=int, default=256)
+    p.add_argument("--batch-users", type=int, default=1000, help="users per /recommend/batch request (max 1000)")
+    p.add_argument("--small-batch-users", type=int, default=256)
     p.add_argument("--no-ha-proxy", dest="ha_proxy", action="store_false")
     a = p.parse_args(argv)
     out = bench_serve(a.model_dir, a.quick, replicas=a.replicas, connections=a.connections,
-                      batch_users=a.batch_users, ha_proxy=a.ha_proxy)
+                      batch_users=a.batch_users, small_batch_users=a.small_batch_users, ha_proxy=a.ha_proxy)
     print(json.dumps(out, indent=2))
 
 

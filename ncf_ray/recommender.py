@@ -144,10 +144,7 @@ class Recommender:
                 scores[rows[keep], cols[keep]] = float("-inf")
             top_scores, top_cols = torch.topk(scores, min(k, len(cand_idx)), dim=1)
             top_items = cand_idx[top_cols]
-        return [
-            self._items(items_row, scores_row)
-            for items_row, scores_row in zip(top_items.cpu().numpy(), top_scores.cpu().numpy())
-        ]
+        return self._item_lists(top_items.cpu().numpy(), top_scores.cpu().numpy())
 
     def _mask_seen(self, users: Tensor, scores: Tensor) -> None:
         """Set each user's training items to -inf in scores [B, n_items] (one vectorised scatter via the CSR)."""
@@ -160,12 +157,16 @@ class Recommender:
         else:
             cand = cand_idx.cpu()
             order = cand[torch.argsort(-self._pop_score[cand], stable=True)[:k]]
-        return self._items(order.numpy(), self._pop_score[order].numpy())
+        return self._item_lists(order.numpy()[None], self._pop_score[order].numpy()[None])[0]
 
-    def _items(self, item_idx: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
-        finite = np.isfinite(scores)  # -inf marks a seen item: fewer than k left to recommend
-        ids = self.item_ids[item_idx[finite]].tolist()
-        return [{"item_id": i, "score": s} for i, s in zip(ids, scores[finite].tolist())]
+    def _item_lists(self, item_idx: np.ndarray, scores: np.ndarray) -> list[list[dict[str, Any]]]:
+        """Rows of [B, k] item indices and scores as lists of {"item_id", "score"} (one conversion per array)."""
+        ids, values = self.item_ids[item_idx].tolist(), scores.tolist()
+        finite = np.isfinite(scores).tolist()  # -inf marks a seen item: fewer than k left to recommend
+        return [
+            [{"item_id": i, "score": v} for i, v, ok in zip(row_ids, row_values, row_ok) if ok]
+            for row_ids, row_values, row_ok in zip(ids, values, finite)
+        ]
 
     # -------------------------------------------------------------------------------------------- score
     @torch.inference_mode()

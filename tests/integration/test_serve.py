@@ -356,6 +356,7 @@ def test_bench_serve_quick_returns_positive_figures(server):
     for key in ("recommend", "recommend_batch", "noop_floor"):
         assert out[key]["rps"] > 0 and out[key]["p50_ms"] > 0 and out[key]["p99_ms"] >= out[key]["p50_ms"]
     assert out["recommend_batch"]["users_per_s"] > 0 and out["ratio_to_floor"] > 0
+    assert out["recommend_batch_small"]["users_per_s"] > 0 and out["recommend_batch_small"]["errors"] == 0
     assert "untrained" in out["note"]
     # The fp32 baseline ran on the same deployment after an in-place reconfigure.
     base = out["fp32_baseline"]
