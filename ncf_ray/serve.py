@@ -8,8 +8,10 @@ One deployment (`NCFServer`) holds a `Recommender` and is also the FastAPI ingre
 replica -> model with no second hop. Concurrent `POST /recommend` calls are grouped by `@serve.batch` into one
 pass over all items; `max_ongoing_requests` (default 128) is well above `max_batch_size` so batches can fill.
 That pass is the `AllItemsScorer` of ncf_ray/scoring.py: with `precision="auto"` (the default) a compiled bf16
-kernel picks a shortlist that is re-ranked in fp32 wherever the CPU/GPU has bf16 units, else exact fp32. The artifact path travels in `user_config`, so changing it calls `reconfigure`, which loads and verifies
-the new artifact off the event loop and only then swaps the reference: batches already running keep the old model.
+kernel picks a shortlist that is re-ranked in fp32 wherever the CPU/GPU has bf16 units, else exact fp32. The
+artifact path (and precision) travel in `user_config`, so changing them calls `reconfigure`, which loads and
+verifies the new artifact off the event loop and only then swaps the reference: batches already running keep
+the old model.
 
 Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
 the replica's own HTTP server answers directly (about 10x the default Python proxy's throughput on 2 cores; see
