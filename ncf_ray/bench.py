@@ -459,6 +459,9 @@ def bench_gpu_rows(quick: bool) -> dict[str, Any]:
         row("bench_gpu seconds per epoch", fast["seconds_per_epoch"], "s"),
         row("bench_gpu sampled eval users/s", fast["eval_sampled_users_per_s"], "users/s"),
         row("bench_gpu full-ranking eval users/s", fast["eval_full_users_per_s"], "users/s"),
+        row(f"bench_gpu serving top-10 users/s, precision auto ({fast['serve_precision_auto']}), "
+            f"{fast['serve_users_per_call']} users per call", fast["serve_top10_users_per_s_auto"], "users/s",
+            "exact fp32 scoring", fast["serve_top10_users_per_s_fp32"]),
     ]
     return {"rows": rows, "runs": runs}
 

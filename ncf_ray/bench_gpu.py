@@ -204,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del samples
 
     ev = evaluate(model, split, eval_neg, sampler, args, device)
+    sv = serving(model, args, device)
     steady = epochs[-1]  # the first epoch pays for warm-up (kernels, allocator, compile, graph capture)
     return {
         "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
@@ -214,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_epoch": steady["samples"], "seconds_per_epoch": steady["epoch_seconds"],
         "train_samples_per_s": steady["train_samples_per_s"],
         "epoch_samples_per_s": steady["epoch_samples_per_s"],
-        "epochs": epochs, **timings, **ev,
+        "epochs": epochs, **timings, **ev, **sv,
     }
 
 
@@ -240,6 +241,30 @@ def evaluate(model: torch.nn.Module, split: dict[str, torch.Tensor], eval_neg: t
             "valid_hr@10": sampled["hr"], "valid_full_hr@10": full["hr"]}
 
 
+def serving(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Users/s of the Serve replica's top-10 over all items (ncf_ray/scoring.py): exact fp32 vs precision "auto"
+    (a compiled bf16 shortlist re-ranked in fp32 where the device has bf16 units), same model and users."""
+    from ncf_ray.scoring import AllItemsScorer, reuse_large_allocations
+
+    if device.type == "cpu":
+        reuse_large_allocations()  # as each Serve replica does
+    users = torch.arange(min(args.users, args.serve_users), device=device)
+    out: dict[str, Any] = {}
+    for precision in ("fp32", "auto"):
+        scorer = AllItemsScorer(model.eval(), precision=precision)  # compiles and warms up the bf16 kernel
+        scorer.top_k(users, 10)
+        reps, t0 = 0, time.perf_counter()
+        with engine.Timer(device) as t:
+            while reps < 3 or (reps < 1000 and time.perf_counter() - t0 < 2.0):
+                scorer.top_k(users, 10)
+                reps += 1
+        out[f"serve_top10_users_per_s_{precision}"] = reps * len(users) / t.seconds
+        out[f"serve_precision_{precision}"] = scorer.precision
+        out[f"serve_note_{precision}"] = scorer.note
+    out["serve_users_per_call"] = len(users)
+    return out
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -259,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=4, help="sampled negatives per positive")
     p.add_argument("--eval-negatives", type=int, default=99)
     p.add_argument("--full-eval-users", type=int, default=20_000, help="users ranked against every item")
+    p.add_argument("--serve-users", type=int, default=1000, help="users per serving top-10 call (a full batch)")
     p.add_argument("--model", choices=("gmf", "mlp", "neumf", "mf"), default="neumf")
     p.add_argument("--factors", type=int, default=32)
     p.add_argument("--layers", type=_layers, default=(64, 32, 16))
@@ -277,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("users", "items", "positives", "negatives", "batch_size", "epochs", "eval_negatives"):
+    for name in ("users", "items", "positives", "negatives", "batch_size", "epochs", "eval_negatives", "serve_users"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name.replace('_', '-')}={getattr(args, name)} must be > 0")
     if args.items < 2 or args.eval_negatives >= args.items // 2:
@@ -297,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eval: sampled {out['eval_sampled_users_per_s']:,.0f} users/s, full ranking "
               f"{out['eval_full_users_per_s']:,.0f} users/s; HR@10 {out['valid_hr@10']:.4f} "
               f"(full {out['valid_full_hr@10']:.4f})")
+        print(f"serving top-10 over all items: {out['serve_top10_users_per_s_auto']:,.0f} users/s with precision "
+              f"auto ({out['serve_precision_auto']}) vs {out['serve_top10_users_per_s_fp32']:,.0f} in fp32")
     return 0
 
 

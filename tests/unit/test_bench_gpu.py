@@ -35,11 +35,13 @@ def test_bench_gpu_runs_on_cpu_and_reports_positive_figures(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["device"] == "cpu"
     for key in ("train_samples_per_s", "epoch_samples_per_s", "seconds_per_epoch", "eval_sampled_users_per_s",
-                "eval_full_users_per_s", "samples_per_epoch", "n_train_positives"):
+                "eval_full_users_per_s", "samples_per_epoch", "n_train_positives", "serve_top10_users_per_s_fp32",
+                "serve_top10_users_per_s_auto"):
         assert out[key] > 0, key
     assert len(out["epochs"]) == 2
     assert all(e["loss"] > 0 for e in out["epochs"])
     assert 0.0 <= out["valid_hr@10"] <= 1.0
+    assert out["serve_precision_fp32"] == "fp32" and out["serve_precision_auto"] in ("bf16", "fp32")
 
 
 def test_bench_gpu_amp_and_text_output(capsys):
