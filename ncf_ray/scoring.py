@@ -141,7 +141,6 @@ class AllItemsScorer:
             if compile
             else _tower_scores
         )
-        self.compiled = compile
         self._warm_up()
 
     @property
