@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 from ncf_ray import engine
-from ncf_ray import model as model_mod
 from ncf_ray.data.sampler import NegativeSampler
 from ncf_ray.metrics import evaluate_full, evaluate_sampled
 from ncf_ray.model import build_model, count_parameters
@@ -141,9 +140,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 path: TF32 tensor cores (the bf16 path ignores it)
         torch.backends.cudnn.allow_tf32 = True
-        # Full ranking scores [users, items, width] chunks: the CPU-tuned 16 MiB chunk means ~4 users a chunk at
-        # ML-20M width, i.e. tens of thousands of tiny launches on a GPU. Give it a GPU-sized chunk.
-        model_mod.SCORE_CHUNK_ELEMENTS = 1 << 28
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -28,6 +28,15 @@ if TYPE_CHECKING:
 # (measured on CPU, NeuMF f32 64-32-16, 256 users x 3,706 items, 1 thread: 2^20 ~12K users/s, 2^22 ~6-8K,
 # 2^18 ~9.5K).
 SCORE_CHUNK_ELEMENTS = 1 << 20
+# A GPU wants few, large launches: with the CPU budget an ML-20M-size tower would score ~1 user per launch.
+GPU_SCORE_CHUNK_ELEMENTS = 1 << 28
+
+
+def chunk_users(n_items: int, width: int, device: torch.device, cpu_elements: int = 0) -> int:
+    """Users per scoring chunk so a [users, n_items, width] tensor stays near the device's element budget
+    (`cpu_elements` overrides the CPU budget; score_items and the serving scorer share this rule)."""
+    budget = (cpu_elements or SCORE_CHUNK_ELEMENTS) if device.type == "cpu" else GPU_SCORE_CHUNK_ELEMENTS
+    return max(1, budget // max(1, n_items * width))
 
 
 # ------------------------------------------------------------------------------------------------ init
@@ -51,10 +60,6 @@ def _init_prediction(linear: nn.Linear) -> None:
 def _check_sizes(n_users: int, n_items: int) -> None:
     if n_users <= 0 or n_items <= 0:
         raise UserError(f"n_users={n_users} and n_items={n_items} must be > 0")
-
-
-def _user_chunk(n_items: int, width: int) -> int:
-    return max(1, SCORE_CHUNK_ELEMENTS // max(1, n_items * width))
 
 
 def _all_items(items: Tensor | None, n_items: int, device: torch.device) -> Tensor:
@@ -188,7 +193,7 @@ class MLP(nn.Module):
     def score_items(self, users: Tensor, items: Tensor | None = None) -> Tensor:
         """Logits [B, M] of every user against all items (items=None) or the given items."""
         m = self.n_items if items is None else len(items)
-        chunk = _user_chunk(m, self.tower.pair_width)
+        chunk = chunk_users(m, self.tower.pair_width, self.predict.weight.device)
         parts = [
             self.predict(self.tower.score_pairs(users[s : s + chunk], items)).squeeze(-1)
             for s in range(0, len(users), chunk)
@@ -228,7 +233,7 @@ class NeuMF(nn.Module):
         w_gmf, w_mlp = self.predict.weight[0, :f], self.predict.weight[0, f:]
         item_gmf = self.gmf_item_emb(_all_items(items, self.n_items, device))  # [M, f]
         m = item_gmf.shape[0]
-        chunk = _user_chunk(m, self.tower.pair_width)
+        chunk = chunk_users(m, self.tower.pair_width, self.predict.weight.device)
         parts = []
         for s in range(0, len(users), chunk):
             u = users[s : s + chunk]
@@ -347,4 +352,6 @@ __all__ = [
     "count_parameters",
     "naive_score_items",
     "SCORE_CHUNK_ELEMENTS",
+    "GPU_SCORE_CHUNK_ELEMENTS",
+    "chunk_users",
 ]
