@@ -22,18 +22,18 @@ from ncf_ray.pipeline import run_job  # noqa: E402
 
 def main(argv: list[str]) -> int:
     from ncf_ray.artifact import load_artifact
-    from ncf_ray.config import ServeConfig
     from ncf_ray.pipeline import smoke_query
-    from ncf_ray.serve import run_server
+    from ncf_ray.serve import emit_config, run_server
 
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument("--no-check", action="store_true", help="skip the smoke query")
     extra, rest = job.parse_known_args(argv)
     args = cli.build_parser().parse_args(["serve", *rest])
-    cfg = ServeConfig(model_dir=str(Path(args.model_dir).resolve()), host=args.host, port=args.port,
-                      replicas=args.replicas, max_batch_size=args.max_batch_size,
-                      batch_wait_timeout_s=args.batch_wait_ms / 1000, max_ongoing_requests=args.max_ongoing_requests)
+    cfg = cli.serve_config_from_flags(args)
     art = load_artifact(cfg.model_dir)  # verify the manifest before touching Serve
+    if args.emit_config:
+        print(emit_config(cfg), end="")
+        return 0
     url = run_server(cfg, blocking=False, ha_proxy=args.ha_proxy)
     print(f"deployed {art.model_version} ({art.n_users} users x {art.n_items} items) at {url}", flush=True)
     if not extra.no_check:

@@ -18,9 +18,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ncf_ray.errors import UserError
+
+if TYPE_CHECKING:
+    from ncf_ray.config import ServeConfig
 
 EXIT_USER_ERROR = 2
 
@@ -306,14 +309,21 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_serve)
 
 
+def serve_config_from_flags(args: argparse.Namespace) -> ServeConfig:
+    """The ServeConfig of parsed `ncf-ray serve` flags (also used by jobs/deploy.py)."""
+    from ncf_ray.config import ServeConfig
+
+    return ServeConfig(model_dir=str(Path(args.model_dir).resolve()), host=args.host, port=args.port,
+                       replicas=args.replicas, max_batch_size=args.max_batch_size,
+                       batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                       max_ongoing_requests=args.max_ongoing_requests, precision=args.precision)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ncf_ray.artifact import load_artifact
-    from ncf_ray.config import ServeConfig
     from ncf_ray.serve import emit_config, run_server
 
-    cfg = ServeConfig(model_dir=args.model_dir, host=args.host, port=args.port, replicas=args.replicas,
-                      max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                      max_ongoing_requests=args.max_ongoing_requests, precision=args.precision)
+    cfg = serve_config_from_flags(args)
     art = load_artifact(args.model_dir)  # verify (manifest, weights) before starting Ray
     if args.emit_config:
         print(emit_config(cfg), end="")
