@@ -35,10 +35,10 @@ RawId = str | int
 class Recommender:
     """Serves top-K lists and pair scores from one artifact. Build once per process/replica; thread-safe for reads."""
 
-    def __init__(self, artifact: Artifact, precision: str = "fp32", compile: bool = True) -> None:
+    def __init__(self, artifact: Artifact, precision: str = "fp32") -> None:
         self.artifact = artifact
         self.model = artifact.model.eval()
-        self.scorer = AllItemsScorer(self.model, precision=precision, compile=compile)
+        self.scorer = AllItemsScorer(self.model, precision=precision)
         self.device = next(self.model.parameters()).device
         self.item_ids: np.ndarray = artifact.item_ids
         self.user_index = artifact.user_index
@@ -53,10 +53,8 @@ class Recommender:
         self._pop_order = torch.argsort(-pop, stable=True)
 
     @classmethod
-    def from_path(
-        cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32", compile: bool = True
-    ) -> Recommender:
-        return cls(load_artifact(path, device=device), precision=precision, compile=compile)
+    def from_path(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> Recommender:
+        return cls(load_artifact(path, device=device), precision=precision)
 
     @property
     def model_version(self) -> str:

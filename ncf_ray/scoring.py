@@ -6,13 +6,13 @@ plus elementwise passes (add, ReLU, bias, final dot) over tensors of that size: 
 the default model (f32, tower 64-32-16) against 3,706 items. Where bf16 dot-product units exist (AVX512-BF16 or
 AMX CPUs, GPUs) the tower runs as one `torch.compile`d kernel instead: add + ReLU + cast and bias + ReLU + final
 dot are fused into one pass each, the hidden matmuls run in bf16 with fp32 accumulation, and the graph runs as
-one C++ call that releases the GIL. Measured on this 2-core EPYC, one thread: ~26-28K users/s for the kernel,
-~17K users/s for a whole 256-user /recommend/batch body vs ~10K in fp32.
+one C++ call that releases the GIL. Measured on this 2-core EPYC, one thread, in one process: ~26-28K users/s
+for the kernel, ~17K users/s for a whole 256-user /recommend/batch body (scoring + JSON) vs ~10K in fp32.
 
 bf16 moves logits by ~1e-2, enough to swap near-ties, so its scores only pick a shortlist: each chunk of users
 keeps its top k + margin items (`shortlist_size`) while the chunk is still in cache; the shortlist is then
 re-scored by the model's own fp32 forward and re-sorted. Returned scores are therefore the model's fp32 logits
-(the numbers `/score` gives), and the list is the exact top-k unless an exact top-k item ranks below k + margin
+(what `/score` gives, to ~1e-6), and the list is the exact top-k unless an exact top-k item ranks below k + margin
 by the bf16 score. On the trained default model (6,040 users) the bf16 top 10 alone held 99.8% of the exact top
 10, the bf16 top 15 all of it; `tests/unit/test_scoring.py` checks exactness on a model trained in the test.
 
@@ -31,16 +31,16 @@ import torch
 from torch import Tensor, nn
 
 from ncf_ray.errors import UserError
+from ncf_ray.model import chunk_users
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
-# Users per kernel call: on CPU the [chunk, h1, M] hidden tensor stays near 2^21 elements (4 MiB in bf16, ~17
+# Users per kernel call on CPU: the [chunk, h1, M] hidden tensor stays near 2^21 elements (4 MiB in bf16, ~17
 # users of the default model against 3,706 items; 8-24 users measured within a few % of each other, 4 and 64
-# users ~25% slower). A GPU wants far bigger launches.
+# users ~25% slower). GPUs use model.GPU_SCORE_CHUNK_ELEMENTS.
 FAST_CHUNK_ELEMENTS = 1 << 21
-GPU_CHUNK_ELEMENTS = 1 << 28
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -64,8 +64,8 @@ def reuse_large_allocations() -> bool:
     PyTorch's CPU allocator hands big temporaries straight to malloc/free. glibc serves them with mmap, or trims
     them off the heap when freed, so every scoring call page-faults fresh memory for its [chunk, M, h] buffers:
     measured here, the fused add+ReLU+cast pass took 1.06 ms per 17-user chunk with the default and 0.15 ms with
-    the buffers kept (whole bf16 scorer ~14K -> ~23K users/s). Raises the mmap threshold to glibc's 32 MiB cap
-    and the trim threshold to 256 MiB. Process-wide; called in each Serve replica. False where not glibc."""
+    the buffers kept (bf16 scores for 256 users: ~16.7K -> ~22.8K users/s). Raises the mmap threshold to
+    glibc's 32 MiB cap and the trim threshold to 256 MiB. Process-wide; called in each Serve replica. False where not glibc."""
     import ctypes
     import ctypes.util
 
@@ -93,7 +93,7 @@ def _tower_scores(
 
     Item-major layout: activations are [C, width, M], so every step runs along the long item axis — each hidden
     layer is a [h_out, h_in] @ [h_in, M] matmul and the final dot is a sum over `width` rows of M-long vectors
-    (a [C * M, width] layout needs one horizontal vector reduction per pair; ~8% slower end to end here)."""
+    (a [C * M, width] layout needs one horizontal vector reduction per pair: kernel ~8% slower here)."""
     h = torch.relu(u_half[:, :, None] + item_half_t[None, :, :])
     for w, b in zip(hidden_w, hidden_b):
         h = torch.relu((w @ h.to(w.dtype)).float() + b[:, None])
@@ -110,9 +110,10 @@ class AllItemsScorer:
     model's `score_items`; bf16 scorers run the compiled kernel a chunk of users at a time, keep each chunk's
     top k + margin (while the chunk is still in cache), and re-rank that shortlist with `exact_pairs`.
     `scores(users)` gives the raw [B, M] logits (bf16 approximations unless `exact`).
-    Thread-safe: kernel calls are serialised (a replica has one torch thread anyway)."""
+    Thread-safe: kernel calls are serialised chunk by chunk (a replica has one torch thread anyway)."""
 
     def __init__(self, model: nn.Module, precision: str = "auto", compile: bool = True) -> None:
+        """compile=False runs the same bf16 kernel eagerly (slower than fp32 on CPU): for tests and debugging."""
         if precision not in PRECISIONS:
             raise UserError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         self.model = model.eval()
@@ -128,9 +129,6 @@ class AllItemsScorer:
             return
         if precision == "auto" and not bf16_is_fast(self.device):
             self.precision, self.note = "fp32", f"no bf16 matmul units on {self.device.type}: scoring in fp32"
-            return
-        if precision == "auto" and not compile:
-            self.precision, self.note = "fp32", "bf16 pays off only compiled: scoring in fp32"
             return
         self.precision = "bf16"
         self._build_tables(model, tower)
@@ -154,7 +152,7 @@ class AllItemsScorer:
         first = tower.linears[0]
         d = tower.user_emb.embedding_dim
         self._u_half = tower.user_emb.weight @ first.weight[:, :d].t()  # [n_users, h1]
-        self._item_half_t = torch.addmm(first.bias[:, None], first.weight[:, d:], tower.item_emb.weight.t())
+        self._item_half_t = tower.item_half(None).t().contiguous()  # [h1, M]: W_i q_i + b, as score_items uses
         self._hidden_w = [lin.weight.to(torch.bfloat16).contiguous() for lin in tower.linears[1:]]
         self._hidden_b = [lin.bias.detach().clone() for lin in tower.linears[1:]]
         w = model.predict.weight[0]
@@ -167,8 +165,7 @@ class AllItemsScorer:
         else:
             self._u_dot = self._item_dot = None
             self._w_out = w.detach().clone()
-        elements = FAST_CHUNK_ELEMENTS if self.device.type == "cpu" else GPU_CHUNK_ELEMENTS
-        self._chunk = max(1, elements // (self.n_items * self._item_half_t.shape[0]))
+        self._chunk = chunk_users(self.n_items, self._item_half_t.shape[0], self.device, FAST_CHUNK_ELEMENTS)
 
     def _warm_up(self) -> None:
         """Compile now, not on the first request: one user (Dynamo specialises size 1) and a full chunk plus a
@@ -183,9 +180,12 @@ class AllItemsScorer:
             log.warning("ncf_ray scoring: %s", self.note)
 
     def _kernel_scores(self, users: Tensor) -> Tensor:
+        """One chunk through the kernel. The lock is held per chunk only: a caller on a Serve replica's event loop
+        (batched /recommend) then waits for at most one chunk of a concurrent /recommend/batch."""
         u_dot = None if self._u_dot is None else self._u_dot[users]
-        return self._kernel(self._u_half[users], self._item_half_t, self._hidden_w, self._hidden_b, self._w_out,
-                            self._bias, u_dot, self._item_dot)
+        with self._lock:
+            return self._kernel(self._u_half[users], self._item_half_t, self._hidden_w, self._hidden_b,
+                                self._w_out, self._bias, u_dot, self._item_dot)
 
     @torch.inference_mode()
     def scores(self, users: Tensor) -> Tensor:
@@ -193,8 +193,7 @@ class AllItemsScorer:
         users = users.to(self.device)
         if self.exact:
             return self.model.score_items(users).float()
-        with self._lock:
-            parts = [self._kernel_scores(users[s : s + self._chunk]) for s in range(0, len(users), self._chunk)]
+        parts = [self._kernel_scores(users[s : s + self._chunk]) for s in range(0, len(users), self._chunk)]
         return torch.cat(parts) if parts else self._item_half_t.new_zeros((0, self.n_items))
 
     @torch.inference_mode()
@@ -211,15 +210,14 @@ class AllItemsScorer:
             return torch.topk(scores, min(k, self.n_items), dim=1)
         n = shortlist_size(k, self.n_items)
         values, items = [], []
-        with self._lock:
-            for s in range(0, len(users), self._chunk):
-                u = users[s : s + self._chunk]
-                scores = self._kernel_scores(u)
-                if exclude is not None:
-                    exclude(u, scores)
-                v, i = torch.topk(scores, n, dim=1)
-                values.append(v)
-                items.append(i)
+        for s in range(0, len(users), self._chunk):
+            u = users[s : s + self._chunk]
+            scores = self._kernel_scores(u)
+            if exclude is not None:
+                exclude(u, scores)
+            v, i = torch.topk(scores, n, dim=1)
+            values.append(v)
+            items.append(i)
         approx, short = torch.cat(values), torch.cat(items)
         exact = self.exact_pairs(users, short)
         exact[approx == float("-inf")] = float("-inf")  # excluded stays excluded
@@ -233,11 +231,4 @@ class AllItemsScorer:
         return self.model(users.to(self.device).repeat_interleave(s), items.reshape(-1)).float().view(b, s)
 
 
-__all__ = [
-    "AllItemsScorer",
-    "PRECISIONS",
-    "bf16_is_fast",
-    "shortlist_size",
-    "reuse_large_allocations",
-    "FAST_CHUNK_ELEMENTS",
-]
+__all__ = ["AllItemsScorer", "PRECISIONS", "bf16_is_fast", "shortlist_size", "reuse_large_allocations"]

@@ -17,11 +17,15 @@ from ncf_ray.recommender import Recommender
 N_USERS, N_ITEMS = 12, 20
 
 
-@pytest.fixture(scope="module", params=["neumf", "mf"])
+# NeuMF also through the bf16 shortlist scorer Serve uses (precision "bf16": the seen-item mask is then applied
+# chunk by chunk, and returned scores must still be the model's fp32 logits).
+@pytest.fixture(scope="module", params=[("neumf", "fp32"), ("neumf", "bf16"), ("mf", "fp32")],
+                ids=["neumf", "neumf-bf16", "mf"])
 def rec(request, tmp_path_factory):
+    name, precision = request.param
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    cfg = ModelConfig(name=request.param, factors=4, layers=(8, 4))
+    cfg = ModelConfig(name=name, factors=4, layers=(8, 4))
     model = model_from_config(cfg, N_USERS, N_ITEMS)
     with torch.no_grad():
         for p in model.parameters():
@@ -39,7 +43,9 @@ def rec(request, tmp_path_factory):
     indptr, indices = build_csr(u, i, N_USERS)
     out = tmp_path_factory.mktemp("rec") / "model"
     save_artifact(out, model, cfg, N_USERS, N_ITEMS, users, items, indptr, indices, counts, {}, {})
-    return Recommender.from_path(out)
+    rec = Recommender.from_path(out, precision=precision)
+    assert rec.scorer.precision == precision, rec.scorer.note
+    return rec
 
 
 def _seen(rec, user_idx):
