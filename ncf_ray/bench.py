@@ -31,8 +31,10 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
+from ncf_ray.atomic import replacing, write_json
 from ncf_ray.errors import UserError
 
 BENCHES = ("prepare", "train", "eval", "serve", "gpu")
@@ -87,21 +89,6 @@ def row(figure: str, value: float, unit: str, baseline: str | None = None, basel
     ratio = value / baseline_value if baseline_value else None
     return {"figure": figure, "value": value, "unit": unit, "baseline": baseline, "baseline_value": baseline_value,
             "ratio": ratio, "goal": goal}
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone
-    os.replace(tmp, path)
 
 
 def _dataset(tmp: str, users: int, items: int, interactions: int) -> str:
@@ -187,7 +174,7 @@ def _ray_history(ds: str, tmp: str, name: str, cfg: Any) -> tuple[list[dict], di
 def _steady(history: list[dict], key: str) -> float:
     """Median over the epochs after the first (the first pays for warm-up)."""
     xs = [h[key] for h in history[1:]] or [h[key] for h in history]
-    return _median(xs)
+    return median(xs)
 
 
 def curve(history: list[dict]) -> list[dict[str, float]]:
@@ -274,7 +261,7 @@ def _bench_train(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any
                 ttq_runs.append(_ttq_run(spec["label"], *_ray_history(ttq_ds, tmp, f"ttq{len(ttq_runs)}", cfg)))
     ttq = time_to_quality({r["label"]: r["curve"] for r in ttq_runs})
 
-    plain_sps = _median(plain)
+    plain_sps = median(plain)
     ray1 = _steady(one, "samples_per_second_per_worker")
     ray2 = _steady(two, "samples_per_second")
     rows = [
@@ -285,7 +272,7 @@ def _bench_train(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any
     ]
     extra: dict[str, Any] = {}
     if one_all:
-        ray_all, plain_all_sps = _steady(one_all, "samples_per_second_per_worker"), _median(plain_all)
+        ray_all, plain_all_sps = _steady(one_all, "samples_per_second_per_worker"), median(plain_all)
         rows += [row(f"Ray Train per-worker samples/s (1 worker, {all_cores} threads)", ray_all, "samples/s",
                      f"plain torch loop ({all_cores} threads)", plain_all_sps),
                  row(f"plain torch loop, {all_cores} threads", plain_all_sps, "samples/s",
@@ -362,7 +349,7 @@ def bench_eval(quick: bool, repeats: int = 3) -> dict[str, Any]:
         runs["full"].append(timed(lambda: evaluate_full(model, users, targets, csr)))
         runs["pop_full"].append(timed(lambda: evaluate_popularity_full(counts, users, targets, csr)))
     torch.set_num_threads(prev_threads)
-    med = {k: _median(v) for k, v in runs.items()}
+    med = {k: median(v) for k, v in runs.items()}
     name = f"NeuMF factors {model_cfg.factors}, layers {list(model_cfg.layers)}"
     return {
         "rows": [
@@ -416,9 +403,8 @@ def bench_serve_rows(quick: bool) -> dict[str, Any]:
             "same deployment, exact fp32 scoring", base["recommend"]["rps"]),
     ]
     for key in ("p50_ms", "p99_ms"):
-        if key in rec:
-            rows.append(row(f"POST /recommend {key.replace('_ms', '')} latency", rec[key], "ms",
-                            "no-op endpoint", floor.get(key), goal="<= 50" if full and key == "p99_ms" else None))
+        rows.append(row(f"POST /recommend {key.replace('_ms', '')} latency", rec[key], "ms", "no-op endpoint",
+                        floor[key], goal="<= 50" if full and key == "p99_ms" else None))
     return {"rows": rows, **res}
 
 
@@ -444,8 +430,10 @@ def bench_gpu_rows(quick: bool) -> dict[str, Any]:
         runs = {"baseline": _run_bench_gpu(["--device", "cuda", "--batch-size", "65536"]),
                 "fast": _run_bench_gpu(["--device", "cuda", "--amp", "--batch-size", "1048576", "--epochs", "3"])}
     else:  # no GPU here: the same code on CPU at ML-1M size, so the figure exists and the path is exercised
-        # Threads as train.py's default_threads: a full-width OpenMP team is erratic on a small shared box.
-        threads = str(max(1, (os.cpu_count() or 1) - 1))
+        from ncf_ray.train import default_threads
+
+        # As train.py gives a lone worker: a full-width OpenMP team is erratic on a small shared box.
+        threads = str(default_threads(1))
         runs = {"fast": _run_bench_gpu(["--device", "cpu", "--users", "6040", "--items", "3706", "--positives",
                                         "1000000", "--batch-size", "16384", "--full-eval-users", "1000",
                                         "--threads", threads])}
@@ -563,18 +551,16 @@ def plot(out: Path) -> list[str]:
 
 
 def _save(fig: Any, path: Path) -> str:
-    tmp = path.with_name(path.name + ".tmp")  # bench/results/*.png.tmp is git-ignored
-    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replacing(path) as tmp:  # bench/results/.*.png.tmp is git-ignored
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return str(path)
 
 
 def write_report(out: Path) -> Path:
     plot(out)
     report = out.parent / "RESULTS.md"
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text(render_report(out))
-    os.replace(tmp, report)
+    with replacing(report) as tmp:
+        tmp.write_text(render_report(out))
     return report
 
 
@@ -591,7 +577,7 @@ def run_bench(name: str, quick: bool, out: str | Path | None = None, command: st
         res.update(name=n, quick=quick, seconds=time.perf_counter() - t0,
                    date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                    command=command or f"ncf-ray bench {n}{' --quick' if quick else ''}")
-        write_json_atomic(out_dir / f"{n}.json", res)
+        write_json(out_dir / f"{n}.json", res)
         write_report(out_dir)
         results[n] = res
     return results

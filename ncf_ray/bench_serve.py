@@ -281,13 +281,9 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
                      "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                      "max_ongoing_requests": cfg.max_ongoing_requests, "torch_threads_per_replica": 1,
                      "connections": connections, "seconds": seconds, "k": 10, "cpus": os.cpu_count(),
-                     "model": {"n_users": art.n_users, "n_items": art.n_items, **dataclass_dict(art.model_cfg)}},
+                     "model": {"n_users": art.n_users, "n_items": art.n_items, **dataclasses.asdict(art.model_cfg)}},
         "note": note,
     }
-
-
-def dataclass_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 import urllib.request
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ncf_ray.atomic import write_json
 from ncf_ray.config import ServeConfig, TrainConfig, TuneConfig, from_dict
 from ncf_ray.errors import UserError
 from ncf_ray.runtime import ensure_ray
@@ -220,9 +220,7 @@ def run_pipeline(cfg: PipelineConfig, log: Any = print) -> dict[str, Any]:
         "seconds": timings | {"total": round(time.time() - t0, 1)},
     }
     summary["published"] = publish(run_dir / "model", cfg.storage, "model")  # None unless storage is a URI
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, out / "summary.json")
+    write_json(out / "summary.json", summary)
     if summary["published"]:
         publish_file(out / "summary.json", cfg.storage)
     if not cfg.keep_serving:

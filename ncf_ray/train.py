@@ -12,7 +12,6 @@ and compute test metrics on it — the only time test is read.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ncf_ray import engine
+from ncf_ray.atomic import write_json
 from ncf_ray.config import TrainConfig, from_dict, to_dict
 from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import Dataset, check_dataset_dir, load_dataset, read_meta
@@ -314,7 +314,7 @@ def finalize(
         seen_indptr, seen_indices, data.item_counts.astype(np.float64), result, data.meta,
     )
     result["model_version"] = version
-    _write_json_atomic(metrics_path, result)
+    write_json(metrics_path, result)
     return result
 
 
@@ -346,12 +346,6 @@ def _vocab_table(ids: np.ndarray, counts: np.ndarray, idx_col: str, id_col: str)
     return pa.table({idx_col: pa.array(np.arange(len(ids), dtype=np.int32)),
                      id_col: pa.array([str(x) for x in ids], pa.string()),
                      S.COUNT_COL: pa.array(np.asarray(counts, dtype=np.int64))})
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def run_training(

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ncf_ray.atomic import replacing
 from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig, TuneConfig, to_dict
 from ncf_ray.errors import UserError
 from ncf_ray.train import STATE_FILE
@@ -308,12 +309,10 @@ CSV_COLUMNS = ["trial_id", "factors", "depth", "lr", "negatives", "weight_decay"
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with replacing(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _export_best(dataset_dir: str, out: Path, row: dict[str, Any], base: TrainConfig, model: str) -> dict[str, Any]:
@@ -349,10 +348,9 @@ def _plot(path: Path, rows: list[dict[str, Any]], popularity_hr: float | None, k
     ax.set_title("Sweep: valid HR by embedding size and MLP depth")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def format_table(rows_csv: str, top: int = 10) -> str:

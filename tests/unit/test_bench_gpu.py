@@ -51,7 +51,9 @@ def test_bench_gpu_amp_and_text_output(capsys):
 
 def test_bench_gpu_never_imports_ray():
     # The lent GPU machine has no Ray: the entry and everything it imports must stay Ray-free.
-    code = ("import sys, ncf_ray.bench_gpu; "
+    # Run it (not just import it): serving() imports ncf_ray.scoring lazily, and this process has Ray loaded.
+    code = ("import sys, ncf_ray.bench_gpu as b; "
+            f"assert b.main({[*TINY, '--json']!r}) == 0; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'pandas')); "
             "print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
