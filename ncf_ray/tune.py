@@ -26,7 +26,6 @@ from typing import Any
 from ncf_ray.atomic import replacing
 from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig, TuneConfig, to_dict
 from ncf_ray.errors import UserError
-from ncf_ray.train import STATE_FILE
 
 METRIC_KEY = "valid_hr@{k}"
 SEARCHES = ("random", "grid", "optuna")
@@ -244,7 +243,8 @@ def run_sweep(
     handler_before = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     seconds = time.time() - t0
-    if _was_interrupted(handler_before):  # Tune saved the sweep's state; nothing is exported from a partial sweep
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished or _was_interrupted(handler_before):  # Tune saved the state; a partial sweep exports nothing
         raise UserError(f"sweep interrupted after {len(grid)} trial(s) started; "
                         f"finish it with `ncf-ray tune {dataset_dir} --out {out_dir} --resume`")
     rows = _result_rows(grid)
@@ -266,13 +266,17 @@ def run_sweep(
 
 def _was_interrupted(handler_before: Any) -> bool:
     """Whether Ctrl-C (SIGINT) stopped the sweep. Tune swaps in its own SIGINT handler for the run and puts the
-    previous one back only when a stop signal arrives, so finding the old handler again means "interrupted"."""
+    previous one back only when a stop signal arrives, so finding the old handler again means "interrupted".
+    That is Tune's private behaviour: the public count of unfinished trials is checked first and catches a stop
+    that left trials pending or running; this catches one between trials (no trial left unfinished)."""
     if threading.current_thread() is not threading.main_thread() or os.getenv("TUNE_DISABLE_SIGINT_HANDLER") == "1":
         return False
     return signal.getsignal(signal.SIGINT) is handler_before
 
 
 def _result_rows(grid: Any) -> list[dict[str, Any]]:
+    from ncf_ray.train import STATE_FILE  # lazily, like the module's other train imports (torch, Ray Train)
+
     rows = []
     for res in grid:
         cfg = res.config or {}

@@ -43,6 +43,8 @@ def test_two_worker_run_writes_metrics_and_artifact(two_worker_run, capsys):
     assert {"full_hr@10", "full_ndcg@10"} <= set(m["test"])
     assert set(m["popularity"]["test"]) == {"hr@10", "ndcg@10"}
     assert m["config"]["workers"] == 2 and m["samples_per_second"] > 0
+    for h in m["history"]:  # the world size Ray Train actually ran with, not the config echoed back
+        assert h["samples_per_second"] == pytest.approx(2 * h["samples_per_second_per_worker"])
     assert (out / "model" / "manifest.json").exists()
 
 
