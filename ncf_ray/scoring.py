@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 from collections.abc import Callable
 
 import torch
@@ -103,6 +104,14 @@ def _tower_scores(
     return out
 
 
+def _own_copy(fn: Callable) -> Callable:
+    """fn with a code object of its own. Dynamo keeps compiled graphs, and its recompile limit (8), per code
+    object: with one shared function, every model a process compiles (another tower depth, each hot swap in a
+    Serve replica) added entries until the limit failed the compile and the scorer fell back to fp32 (seen in
+    the test suite after a handful of models). A copy per scorer also lets its graphs go with it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class AllItemsScorer:
     """Top-k over all items of a frozen eval-mode model.
 
@@ -135,7 +144,7 @@ class AllItemsScorer:
         # cpp_wrapper: the compiled graph runs as one C++ call that releases the GIL (the default Python wrapper
         # holds it through each fused kernel, stalling the Serve replica's HTTP threads meanwhile).
         self._kernel = (
-            torch.compile(_tower_scores, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+            torch.compile(_own_copy(_tower_scores), dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
             if compile
             else _tower_scores
         )

@@ -121,6 +121,17 @@ def test_mlp_and_single_layer_towers_use_the_kernel_and_stay_exact():
         torch.testing.assert_close(got_scores, want_scores, rtol=0, atol=1e-5)
 
 
+def test_many_models_in_one_process_all_get_the_compiled_kernel(monkeypatch):
+    # Dynamo's recompile limit is per code object; squeeze it so three towers of different depths would exceed
+    # it if the scorers shared one (the suite once fell back to fp32 that way after ~8 compiled models).
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    torch.manual_seed(2)
+    for layers in ((8, 4), (16, 8, 4), (16, 8, 4, 2)):
+        model = NeuMF(30, 40, 4, layers).eval()
+        scorer = AllItemsScorer(model, precision="bf16")
+        assert scorer.precision == "bf16", (layers, scorer.note)
+
+
 def test_models_without_a_tower_layer_are_always_exact():
     for model in (GMF(10, 20, 4), MLP(10, 20, (8,))):
         scorer = AllItemsScorer(model.eval(), precision="bf16")
