@@ -7,8 +7,10 @@ Layout of an artifact dir (RUN_DIR/model/, written by `ncf-ray train`, read by `
                               "format_version"}
     vocab/users.parquet      user_idx:int32, user_id:string, count:int64
     vocab/items.parquet      item_idx:int32, item_id:string, count:int64
-    seen_indptr.npy          CSR int64 [n_users + 1]: items each user already interacted with (excluded from
-    seen_indices.npy         recommendations), int64
+    seen_indptr.npy          CSR int64 [n_users + 1]: items each user already interacted with in train, valid
+    seen_indices.npy         and test (excluded from recommendations), int64
+    history_indptr.npy       CSR int64 [n_users + 1] (optional): each user's items in time order, oldest first
+    history_items.npy        (what history-reading models see at serving time), int64
     popularity.npy           float64 [n_items]: train interaction counts (cold-start fallback)
     metrics.json, dataset_meta.json
     manifest.json            {"files": {relpath: sha256}, "sizes": {relpath: bytes}, "model_version"}
@@ -37,10 +39,11 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
+from ncf_ray.batch import Histories
 from ncf_ray.config import ModelConfig, from_dict, to_dict
 from ncf_ray.data.schema import COUNT_COL, ITEM_COL, ITEM_IDX, USER_COL, USER_IDX
 from ncf_ray.errors import UserError
-from ncf_ray.model import model_from_config
+from ncf_ray.model import model_from_config, unwrap
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -49,6 +52,8 @@ USERS_VOCAB_FILE = "vocab/users.parquet"
 ITEMS_VOCAB_FILE = "vocab/items.parquet"
 SEEN_INDPTR_FILE = "seen_indptr.npy"
 SEEN_INDICES_FILE = "seen_indices.npy"
+HISTORY_INDPTR_FILE = "history_indptr.npy"
+HISTORY_ITEMS_FILE = "history_items.npy"
 POPULARITY_FILE = "popularity.npy"
 METRICS_FILE = "metrics.json"
 DATASET_META_FILE = "dataset_meta.json"
@@ -82,6 +87,7 @@ class Artifact:
     seen_indptr: np.ndarray
     seen_indices: np.ndarray
     popularity: np.ndarray
+    histories: Histories | None
     metrics: dict[str, Any]
     dataset_meta: dict[str, Any]
     model_version: str
@@ -113,10 +119,11 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile
+def vocab_table(ids: np.ndarray, counts: np.ndarray, idx_col: str, id_col: str) -> pa.Table:
+    """A vocab table from raw ids (by index) and their train counts: idx:int32, id:string, count:int64."""
+    return pa.table({idx_col: pa.array(np.arange(len(ids), dtype=np.int32)),
+                     id_col: pa.array([str(x) for x in ids], pa.string()),
+                     COUNT_COL: pa.array(np.asarray(counts, dtype=np.int64))})
 
 
 def _vocab_table(vocab: Any, idx_col: str, id_col: str, n: int, what: str) -> pa.Table:
@@ -141,13 +148,13 @@ def _vocab_table(vocab: Any, idx_col: str, id_col: str, n: int, what: str) -> pa
     )
 
 
-def _check_csr(indptr: np.ndarray, indices: np.ndarray, n_users: int, n_items: int) -> None:
+def _check_csr(indptr: np.ndarray, indices: np.ndarray, n_users: int, n_items: int, what: str = "seen") -> None:
     if indptr.ndim != 1 or len(indptr) != n_users + 1:
-        raise UserError(f"seen_indptr has shape {indptr.shape}, expected ({n_users + 1},)")
+        raise UserError(f"{what}_indptr has shape {indptr.shape}, expected ({n_users + 1},)")
     if indptr[0] != 0 or indptr[-1] != len(indices) or np.any(np.diff(indptr) < 0):
-        raise UserError(f"seen_indptr is not a valid CSR index pointer for {len(indices)} indices")
+        raise UserError(f"{what}_indptr is not a valid CSR index pointer for {len(indices)} indices")
     if len(indices) and (indices.min() < 0 or indices.max() >= n_items):
-        raise UserError(f"seen_indices hold item ids outside 0..{n_items - 1}")
+        raise UserError(f"{what} CSR holds item ids outside 0..{n_items - 1}")
 
 
 def _manifest(root: Path, model_version: str) -> dict[str, Any]:
@@ -186,6 +193,7 @@ def save_artifact(
     popularity: np.ndarray,
     metrics: dict[str, Any],
     dataset_meta: dict[str, Any],
+    histories: Histories | None = None,
 ) -> str:
     """Write the artifact atomically to out_dir (replacing an existing one) and return its model_version.
     users_vocab / items_vocab: pyarrow Table or pandas DataFrame with (user_idx|item_idx, user_id|item_id, count)."""
@@ -204,7 +212,7 @@ def save_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in _unwrap(model).state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model_version = sha256_file(tmp / WEIGHTS_FILE)[:12]
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -223,6 +231,12 @@ def save_artifact(
         np.save(tmp / SEEN_INDPTR_FILE, seen_indptr, allow_pickle=False)
         np.save(tmp / SEEN_INDICES_FILE, seen_indices, allow_pickle=False)
         np.save(tmp / POPULARITY_FILE, popularity, allow_pickle=False)
+        if histories is not None:
+            h_indptr = histories.indptr.cpu().numpy().astype(np.int64)
+            h_items = histories.items.cpu().numpy().astype(np.int64)
+            _check_csr(h_indptr, h_items, n_users, n_items, "history")
+            np.save(tmp / HISTORY_INDPTR_FILE, h_indptr, allow_pickle=False)
+            np.save(tmp / HISTORY_ITEMS_FILE, h_items, allow_pickle=False)
         _write_json(tmp / METRICS_FILE, metrics)
         _write_json(tmp / DATASET_META_FILE, dataset_meta)
         _write_json(tmp / MANIFEST_FILE, _manifest(tmp, model_version))
@@ -341,6 +355,12 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
     popularity = _load_npy(root / POPULARITY_FILE).astype(np.float64, copy=False)
     if popularity.shape != (n_items,):
         raise UserError(f"{root / POPULARITY_FILE} has shape {popularity.shape}, expected ({n_items},)")
+    histories = None
+    if (root / HISTORY_INDPTR_FILE).is_file() and (root / HISTORY_ITEMS_FILE).is_file():
+        h_indptr = _load_npy(root / HISTORY_INDPTR_FILE).astype(np.int64, copy=False)
+        h_items = _load_npy(root / HISTORY_ITEMS_FILE).astype(np.int64, copy=False)
+        _check_csr(h_indptr, h_items, n_users, n_items, "history")
+        histories = Histories(torch.from_numpy(h_indptr), torch.from_numpy(h_items))
     return Artifact(
         model=model,
         model_cfg=model_cfg,
@@ -353,6 +373,7 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         seen_indptr=seen_indptr,
         seen_indices=seen_indices,
         popularity=popularity,
+        histories=histories,
         metrics=_read_json(root / METRICS_FILE),
         dataset_meta=_read_json(root / DATASET_META_FILE),
         model_version=str(config.get("model_version") or manifest.get("model_version") or ""),

@@ -1,10 +1,15 @@
-"""The training core in plain torch: learning-rate schedule, per-epoch negative sampling, one epoch of steps,
-validation sums. No Ray here, so the same code runs inside Ray Train workers (train.py), in the plain-torch
-baseline of `ncf-ray bench train`, and on a bare GPU box (`python -m ncf_ray.bench_gpu`).
+"""The one training core in plain torch: examples with fresh negatives, the lr schedule, optimiser steps, a
+non-finite-loss guard and validation sums. No Ray here: the Ray Train worker loop (train.py), the plain-torch
+baseline of `ncf-ray bench train` and the bare-GPU benchmark (`python -m ncf_ray.bench.gpu`) all call it.
 
-The fast path keeps every tensor on the worker's device: positives are materialised once, each epoch draws fresh
-negatives and one permutation on the device, and batches are slices of those tensors — no per-batch host copies,
-no per-sample Python.
+Every tensor stays on the worker's device: positives are materialised once; each epoch draws fresh negatives and
+one permutation on the device; batches are index slices of those tensors, never per-sample Python.
+
+Two kinds of examples, chosen by the model (`history_len`):
+- pairs (ID models): one row per positive with its C = 1 + negatives candidates, labels [1, 0, ..., 0];
+- sequences (history models): the user's time-ordered items cut into windows of L, every position a next-item
+  target with its own negatives (SASRec-style: one pass over a window trains L targets).
+Both become the same `Batch` and go through the same step.
 """
 
 from __future__ import annotations
@@ -16,10 +21,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
+from ncf_ray.batch import Batch, Histories
 from ncf_ray.data.sampler import NegativeSampler
+from ncf_ray.errors import UserError
 from ncf_ray.metrics import evaluate_sampled
+from ncf_ray.model import unwrap
+
+TASK = "click"
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: the mean loss of an epoch was NaN or infinite."""
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -39,93 +53,276 @@ def lr_multiplier(progress: float, warmup: float, total: float) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def schedule(lr0: float, epoch: int, steps: int, warmup: float, total: float) -> Callable[[int], float]:
+    """The learning rate of each step of `epoch` (of `steps` steps): the one schedule every loop uses."""
+    return lambda step: lr0 * lr_multiplier(epoch + min(step / max(steps, 1), 1.0), warmup, total)
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
     """Adam with coupled L2 (the embeddings' regulariser). Fused kernels on CUDA, foreach on CPU."""
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
 
 
-# ------------------------------------------------------------------------------------------- one epoch
+def amp_dtype_for(amp: bool, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """bf16 autocast where it pays: on CUDA, and on CPUs with bf16 matmul units; else None with the reason."""
+    if not amp:
+        return None, ""
+    if device.type == "cuda":
+        return torch.bfloat16, ""
+    from ncf_ray.scoring import bf16_is_fast
+
+    if bf16_is_fast(device):
+        return torch.bfloat16, ""
+    return None, f"--amp ignored: no bf16 matmul units on {device.type}; training in fp32"
+
+
+# ------------------------------------------------------------------------------------------- examples
 @dataclass
-class EpochSamples:
-    users: torch.Tensor
-    items: torch.Tensor
-    labels: torch.Tensor
+class Examples:
+    """One epoch's training examples on the device, as rows of a future Batch (already shuffled).
+    `per_row` is the number of scored candidates in a row (loss terms), so rows_per_step = batch_size // per_row."""
+
+    user: Tensor  # [R]
+    item: Tensor  # [R, C] or [R, L, C]
+    labels: Tensor  # like item
+    history: Tensor | None = None  # [R, L]
+    mask: Tensor | None = None  # [R, L]
 
     def __len__(self) -> int:
-        return int(self.users.numel())
+        return int(self.user.numel())
+
+    @property
+    def per_row(self) -> int:
+        return int(self.item[0].numel()) if len(self) else 1
+
+    def batch(self, start: int, size: int) -> Batch:
+        """Rows start..start+size, wrapping around at the end (a data-parallel peer with more data takes more
+        steps; every rank must take as many)."""
+        n = len(self)
+        if start + size <= n:
+            sl: slice | Tensor = slice(start, start + size)
+        else:
+            sl = torch.arange(start, start + size, device=self.user.device) % n
+        return Batch(user=self.user[sl], item=self.item[sl], labels={TASK: self.labels[sl]},
+                     history=None if self.history is None else self.history[sl],
+                     mask=None if self.mask is None else self.mask[sl])
 
 
-def epoch_samples(
-    pos_users: torch.Tensor,
-    pos_items: torch.Tensor,
-    sampler: NegativeSampler,
-    negatives: int,
-    generator: torch.Generator | None = None,
-) -> EpochSamples:
-    """Positives plus `negatives` fresh negatives per positive, shuffled, all on the positives' device."""
-    neg_items = sampler.sample(pos_users, negatives, generator=generator).reshape(-1)
-    users = torch.cat([pos_users, pos_users.repeat_interleave(negatives)])
-    items = torch.cat([pos_items, neg_items])
-    labels = torch.cat(
-        [
-            torch.ones(pos_users.numel(), device=pos_users.device),
-            torch.zeros(neg_items.numel(), device=pos_users.device),
-        ]
-    )
+def pair_examples(users: Tensor, items: Tensor, sampler: NegativeSampler, negatives: int,
+                  generator: torch.Generator | None = None) -> Examples:
+    """Each positive with `negatives` fresh negatives: item [P, 1 + n] (the positive first), shuffled rows."""
+    neg = sampler.sample(users, negatives, generator=generator)
+    cand = torch.cat([items[:, None], neg], 1)
+    labels = torch.zeros(cand.shape, device=cand.device)
+    labels[:, 0] = 1.0
     perm = torch.randperm(users.numel(), device=users.device, generator=generator)
-    return EpochSamples(users[perm], items[perm], labels[perm])
+    return Examples(users[perm], cand[perm], labels[perm])
 
 
-def steps_for(n_samples: int, batch_size: int) -> int:
-    return max(1, math.ceil(n_samples / batch_size))
+def sequence_windows(hist: Histories, users: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Training windows of `users`' rows: each row of n items is cut from its end into windows of `length`
+    targets. Returns (window user [W], input CSR end [W], target mask [W, L]); inputs are items[end - L : end]
+    right-aligned, the targets the items one position later."""
+    users = users.long()
+    start, stop = hist.indptr[users], hist.indptr[users + 1]
+    targets = (stop - start - 1).clamp(min=0)  # the first item has no history to predict it from
+    n_windows = torch.div(targets + length - 1, length, rounding_mode="floor")
+    w_user = torch.repeat_interleave(users, n_windows)
+    # Window j of a user (j = 0 the latest) ends its input at stop - 1 - j * L.
+    first = torch.cumsum(n_windows, 0) - n_windows
+    j = torch.arange(w_user.numel(), device=users.device) - torch.repeat_interleave(first, n_windows)
+    ends = torch.repeat_interleave(stop, n_windows) - 1 - j * length
+    idx = ends[:, None] - length + torch.arange(length, device=users.device)
+    mask = idx >= hist.indptr[w_user][:, None]
+    return w_user, ends, mask
+
+
+def sequence_examples(hist: Histories, users: Tensor, length: int, sampler: NegativeSampler, negatives: int,
+                      generator: torch.Generator | None = None) -> Examples:
+    """Windows of `users`' histories, every position a target with `negatives` fresh negatives:
+    history [W, L], item [W, L, 1 + n], mask [W, L] (False = padding, no loss)."""
+    w_user, ends, mask = sequence_windows(hist, users, length)
+    history = hist.windows(ends, w_user, length)
+    idx = (ends[:, None] - length + 1 + torch.arange(length, device=ends.device)).clamp(min=0)
+    target = hist.items[idx.clamp(max=max(hist.items.numel() - 1, 0))]
+    rows = w_user[:, None].expand(-1, length).reshape(-1)
+    neg = sampler.sample(rows, negatives, generator=generator).view(len(w_user), length, negatives)
+    cand = torch.cat([target[..., None], neg], -1)
+    labels = torch.zeros(cand.shape, device=cand.device)
+    labels[..., 0] = 1.0
+    perm = torch.randperm(len(w_user), device=ends.device, generator=generator)
+    return Examples(w_user[perm], cand[perm], labels[perm], history[perm], mask[perm])
+
+
+def make_examples(model: nn.Module, users: Tensor, items: Tensor, hist: Histories | None,
+                  sampler: NegativeSampler, negatives: int, generator: torch.Generator | None = None) -> Examples:
+    """The examples `model` trains on: sequence windows of the users' histories for models that read history
+    (`history_len` > 0), else one row per positive (users[j], items[j])."""
+    length = int(getattr(unwrap(model), "history_len", 0))
+    if length > 0:
+        if hist is None:
+            raise ValueError("a history model needs the users' histories to build examples")
+        return sequence_examples(hist, torch.unique(users), length, sampler, negatives, generator)
+    return pair_examples(users, items, sampler, negatives, generator)
+
+
+def rows_per_step(batch_size: int, examples: Examples) -> int:
+    """Rows of `examples` in one step of `batch_size` scored candidates (at least one row)."""
+    return max(1, batch_size // max(examples.per_row, 1))
+
+
+def steps_for(n_rows: int, rows: int) -> int:
+    return max(1, math.ceil(n_rows / max(rows, 1)))
+
+
+# ------------------------------------------------------------------------------------------- steps
+def batch_loss(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None) -> Tensor:
+    """Mean binary cross-entropy of the batch's candidates (padding positions of sequence windows excluded)."""
+    device = batch.user.device
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(batch)
+    labels = batch.labels[TASK]
+    if batch.mask is None:
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
+    weight = batch.mask[..., None].expand_as(labels).float()
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels, weight=weight, reduction="sum")
+    return loss / weight.sum().clamp(min=1.0)
 
 
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    samples: EpochSamples,
-    batch_size: int,
+    examples: Examples,
+    rows: int,
     steps: int | None = None,
     lr_for_step: Callable[[int], float] | None = None,
     amp_dtype: torch.dtype | None = None,
+    epoch: int = 0,
 ) -> float:
-    """Run `steps` optimiser steps over slices of `samples` (wrapping around when a data-parallel peer has more
-    data, so every rank takes the same number of steps). Returns the mean training loss."""
+    """`steps` optimiser steps over `rows`-row slices of `examples` (wrapping around). Returns the mean loss;
+    raises NonFiniteLoss when it is NaN or infinite (one host sync per epoch, not per step)."""
     model.train()
-    n = len(samples)
-    steps = steps or steps_for(n, batch_size)
-    device = samples.users.device
-    total = torch.zeros((), device=device)
+    steps = steps or steps_for(len(examples), rows)
+    total = torch.zeros((), device=examples.user.device)
+    lr = optimizer.param_groups[0]["lr"]
     for step in range(steps):
-        start = (step * batch_size) % n
-        end = start + batch_size
-        if end <= n:
-            u, i, y = samples.users[start:end], samples.items[start:end], samples.labels[start:end]
-        else:  # wrap around: only the last step of a shorter shard
-            idx = torch.arange(start, end, device=device) % n
-            u, i, y = samples.users[idx], samples.items[idx], samples.labels[idx]
         if lr_for_step is not None:
             lr = lr_for_step(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(u, i)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss = batch_loss(model, examples.batch((step * rows) % max(len(examples), 1), rows), amp_dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.detach()
-    return float(total) / steps  # one host sync per epoch
+    mean = float(total) / steps
+    check_finite(mean, epoch, float(lr))
+    return mean
+
+
+def check_finite(loss: float, epoch: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"training loss became {loss} at epoch {epoch + 1} (lr {lr:.3g}): lower --lr")
+
+
+class GraphedStep:
+    """The whole train step (forward, loss, backward, fused Adam) captured once as a CUDA graph and replayed:
+    per step the host only copies the batch into static buffers and sets the lr tensor, so launch overhead
+    vanishes. Needs fixed-size batches (Examples.batch wraps around) and an optimiser built with
+    `capturable=True` and a tensor lr (see `graph_optimizer`). CUDA only."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, warmup: Batch,
+                 amp_dtype: torch.dtype | None) -> None:
+        self.model, self.optimizer, self.amp_dtype = model, optimizer, amp_dtype
+        self.static = Batch(user=warmup.user.clone(), item=warmup.item.clone(),
+                            labels={k: v.clone() for k, v in warmup.labels.items()},
+                            history=None if warmup.history is None else warmup.history.clone(),
+                            mask=None if warmup.mask is None else warmup.mask.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream (allocator, cuBLAS handles), as the docs advise
+            for _ in range(3):
+                optimizer.zero_grad(set_to_none=True)
+                batch_loss(model, self.static, amp_dtype).backward()
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss = batch_loss(model, self.static, amp_dtype)
+            self.loss.backward()
+            optimizer.step()
+
+    def run(self, batch: Batch, lr: float) -> Tensor:
+        s = self.static
+        s.user.copy_(batch.user)
+        s.item.copy_(batch.item)
+        for k, v in batch.labels.items():
+            s.labels[k].copy_(v)
+        if s.history is not None:
+            s.history.copy_(batch.history)
+        if s.mask is not None:
+            s.mask.copy_(batch.mask)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr)  # a device tensor: no host sync, captured by the graph
+        self.graph.replay()
+        return self.loss
+
+
+def graph_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    """The Adam of `build_optimizer`, capturable, with the lr as a device tensor (for GraphedStep)."""
+    return torch.optim.Adam(model.parameters(), lr=torch.tensor(lr, device=device), weight_decay=weight_decay,
+                            fused=True, capturable=True)
+
+
+def train_epoch_graphed(stepper: GraphedStep, examples: Examples, rows: int, steps: int,
+                        lr_for_step: Callable[[int], float], epoch: int = 0) -> float:
+    """train_epoch through a captured CUDA graph (same slicing, schedule and guard)."""
+    total = torch.zeros((), device=examples.user.device)
+    lr = 0.0
+    for step in range(steps):
+        lr = lr_for_step(step)
+        total += stepper.run(examples.batch((step * rows) % len(examples), rows), lr)
+    mean = float(total) / steps
+    check_finite(mean, epoch, lr)
+    return mean
+
+
+def fit_plain(
+    model: nn.Module, users: Tensor, items: Tensor, n_items: int, epochs: int, *, negatives: int = 4,
+    batch_size: int = 8192, lr: float = 2e-3, base_batch_size: int = 1024, warmup_epochs: float = 1.0,
+    weight_decay: float = 0.0, hist: Histories | None = None, generator: torch.Generator | None = None,
+    amp_dtype: torch.dtype | None = None,
+) -> list[dict[str, float]]:
+    """The single-process loop: the worker loop's recipe (examples, schedule, steps) without Ray or DDP, for
+    the plain-torch baseline of `ncf-ray bench train`, tests and experiments. Returns per-epoch loss and
+    samples/s of the optimiser steps (negatives are drawn before the timer, as the Ray worker times it)."""
+    device = users.device
+    sampler = NegativeSampler(users, items, n_items)
+    lr0 = scaled_lr(lr, batch_size, base_batch_size)
+    optimizer = build_optimizer(model, lr0, weight_decay, device)
+    out = []
+    for epoch in range(epochs):
+        examples = make_examples(model, users, items, hist, sampler, negatives, generator)
+        rows = rows_per_step(batch_size, examples)
+        steps = steps_for(len(examples), rows)
+        with Timer(device) as t:
+            loss = train_epoch(model, optimizer, examples, rows, steps,
+                               schedule(lr0, epoch, steps, warmup_epochs, epochs), amp_dtype, epoch)
+        out.append({"epoch": epoch + 1, "loss": loss, "seconds": t.seconds,
+                    "samples_per_second": steps * rows * examples.per_row / max(t.seconds, 1e-9)})
+    return out
 
 
 # ------------------------------------------------------------------------------------------- validation
 def sampled_sums(
-    model: nn.Module, users: torch.Tensor, pos_items: torch.Tensor, neg_items: torch.Tensor, k: int
-) -> torch.Tensor:
+    model: nn.Module, users: Tensor, pos_items: Tensor, neg_items: Tensor, k: int,
+    histories: Histories | None = None,
+) -> Tensor:
     """[hit_sum, ndcg_sum, n] of the leave-one-out protocol on the users' device: sums, not means, so
     data-parallel ranks can all-reduce them."""
-    sums = evaluate_sampled(model, users, pos_items, neg_items, k=k, reduce=False)
+    sums = evaluate_sampled(model, users, pos_items, neg_items, k=k, reduce=False, histories=histories)
     return torch.tensor([sums["hit_sum"], sums["ndcg_sum"], sums["n"]], dtype=torch.float64, device=users.device)
 
 

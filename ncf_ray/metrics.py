@@ -17,6 +17,7 @@ workers can all-reduce sums and counts and call `finalize`. Used by `ncf-ray tra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,15 +108,17 @@ def _as_long(x: ArrayLike, device: torch.device | str = "cpu") -> Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.int64), device=device)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP and torch.compile wrap the model; score_items lives on the inner module.
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
-
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _history(histories: Any, users: Tensor, length: int) -> Tensor | None:
+    """The users' last `length` items from a Histories CSR, or None for models that read no history."""
+    if length <= 0:
+        return None
+    if histories is None:
+        raise ValueError(f"the model reads the last {length} items of each user: pass histories")
+    return histories.last(users, length).to(users.device)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -128,26 +131,36 @@ def evaluate_sampled(
     k: int = 10,
     batch_size: int = 2048,
     reduce: bool = True,
-) -> dict[str, float]:
-    """HR@k / NDCG@k of the positive pos_items[n] of users[n] among its candidates neg_items[n, :C].
-    Scores each user's 1 + C pairs with forward() in user batches; restores the model's train/eval mode."""
-    net = _unwrap(model)
+    histories: Any = None,
+    return_ranks: bool = False,
+) -> dict[str, Any]:
+    """HR@k / NDCG@k of the positive pos_items[n] of users[n] among its candidates neg_items[n, :C]: one
+    Batch per user chunk with item [B, 1 + C] (and each user's history from `histories`, a
+    ncf_ray.batch.Histories, for models that read it). Restores the model's train/eval mode.
+    `return_ranks` adds the per-user 0-based ranks ("ranks", CPU int64) for segment metrics."""
+    from ncf_ray.batch import Batch
+    from ncf_ray.model import unwrap
+
+    net = unwrap(model)
     device = _device_of(net)
     users, pos, neg = _as_long(users, device), _as_long(pos_items, device), _as_long(neg_items, device)
+    length = int(getattr(net, "history_len", 0))
     was_training = net.training
     net.eval()
     try:
         ranks = []
         for s in range(0, len(users), batch_size):
-            u, cand = (
-                users[s : s + batch_size],
-                torch.cat([pos[s : s + batch_size, None], neg[s : s + batch_size]], 1),
-            )
-            logits = net(u.repeat_interleave(cand.shape[1]), cand.reshape(-1)).view(cand.shape).float()
+            u = users[s : s + batch_size]
+            cand = torch.cat([pos[s : s + batch_size, None], neg[s : s + batch_size]], 1)
+            logits = net(Batch(user=u, item=cand, history=_history(histories, u, length))).float()
             ranks.append(rank_sampled(logits[:, 0], logits[:, 1:]).cpu())
     finally:
         net.train(was_training)
-    return _summarise(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), k, reduce)
+    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    out: dict[str, Any] = _summarise(all_ranks, k, reduce)
+    if return_ranks:
+        out["ranks"] = all_ranks
+    return out
 
 
 @torch.no_grad()
@@ -159,27 +172,38 @@ def evaluate_full(
     k: int = 10,
     batch_size: int = 256,
     reduce: bool = True,
-) -> dict[str, float]:
-    """HR@k / NDCG@k of targets[n] ranked among all items for users[n] with model.score_items, excluding the
-    items in row users[n] of seen_csr = (indptr, indices) (the target itself never excluded)."""
-    net = _unwrap(model)
+    histories: Any = None,
+    return_ranks: bool = False,
+) -> dict[str, Any]:
+    """HR@k / NDCG@k of targets[n] ranked among all items for users[n] (user_repr once per user against the
+    cached catalogue item_repr), excluding the items in row users[n] of seen_csr = (indptr, indices) (the target
+    itself never excluded)."""
+    from ncf_ray.model import unwrap, user_batch
+
+    net = unwrap(model)
     device = _device_of(net)
     users, targets = _as_long(users, device), _as_long(targets, device)
     indptr, indices = (
         (None, None) if seen_csr is None else (_as_long(seen_csr[0], device), _as_long(seen_csr[1], device))
     )
+    length = int(getattr(net, "history_len", 0))
     was_training = net.training
     net.eval()
     try:
+        catalogue = net.item_repr(None)
         ranks = []
         for s in range(0, len(users), batch_size):
             u, t = users[s : s + batch_size], targets[s : s + batch_size]
-            scores = net.score_items(u).float()
+            scores = net.score_all(net.user_repr(user_batch(u, _history(histories, u, length))), catalogue).float()
             mask = None if indptr is None else seen_mask(u, indptr, indices, scores.shape[1])
             ranks.append(rank_full(scores, t, mask).cpu())
     finally:
         net.train(was_training)
-    return _summarise(torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64), k, reduce)
+    all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    out: dict[str, Any] = _summarise(all_ranks, k, reduce)
+    if return_ranks:
+        out["ranks"] = all_ranks
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ popularity

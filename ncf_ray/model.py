@@ -1,32 +1,43 @@
-"""NCF models as plain torch modules: GMF, MLP, NeuMF (He et al., WWW 2017) and MF with biases (Rendle et al. 2020).
+"""Every model family on one contract, pure torch: GMF, MLP, NeuMF (He et al., WWW 2017), MF with biases (Rendle
+et al. 2020), and a registry name -> class.
 
-Every model takes flat constructor args (config never reaches inside; see `model_from_config`) and returns
-logits: `forward(users[B], items[B]) -> [B]`. `score_items(users[B], items[M] | None) -> [B, M]` scores every
-user of a batch against all items (or a given item set) for serving and full-ranking evaluation, without
-building B*M embedding pairs: the MLP's first layer on concat[u, i] is W_u u + W_i i + b, so the item half is
-computed once (and cached in eval mode) and the user half is added by broadcasting.
+A model reads a `Batch` (ncf_ray/batch.py) and splits its score into three parts:
 
-Used by `ncf-ray train` (ncf_ray/train.py), `ncf-ray evaluate`, `ncf-ray serve` and the GPU benchmark, which runs
-this file without Ray — so it imports torch only (plus the config dataclass for `model_from_config`).
+    user_repr(batch)   -> U [B, D]     everything about the user (id embedding; attention over history; features)
+    item_repr(items)   -> I [..., D]   everything about an item; `item_repr(None)` is the whole catalogue [M, D],
+                                       cached in eval mode, so serving computes it once per model
+    head(U, I)         -> logits       broadcasts over leading dims: U [B, D] with I [B, D] gives [B]; U[:, None]
+                                       with I [B, C, D] gives [B, C]
+    forward(batch) = head(user_repr(batch), item_repr(batch.item)); score_all(U, I) -> [B, M] scores a user batch
+    against a whole item set without per-pair Python, chunked so the widest tensor stays cache-sized.
+
+NeuMF and MLP fold the tower's first layer into the representations: Linear(concat[p_u, q_i]) = W_u p_u + W_i q_i + b,
+so U carries W_u p_u and I carries W_i q_i + b, and scoring all items never builds a [B*M, layers[0]] concat. The
+tower head (`tower_logits`) is a function of (U, I) and is shared with other families that want NeuMF's head. GMF
+and MF are dot products of their representations (MF folds its biases into U and I), which keeps them open to
+ANN retrieval over `item_repr`.
+
+Parameter names are those of the earlier `model(users, items)` classes, so their artifacts load unchanged; a test
+pins each model's logits on a seeded batch. Config never reaches inside: `build_model` takes flat args.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from ncf_ray.batch import Batch
 from ncf_ray.errors import UserError
 
 if TYPE_CHECKING:
     from ncf_ray.config import ModelConfig
 
-# score_items works on chunks of users so that the [chunk, M, width] hidden tensor stays near this many
-# elements (4 MiB of float32): big enough for fast matmuls, small enough to stay in cache between the layers
-# (measured on CPU, NeuMF f32 64-32-16, 256 users x 3,706 items, 1 thread: 2^20 ~12K users/s, 2^22 ~6-8K,
-# 2^18 ~9.5K).
+# score_all works on chunks of users so that the [chunk, M, width] hidden tensor stays near this many elements
+# (4 MiB of float32): big enough for fast matmuls, small enough to stay in cache between the tower's layers.
 SCORE_CHUNK_ELEMENTS = 1 << 20
 # A GPU wants few, large launches: with the CPU budget an ML-20M-size tower would score ~1 user per launch.
 GPU_SCORE_CHUNK_ELEMENTS = 1 << 28
@@ -34,213 +45,336 @@ GPU_SCORE_CHUNK_ELEMENTS = 1 << 28
 
 def chunk_users(n_items: int, width: int, device: torch.device, cpu_elements: int = 0) -> int:
     """Users per scoring chunk so a [users, n_items, width] tensor stays near the device's element budget
-    (`cpu_elements` overrides the CPU budget; score_items and the serving scorer share this rule)."""
+    (`cpu_elements` overrides the CPU budget; score_all and the serving scorer share this rule)."""
     budget = (cpu_elements or SCORE_CHUNK_ELEMENTS) if device.type == "cpu" else GPU_SCORE_CHUNK_ELEMENTS
     return max(1, budget // max(1, n_items * width))
 
 
 # ------------------------------------------------------------------------------------------------ init
-def _init_embedding(emb: nn.Embedding) -> None:
+def init_embedding(emb: nn.Embedding) -> None:
     # Paper: embeddings drawn from N(0, 0.01).
     nn.init.normal_(emb.weight, mean=0.0, std=0.01)
 
 
-def _init_hidden(linear: nn.Linear) -> None:
+def init_hidden(linear: nn.Linear) -> None:
     # Paper's Keras code: Glorot-uniform hidden layers, zero biases.
     nn.init.xavier_uniform_(linear.weight)
     nn.init.zeros_(linear.bias)
 
 
-def _init_prediction(linear: nn.Linear) -> None:
+def init_prediction(linear: nn.Linear) -> None:
     # Paper: LeCun-uniform prediction layer (Kaiming-uniform with gain 1 == U(+-sqrt(3 / fan_in))).
     nn.init.kaiming_uniform_(linear.weight, nonlinearity="sigmoid")
     nn.init.zeros_(linear.bias)
 
 
-def _check_sizes(n_users: int, n_items: int) -> None:
+def check_sizes(n_users: int, n_items: int) -> None:
     if n_users <= 0 or n_items <= 0:
         raise UserError(f"n_users={n_users} and n_items={n_items} must be > 0")
 
 
-def _all_items(items: Tensor | None, n_items: int, device: torch.device) -> Tensor:
-    return torch.arange(n_items, device=device) if items is None else items.to(device)
+def check_factors(factors: int) -> None:
+    if factors <= 0:
+        raise UserError(f"factors={factors} must be > 0")
 
 
-class _Tower(nn.Module):
-    """The MLP tower: embeddings of width layers[0] // 2 each, then Linear+ReLU(+Dropout) between consecutive
-    widths. `score_items` uses the split first layer (user half + item half) so no [B*M, layers[0]] concat is
-    ever built."""
+def check_layers(layers: Sequence[int], dropout: float) -> tuple[int, ...]:
+    layers = tuple(int(w) for w in layers)
+    if not layers or any(w <= 0 for w in layers):
+        raise UserError(f"mlp layers={list(layers)} must be non-empty and all > 0")
+    if layers[0] % 2:
+        raise UserError(f"mlp layers[0]={layers[0]} must be even (it is user+item embedding width)")
+    if not 0.0 <= dropout < 1.0:
+        raise UserError(f"dropout={dropout} must be in [0, 1)")
+    return layers
+
+
+# ------------------------------------------------------------------------------------------------ base
+class RecModel(nn.Module):
+    """The contract every family implements (see the module docstring). Subclasses set n_users, n_items and
+    `history_len` (> 0: the batch must carry the user's last history_len items) and define user_repr,
+    _item_repr and head; score_all has a chunked default that dot-product models replace with one matmul."""
+
+    n_users: int
+    n_items: int
+    history_len: int = 0
+    # Widest per-pair tensor head() builds, in floats (sizes score_all's user chunks).
+    pair_width: int = 1
+
+    def user_repr(self, batch: Batch) -> Tensor:
+        raise NotImplementedError
+
+    def _item_repr(self, items: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def item_repr(self, items: Tensor | None = None) -> Tensor:
+        """I [..., D] of `items` (any shape), or of every item [M, D] when None. The whole-catalogue table is cached
+        while the module is in eval mode and no gradient is recorded; the key holds the storage and version counter
+        of every parameter, so an optimiser step, load_state_dict or .to() invalidates it."""
+        if items is not None:
+            return self._item_repr(items)
+        device = self.device
+        cacheable = not self.training and not torch.is_grad_enabled()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cache = self.__dict__.get("_item_cache")
+        if cacheable and cache is not None and cache[0] == key:
+            return cache[1]
+        table = self._item_repr(torch.arange(self.n_items, device=device))
+        self.__dict__["_item_cache"] = (key, table) if cacheable else None
+        return table
+
+    def forward(self, batch: Batch) -> Tensor:
+        """Logits shaped like batch.item."""
+        users = self.user_repr(batch)
+        items = self.item_repr(batch.item)
+        while users.dim() < items.dim():
+            users = users.unsqueeze(-2)
+        return self.head(users, items)
+
+    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+        """Logits [B, M] of user representations [B, D] against item representations [M, D]."""
+        chunk = chunk_users(items.shape[0], self.pair_width, items.device)
+        parts = [self.head(users[s : s + chunk, None, :], items[None]) for s in range(0, users.shape[0], chunk)]
+        return torch.cat(parts) if parts else users.new_zeros((0, items.shape[0]))
+
+    def score_items(self, batch: Batch, items: Tensor | None = None) -> Tensor:
+        """Logits [B, M] of the batch's users against `items` [M] (every item when None); batch.item is unused."""
+        return self.score_all(self.user_repr(batch), self.item_repr(items))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def train(self, mode: bool = True) -> RecModel:
+        self.__dict__["_item_cache"] = None  # free the cache; rebuilt on the next eval-mode call
+        return super().train(mode)
+
+
+def user_batch(users: Tensor, history: Tensor | None = None) -> Batch:
+    """A Batch for scoring users against items chosen later (score_items, the serving scorer)."""
+    return Batch(user=users, item=users.new_zeros((users.shape[0], 0)), history=history)
+
+
+# ------------------------------------------------------------------------------------------------ tower head
+class Tower(nn.Module):
+    """NCF's MLP tower: embeddings of width layers[0] // 2 each, then Linear+ReLU(+Dropout) between consecutive
+    widths. The first Linear is applied split (W_u p_u and W_i q_i + b) by the representations; `hidden` holds
+    the rest."""
 
     def __init__(self, n_users: int, n_items: int, layers: Sequence[int], dropout: float) -> None:
         super().__init__()
-        layers = [int(w) for w in layers]
-        if not layers or any(w <= 0 for w in layers):
-            raise UserError(f"mlp layers={layers} must be non-empty and all > 0")
-        if layers[0] % 2:
-            raise UserError(f"mlp layers[0]={layers[0]} must be even (it is user+item embedding width)")
-        if not 0.0 <= dropout < 1.0:
-            raise UserError(f"dropout={dropout} must be in [0, 1)")
-        self.layers = tuple(layers)
+        layers = check_layers(layers, dropout)
+        self.layers = layers
         self.user_emb = nn.Embedding(n_users, layers[0] // 2)
         self.item_emb = nn.Embedding(n_items, layers[0] // 2)
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_features = layers[-1]
-        # Widest [B, M, width] tensor score_pairs materialises (sizes its user chunks).
+        # First-layer width: what the representations carry for this tower.
+        self.repr_width = layers[1] if len(layers) > 1 else layers[0] // 2
         self.pair_width = max(layers[1:]) if len(layers) > 1 else layers[0]
-        _init_embedding(self.user_emb)
-        _init_embedding(self.item_emb)
+        init_embedding(self.user_emb)
+        init_embedding(self.item_emb)
         for lin in self.linears:
-            _init_hidden(lin)
-        self._item_cache: tuple[tuple, Tensor] | None = None
+            init_hidden(lin)
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        x = torch.cat([self.user_emb(users), self.item_emb(items)], dim=-1)
-        for lin in self.linears:
-            x = self.dropout(torch.relu(lin(x)))
-        return x
+    def user_half(self, users: Tensor) -> Tensor:
+        """W_u p_u [B, h1] (or p_u itself when the tower has no hidden layer)."""
+        emb = self.user_emb(users)
+        if not self.linears:
+            return emb
+        return emb @ self.linears[0].weight[:, : emb.shape[-1]].t()
 
-    # -- serving path: [B] x [M] -> [B, M, out_features] (or [B, M, layers[0]] when there is no hidden layer)
-    def item_half(self, items: Tensor | None) -> Tensor:
-        """W_i i + b for the given items (all items when None), [M, layers[1]]; cached for all items while the
-        module is in eval mode and no gradient is recorded. The cache key holds the storage and version counter
-        of every tensor it depends on, so an optimiser step, load_state_dict or .to() invalidates it."""
+    def item_half(self, items: Tensor) -> Tensor:
+        """W_i q_i + b [..., h1] (or q_i itself when the tower has no hidden layer)."""
+        emb = self.item_emb(items)
+        if not self.linears:
+            return emb
         first = self.linears[0]
-        d = self.user_emb.embedding_dim
-        w_item = first.weight[:, d:]
-        if items is not None:
-            return torch.addmm(first.bias, self.item_emb(items), w_item.t())
-        cacheable = not self.training and not torch.is_grad_enabled()
-        key = tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device)
-            for t in (self.item_emb.weight, first.weight, first.bias)
-        )
-        if cacheable and self._item_cache is not None and self._item_cache[0] == key:
-            return self._item_cache[1]
-        half = torch.addmm(first.bias, self.item_emb.weight, w_item.t())
-        self._item_cache = (key, half) if cacheable else None
-        return half
-
-    def score_pairs(self, users: Tensor, items: Tensor | None) -> Tensor:
-        """Tower output for every (user, item) pair: [B, M, out_features]."""
-        if not self.linears:  # no hidden layer: the "tower" is the concatenated embeddings themselves
-            u = self.user_emb(users)
-            i = self.item_emb.weight if items is None else self.item_emb(items)
-            b, m = u.shape[0], i.shape[0]
-            return torch.cat([u[:, None, :].expand(b, m, -1), i[None, :, :].expand(b, m, -1)], dim=-1)
-        first = self.linears[0]
-        d = self.user_emb.embedding_dim
-        item_part = self.item_half(items)  # [M, h1]
-        user_part = self.user_emb(users) @ first.weight[:, :d].t()  # [B, h1]
-        # In-place ReLU on freshly made tensors: B*M*width is the big allocation here, so make it once per layer.
-        x = self.dropout((user_part[:, None, :] + item_part[None, :, :]).relu_())  # [B, M, h1]
-        for lin in self.linears[1:]:
-            x = self.dropout(lin(x).relu_())
-        return x
-
-    def train(self, mode: bool = True) -> _Tower:
-        self._item_cache = None  # free the cache; it is rebuilt on the next eval-mode call
-        return super().train(mode)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self._item_cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+        return emb @ first.weight[:, emb.shape[-1] :].t() + first.bias
 
 
-# ------------------------------------------------------------------------------------------------ models
-class GMF(nn.Module):
-    """Generalized Matrix Factorization: h^T (p_u * q_i) + b."""
+def tower_logits(
+    u_half: Tensor, i_half: Tensor, hidden: Sequence[nn.Linear], dropout: Callable[[Tensor], Tensor],
+    w_out: Tensor, u_half_w: Tensor | None = None,
+) -> Tensor:
+    """h^T MLP(...) of the tower from its split first layer: ReLU(u_half + i_half), then the hidden layers, dotted
+    with w_out. Without hidden linears (`u_half_w` given) the tower is concat[p_u, q_i] itself and the dot splits
+    into w_u.p_u + w_i.q_i. Broadcasts over leading dims."""
+    if u_half_w is not None:
+        d = u_half.shape[-1]
+        return u_half @ w_out[:d] + i_half @ w_out[d:]
+    x = dropout(torch.relu(u_half + i_half))
+    for lin in hidden:
+        x = dropout(torch.relu(lin(x)))
+    return x @ w_out
+
+
+@dataclass
+class TowerParts:
+    """What the serving scorer's fused kernel needs from a model with NeuMF's tower head: U and I are
+    [gmf part (factors wide) | tower half], logit = (U_g * I_g) @ w_gmf + tower(U_t + I_t) @ w_tower + bias."""
+
+    factors: int
+    hidden: Sequence[nn.Linear]
+    w_gmf: Tensor
+    w_tower: Tensor
+    bias: Tensor
+
+
+# ------------------------------------------------------------------------------------------------ ID models
+class GMF(RecModel):
+    """Generalized Matrix Factorization: h^T (p_u * q_i) + b. U = p_u, I = q_i."""
 
     def __init__(self, n_users: int, n_items: int, factors: int) -> None:
         super().__init__()
-        _check_sizes(n_users, n_items)
-        if factors <= 0:
-            raise UserError(f"factors={factors} must be > 0")
+        check_sizes(n_users, n_items)
+        check_factors(factors)
         self.n_users, self.n_items, self.factors = n_users, n_items, factors
         self.user_emb = nn.Embedding(n_users, factors)
         self.item_emb = nn.Embedding(n_items, factors)
         self.predict = nn.Linear(factors, 1)
-        _init_embedding(self.user_emb)
-        _init_embedding(self.item_emb)
-        _init_prediction(self.predict)
+        self.pair_width = factors
+        init_embedding(self.user_emb)
+        init_embedding(self.item_emb)
+        init_prediction(self.predict)
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        return self.predict(self.user_emb(users) * self.item_emb(items)).squeeze(-1)
+    def user_repr(self, batch: Batch) -> Tensor:
+        return self.user_emb(batch.user)
 
-    def score_items(self, users: Tensor, items: Tensor | None = None) -> Tensor:
-        """Logits [B, M] of every user against all items (items=None) or the given items."""
-        items = _all_items(items, self.n_items, self.user_emb.weight.device)
+    def _item_repr(self, items: Tensor) -> Tensor:
+        return self.item_emb(items)
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        return (users * items) @ self.predict.weight[0] + self.predict.bias[0]
+
+    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
         # h^T (u * i) = (u * h) @ i^T: one matmul.
-        u = self.user_emb(users) * self.predict.weight[0]
-        return u @ self.item_emb(items).t() + self.predict.bias
+        return (users * self.predict.weight[0]) @ items.t() + self.predict.bias
 
 
-class MLP(nn.Module):
-    """NCF's MLP: a ReLU tower over concat[p_u, q_i], then a linear prediction layer."""
+class MF(RecModel):
+    """Matrix factorization with biases: p_u . q_i + b_u + b_i + b, as a pure dot product:
+    U = [p_u, b_u, 1], I = [q_i, 1, b_i] (the global bias is added by the head)."""
+
+    def __init__(self, n_users: int, n_items: int, factors: int) -> None:
+        super().__init__()
+        check_sizes(n_users, n_items)
+        check_factors(factors)
+        self.n_users, self.n_items, self.factors = n_users, n_items, factors
+        self.user_emb = nn.Embedding(n_users, factors)
+        self.item_emb = nn.Embedding(n_items, factors)
+        self.user_bias = nn.Embedding(n_users, 1)
+        self.item_bias = nn.Embedding(n_items, 1)
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.pair_width = factors + 2
+        init_embedding(self.user_emb)
+        init_embedding(self.item_emb)
+        nn.init.zeros_(self.user_bias.weight)
+        nn.init.zeros_(self.item_bias.weight)
+
+    def user_repr(self, batch: Batch) -> Tensor:
+        u = batch.user
+        return torch.cat([self.user_emb(u), self.user_bias(u), torch.ones_like(self.user_bias(u))], -1)
+
+    def _item_repr(self, items: Tensor) -> Tensor:
+        bias = self.item_bias(items)
+        return torch.cat([self.item_emb(items), torch.ones_like(bias), bias], -1)
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        return (users * items).sum(-1) + self.bias[0]
+
+    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+        return users @ items.t() + self.bias
+
+
+class MLP(RecModel):
+    """NCF's MLP: a ReLU tower over concat[p_u, q_i], then a linear prediction layer. U = W_u p_u, I = W_i q_i + b."""
 
     def __init__(self, n_users: int, n_items: int, layers: Sequence[int], dropout: float = 0.0) -> None:
         super().__init__()
-        _check_sizes(n_users, n_items)
+        check_sizes(n_users, n_items)
         self.n_users, self.n_items = n_users, n_items
-        self.tower = _Tower(n_users, n_items, layers, dropout)
+        self.tower = Tower(n_users, n_items, layers, dropout)
         self.layers = self.tower.layers
         self.predict = nn.Linear(self.tower.out_features, 1)
-        _init_prediction(self.predict)
+        self.pair_width = self.tower.pair_width
+        self.factors = 0  # no GMF branch: the whole representation is the tower's
+        init_prediction(self.predict)
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        return self.predict(self.tower(users, items)).squeeze(-1)
+    def user_repr(self, batch: Batch) -> Tensor:
+        return self.tower.user_half(batch.user)
 
-    def score_items(self, users: Tensor, items: Tensor | None = None) -> Tensor:
-        """Logits [B, M] of every user against all items (items=None) or the given items."""
-        m = self.n_items if items is None else len(items)
-        chunk = chunk_users(m, self.tower.pair_width, self.predict.weight.device)
-        parts = [
-            self.predict(self.tower.score_pairs(users[s : s + chunk], items)).squeeze(-1)
-            for s in range(0, len(users), chunk)
-        ]
-        return torch.cat(parts) if parts else self.predict.weight.new_zeros((0, m))
+    def _item_repr(self, items: Tensor) -> Tensor:
+        return self.tower.item_half(items)
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        t = self.tower
+        split = users if not t.linears else None
+        return tower_logits(users, items, t.linears[1:], t.dropout, self.predict.weight[0], split) + self.predict.bias[0]
+
+    def tower_parts(self) -> TowerParts | None:
+        if not self.tower.linears:
+            return None
+        w = self.predict.weight[0]
+        return TowerParts(0, self.tower.linears[1:], w[:0], w, self.predict.bias)
 
 
-class NeuMF(nn.Module):
+class NeuMF(RecModel):
     """Neural Matrix Factorization: a GMF branch and an MLP tower with their own embeddings, concatenated into one
-    linear prediction layer."""
+    linear prediction layer. U = [p_u^gmf, W_u p_u^mlp], I = [q_i^gmf, W_i q_i^mlp + b]."""
 
     def __init__(
         self, n_users: int, n_items: int, factors: int, layers: Sequence[int], dropout: float = 0.0
     ) -> None:
         super().__init__()
-        _check_sizes(n_users, n_items)
-        if factors <= 0:
-            raise UserError(f"factors={factors} must be > 0")
+        check_sizes(n_users, n_items)
+        check_factors(factors)
         self.n_users, self.n_items, self.factors = n_users, n_items, factors
         self.gmf_user_emb = nn.Embedding(n_users, factors)
         self.gmf_item_emb = nn.Embedding(n_items, factors)
-        self.tower = _Tower(n_users, n_items, layers, dropout)
+        self.tower = Tower(n_users, n_items, layers, dropout)
         self.layers = self.tower.layers
         self.predict = nn.Linear(factors + self.tower.out_features, 1)
-        _init_embedding(self.gmf_user_emb)
-        _init_embedding(self.gmf_item_emb)
-        _init_prediction(self.predict)
+        self.pair_width = self.tower.pair_width
+        init_embedding(self.gmf_user_emb)
+        init_embedding(self.gmf_item_emb)
+        init_prediction(self.predict)
 
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        gmf = self.gmf_user_emb(users) * self.gmf_item_emb(items)
-        return self.predict(torch.cat([gmf, self.tower(users, items)], dim=-1)).squeeze(-1)
+    def user_repr(self, batch: Batch) -> Tensor:
+        return torch.cat([self.gmf_user_emb(batch.user), self.tower.user_half(batch.user)], -1)
 
-    def score_items(self, users: Tensor, items: Tensor | None = None) -> Tensor:
-        """Logits [B, M] of every user against all items (items=None) or the given items."""
-        device = self.predict.weight.device
-        f = self.factors
-        w_gmf, w_mlp = self.predict.weight[0, :f], self.predict.weight[0, f:]
-        item_gmf = self.gmf_item_emb(_all_items(items, self.n_items, device))  # [M, f]
-        m = item_gmf.shape[0]
-        chunk = chunk_users(m, self.tower.pair_width, self.predict.weight.device)
+    def _item_repr(self, items: Tensor) -> Tensor:
+        return torch.cat([self.gmf_item_emb(items), self.tower.item_half(items)], -1)
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        f, t, w = self.factors, self.tower, self.predict.weight[0]
+        gmf = (users[..., :f] * items[..., :f]) @ w[:f]
+        split = users[..., f:] if not t.linears else None
+        tower = tower_logits(users[..., f:], items[..., f:], t.linears[1:], t.dropout, w[f:], split)
+        return gmf + tower + self.predict.bias[0]
+
+    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+        # The GMF half is one matmul; only the tower needs the chunked per-pair pass.
+        f, w = self.factors, self.predict.weight[0]
+        gmf = (users[:, :f] * w[:f]) @ items[:, :f].t() + self.predict.bias
+        t = self.tower
+        chunk = chunk_users(items.shape[0], self.pair_width, items.device)
         parts = []
-        for s in range(0, len(users), chunk):
-            u = users[s : s + chunk]
-            # GMF half: h_g^T (p_u * q_i) = (p_u * h_g) @ q_i^T, plus the bias.
-            gmf = (self.gmf_user_emb(u) * w_gmf) @ item_gmf.t() + self.predict.bias
-            parts.append(gmf + self.tower.score_pairs(u, items) @ w_mlp)
-        return torch.cat(parts) if parts else self.predict.weight.new_zeros((0, m))
+        for s in range(0, users.shape[0], chunk):
+            u = users[s : s + chunk, None, f:]
+            split = u if not t.linears else None
+            parts.append(tower_logits(u, items[None, :, f:], t.linears[1:], t.dropout, w[f:], split))
+        return gmf + torch.cat(parts) if parts else gmf
+
+    def tower_parts(self) -> TowerParts | None:
+        if not self.tower.linears:
+            return None
+        f, w = self.factors, self.predict.weight[0]
+        return TowerParts(f, self.tower.linears[1:], w[:f], w[f:], self.predict.bias)
 
     @torch.no_grad()
     def load_pretrained(self, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> NeuMF:
@@ -274,57 +408,51 @@ class NeuMF(nn.Module):
         return self
 
 
-class MF(nn.Module):
-    """Matrix factorization with biases: p_u . q_i + b_u + b_i + b (the strong dot-product baseline)."""
-
-    def __init__(self, n_users: int, n_items: int, factors: int) -> None:
-        super().__init__()
-        _check_sizes(n_users, n_items)
-        if factors <= 0:
-            raise UserError(f"factors={factors} must be > 0")
-        self.n_users, self.n_items, self.factors = n_users, n_items, factors
-        self.user_emb = nn.Embedding(n_users, factors)
-        self.item_emb = nn.Embedding(n_items, factors)
-        self.user_bias = nn.Embedding(n_users, 1)
-        self.item_bias = nn.Embedding(n_items, 1)
-        self.bias = nn.Parameter(torch.zeros(1))
-        _init_embedding(self.user_emb)
-        _init_embedding(self.item_emb)
-        nn.init.zeros_(self.user_bias.weight)
-        nn.init.zeros_(self.item_bias.weight)
-
-    def forward(self, users: Tensor, items: Tensor) -> Tensor:
-        dot = (self.user_emb(users) * self.item_emb(items)).sum(-1)
-        return dot + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1) + self.bias
-
-    def score_items(self, users: Tensor, items: Tensor | None = None) -> Tensor:
-        """Logits [B, M] of every user against all items (items=None) or the given items."""
-        items = _all_items(items, self.n_items, self.bias.device)
-        scores = self.user_emb(users) @ self.item_emb(items).t()
-        return scores + self.user_bias(users) + self.item_bias(items).t() + self.bias
+# ------------------------------------------------------------------------------------------------ registry
+def _gmf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    return GMF(n_users, n_items, a["factors"])
 
 
-# ------------------------------------------------------------------------------------------------ builders
-def build_model(
-    name: str, n_users: int, n_items: int, factors: int, layers: Sequence[int], dropout: float = 0.0
-) -> nn.Module:
-    """One of gmf | mlp | neumf | mf from flat args (GMF/MF ignore layers and dropout; MLP ignores factors)."""
-    if name == "gmf":
-        return GMF(n_users, n_items, factors)
-    if name == "mlp":
-        return MLP(n_users, n_items, layers, dropout)
-    if name == "neumf":
-        return NeuMF(n_users, n_items, factors, layers, dropout)
-    if name == "mf":
-        return MF(n_users, n_items, factors)
-    raise UserError(f"model={name!r} is not one of gmf, mlp, neumf, mf")
+def _mf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    return MF(n_users, n_items, a["factors"])
 
 
-def model_from_config(model_cfg: ModelConfig, n_users: int, n_items: int) -> nn.Module:
-    """Turn a ModelConfig into a model: the only place config meets the model classes."""
-    return build_model(
-        model_cfg.name, n_users, n_items, model_cfg.factors, tuple(model_cfg.layers), model_cfg.dropout
-    )
+def _mlp(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    return MLP(n_users, n_items, a["layers"], a.get("dropout", 0.0))
+
+
+def _neumf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    return NeuMF(n_users, n_items, a["factors"], a["layers"], a.get("dropout", 0.0))
+
+
+# name -> builder from flat args (a new family is one class and one line here).
+REGISTRY: dict[str, Callable[[int, int, dict[str, Any]], RecModel]] = {
+    "gmf": _gmf,
+    "mlp": _mlp,
+    "neumf": _neumf,
+    "mf": _mf,
+}
+
+
+def build_model(name: str, n_users: int, n_items: int, **args: Any) -> RecModel:
+    """A model of family `name` from flat args (factors, layers, dropout, and each family's own)."""
+    if name not in REGISTRY:
+        raise UserError(f"model={name!r} is not one of {', '.join(REGISTRY)}")
+    return REGISTRY[name](n_users, n_items, args)
+
+
+def model_args(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The flat constructor args of a ModelConfig: the only place config meets the model classes."""
+    import dataclasses
+
+    args = dataclasses.asdict(model_cfg)
+    args.pop("name")
+    args["layers"] = tuple(args.get("layers", ()))
+    return args
+
+
+def model_from_config(model_cfg: ModelConfig, n_users: int, n_items: int) -> RecModel:
+    return build_model(model_cfg.name, n_users, n_items, **model_args(model_cfg))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -332,25 +460,41 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def naive_score_items(model: nn.Module, users: Tensor, items: Tensor | None = None) -> Tensor:
-    """Reference scorer: forward() over every (user, item) pair, [B, M]. Slow; for tests and the benchmark."""
-    n_items = int(model.n_items)
-    device = next(model.parameters()).device
-    items = _all_items(items, n_items, device)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers (where user_repr, score_all, ... live)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def naive_score_items(model: RecModel, users: Tensor, items: Tensor | None = None,
+                      history: Tensor | None = None) -> Tensor:
+    """Reference scorer: forward() over every (user, item) pair one row at a time, [B, M]. Slow; for tests."""
+    device = model.device
+    items = torch.arange(model.n_items, device=device) if items is None else items.to(device)
     b, m = len(users), len(items)
-    logits = model(users.to(device).repeat_interleave(m), items.repeat(b))
-    return logits.view(b, m)
+    batch = Batch(user=users.to(device).repeat_interleave(m), item=items.repeat(b),
+                  history=None if history is None else history.repeat_interleave(m, 0))
+    return model(batch).view(b, m)
 
 
 __all__ = [
+    "Batch",
+    "RecModel",
     "GMF",
     "MLP",
     "NeuMF",
     "MF",
+    "REGISTRY",
     "build_model",
+    "model_args",
     "model_from_config",
     "count_parameters",
+    "unwrap",
+    "user_batch",
     "naive_score_items",
+    "tower_logits",
+    "TowerParts",
     "SCORE_CHUNK_ELEMENTS",
     "GPU_SCORE_CHUNK_ELEMENTS",
     "chunk_users",

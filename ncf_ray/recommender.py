@@ -46,6 +46,11 @@ class Recommender:
         # Precomputed tensors: nothing in the hot path converts per item.
         self._indptr = torch.as_tensor(artifact.seen_indptr, dtype=torch.int64, device=self.device)
         self._indices = torch.as_tensor(artifact.seen_indices, dtype=torch.int64, device=self.device)
+        self.history_len = int(getattr(self.model, "history_len", 0))
+        stored = getattr(artifact, "histories", None)
+        self._histories = stored.to(self.device) if stored is not None else None
+        if self.history_len and self._histories is None:
+            raise UserError(f"{artifact.path}: the model reads user histories but the artifact stores none")
         pop = torch.as_tensor(artifact.popularity, dtype=torch.float64)
         top = float(pop.max()) if len(pop) else 0.0
         self._pop_score = (pop / top if top > 0 else torch.zeros_like(pop)).to(torch.float32)
@@ -121,17 +126,30 @@ class Recommender:
         unknown = [c for c in wanted if c not in self.item_index]
         return torch.tensor(idx, dtype=torch.int64, device=self.device), unknown
 
+    def _history(self, users: Tensor) -> Tensor | None:
+        """The users' stored last-L items, for models that read history (None otherwise)."""
+        if not self.history_len:
+            return None
+        return self._histories.last(users, self.history_len)
+
     @torch.inference_mode()
     def _top_known(
         self, users: Tensor, k: int, exclude_seen: bool, cand_idx: Tensor | None
     ) -> list[list[dict[str, Any]]]:
-        exclude = self._mask_seen if exclude_seen else None
+        history = self._history(users)
+
+        def mask_seen(rows: Tensor, scores: Tensor) -> None:
+            # Each user's seen items to -inf in scores [rows, n_items] (one vectorised scatter via the CSR).
+            pos, cols = csr_rows(users[rows], self._indptr, self._indices)
+            scores[pos, cols] = float("-inf")
+
         if cand_idx is None:
-            top_scores, top_items = self.scorer.top_k(users, k, exclude)
+            top_scores, top_items = self.scorer.top_k(users, k, mask_seen if exclude_seen else None, history)
         elif len(cand_idx) == 0:
             return [[] for _ in range(len(users))]
         else:
-            scores = self.model.score_items(users, cand_idx).float()  # [B, candidates]
+            reps = self.scorer.user_repr(users, history)
+            scores = self.model.score_all(reps, self.model.item_repr(cand_idx)).float()  # [B, candidates]
             if exclude_seen:
                 rows, cols = csr_rows(users, self._indptr, self._indices)
                 # Seen item index -> its column among the candidates (-1 when it is not a candidate).
@@ -143,11 +161,6 @@ class Recommender:
             top_scores, top_cols = torch.topk(scores, min(k, len(cand_idx)), dim=1)
             top_items = cand_idx[top_cols]
         return self._item_lists(top_items.cpu().numpy(), top_scores.cpu().numpy())
-
-    def _mask_seen(self, users: Tensor, scores: Tensor) -> None:
-        """Set each user's training items to -inf in scores [B, n_items] (one vectorised scatter via the CSR)."""
-        rows, cols = csr_rows(users, self._indptr, self._indices)
-        scores[rows, cols] = float("-inf")
 
     def _top_popular(self, k: int, cand_idx: Tensor | None) -> list[dict[str, Any]]:
         if cand_idx is None:
@@ -184,7 +197,8 @@ class Recommender:
             values = self._pop_score[known_idx.cpu()].tolist()
         else:
             user = torch.tensor([self.user_index[key]], dtype=torch.int64, device=self.device)
-            values = self.model.score_items(user, known_idx)[0].float().cpu().tolist()
+            reps = self.scorer.user_repr(user, self._history(user))
+            values = self.model.score_all(reps, self.model.item_repr(known_idx))[0].float().cpu().tolist()
         it = iter(values)
         scores = [
             {"item_id": item, "score": next(it), "known": True}

@@ -31,8 +31,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ncf_ray.batch import Batch
 from ncf_ray.errors import UserError
-from ncf_ray.model import chunk_users
+from ncf_ray.model import TowerParts, chunk_users, user_batch
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +114,14 @@ def _own_copy(fn: Callable) -> Callable:
 
 
 class AllItemsScorer:
-    """Top-k over all items of a frozen eval-mode model.
+    """Top-k over all items of a frozen eval-mode model, through the model-input contract.
 
-    `top_k(users, k, exclude)` gives the k best items per user with their fp32 logits. Exact scorers rank the
-    model's `score_items`; bf16 scorers run the compiled kernel a chunk of users at a time, keep each chunk's
-    top k + margin (while the chunk is still in cache), and re-rank that shortlist with `exact_pairs`.
-    `scores(users)` gives the raw [B, M] logits (bf16 approximations unless `exact`).
+    `top_k(users, k, exclude, history)` gives the k best items per user with their fp32 logits. The model's
+    `item_repr(None)` of the whole catalogue is computed once; each request computes `user_repr` of its users.
+    Exact scorers rank the model's `score_all`; bf16 scorers (models whose head is NeuMF's tower, see
+    `model.tower_parts`) run the compiled kernel a chunk of users at a time, keep each chunk's top k + margin
+    (while the chunk is still in cache), and re-rank that shortlist with `exact_pairs`.
+    `scores(users, history)` gives the raw [B, M] logits (bf16 approximations unless `exact`).
     Thread-safe: kernel calls are serialised chunk by chunk (a replica has one torch thread anyway)."""
 
     def __init__(self, model: nn.Module, precision: str = "auto", compile: bool = True) -> None:
@@ -127,20 +130,24 @@ class AllItemsScorer:
             raise UserError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
         self.model = model.eval()
         self.n_items = int(model.n_items)
+        self.history_len = int(getattr(model, "history_len", 0))
         self.device = next(model.parameters()).device
         self.note = ""
         self._lock = threading.Lock()
-        tower = getattr(model, "tower", None)
-        if precision == "fp32" or tower is None or not tower.linears:
+        with torch.inference_mode():
+            self._catalogue = model.item_repr(None)  # [M, D]
+        parts_of = getattr(model, "tower_parts", None)
+        parts = parts_of() if parts_of is not None else None
+        if precision == "fp32" or parts is None:
             self.precision = "fp32"
-            if precision == "bf16":
+            if precision == "bf16" and parts is None:
                 self.note = f"{type(model).__name__} has no tower layer to speed up: scored in fp32"
             return
         if precision == "auto" and not bf16_is_fast(self.device):
             self.precision, self.note = "fp32", f"no bf16 matmul units on {self.device.type}: scoring in fp32"
             return
         self.precision = "bf16"
-        self._build_tables(model, tower)
+        self._build_tables(parts)
         # cpp_wrapper: the compiled graph runs as one C++ call that releases the GIL (the default Python wrapper
         # holds it through each fused kernel, stalling the Serve replica's HTTP threads meanwhile).
         self._kernel = (
@@ -155,89 +162,96 @@ class AllItemsScorer:
         return self.precision == "fp32"
 
     @torch.no_grad()
-    def _build_tables(self, model: nn.Module, tower: nn.Module) -> None:
-        """Everything that does not depend on the request: user and item halves of the first layer for every
-        user and item, hidden weights in bf16, and the GMF branch with its prediction weights folded in."""
-        first = tower.linears[0]
-        d = tower.user_emb.embedding_dim
-        self._u_half = tower.user_emb.weight @ first.weight[:, :d].t()  # [n_users, h1]
-        self._item_half_t = tower.item_half(None).t().contiguous()  # [h1, M]: W_i q_i + b, as score_items uses
-        self._hidden_w = [lin.weight.to(torch.bfloat16).contiguous() for lin in tower.linears[1:]]
-        self._hidden_b = [lin.bias.detach().clone() for lin in tower.linears[1:]]
-        w = model.predict.weight[0]
-        self._bias = model.predict.bias.detach().clone()
-        if hasattr(model, "gmf_user_emb"):  # NeuMF: h_g^T (p_u * q_i) = (p_u * h_g) @ q_i^T
-            f = model.factors
-            self._u_dot: Tensor | None = model.gmf_user_emb.weight * w[:f]
-            self._item_dot: Tensor | None = model.gmf_item_emb.weight.t().contiguous()
-            self._w_out = w[f:].detach().clone()
-        else:
-            self._u_dot = self._item_dot = None
-            self._w_out = w.detach().clone()
+    def _build_tables(self, parts: TowerParts) -> None:
+        """Everything that does not depend on the request: the catalogue's halves (GMF part transposed, tower
+        half W_i q_i + b transposed), hidden weights in bf16, and the prediction weights."""
+        f = parts.factors
+        self._factors = f
+        self._w_gmf = parts.w_gmf.detach().clone()
+        self._item_dot: Tensor | None = self._catalogue[:, :f].t().contiguous() if f else None
+        self._item_half_t = self._catalogue[:, f:].t().contiguous()  # [h1, M]
+        self._hidden_w = [lin.weight.to(torch.bfloat16).contiguous() for lin in parts.hidden]
+        self._hidden_b = [lin.bias.detach().clone() for lin in parts.hidden]
+        self._w_out = parts.w_tower.detach().clone()
+        self._bias = parts.bias.detach().clone()
         self._chunk = chunk_users(self.n_items, self._item_half_t.shape[0], self.device, FAST_CHUNK_ELEMENTS)
 
     def _warm_up(self) -> None:
         """Compile now, not on the first request: one user (Dynamo specialises size 1) and a full chunk plus a
         remainder (the dynamic-size graph). Compilation failure means fp32 from here on, with the reason noted."""
-        n_users = self._u_half.shape[0]
+        n_users = int(self.model.n_users)
         try:
             for size in (1, self._chunk + 2):
-                self.scores(torch.arange(size, device=self.device) % n_users)
+                users = torch.arange(size, device=self.device) % n_users
+                history = None
+                if self.history_len:
+                    history = torch.zeros((size, self.history_len), dtype=torch.int64, device=self.device)
+                self.scores(users, history)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, never fail the load
             self.precision = "fp32"
             self.note = f"bf16 kernel unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); fp32"
             log.warning("ncf_ray scoring: %s", self.note)
 
-    def _kernel_scores(self, users: Tensor) -> Tensor:
-        """One chunk through the kernel. The lock is held per chunk only: a caller on a Serve replica's event loop
-        (batched /recommend) then waits for at most one chunk of a concurrent /recommend/batch."""
-        u_dot = None if self._u_dot is None else self._u_dot[users]
+    def user_repr(self, users: Tensor, history: Tensor | None = None) -> Tensor:
+        """U [B, D] of the users (history [B, L] for models that read it)."""
+        if self.history_len and history is None:
+            raise ValueError(f"{type(self.model).__name__} reads each user's last {self.history_len} items")
+        return self.model.user_repr(user_batch(users.to(self.device), history))
+
+    def _kernel_scores(self, reps: Tensor) -> Tensor:
+        """One chunk of user representations through the kernel. The lock is held per chunk only: a caller on a
+        Serve replica's event loop (batched /recommend) then waits for at most one chunk of a concurrent
+        /recommend/batch."""
+        f = self._factors
+        u_dot = reps[:, :f] * self._w_gmf if f else None
         with self._lock:
-            return self._kernel(self._u_half[users], self._item_half_t, self._hidden_w, self._hidden_b,
+            return self._kernel(reps[:, f:].contiguous(), self._item_half_t, self._hidden_w, self._hidden_b,
                                 self._w_out, self._bias, u_dot, self._item_dot)
 
     @torch.inference_mode()
-    def scores(self, users: Tensor) -> Tensor:
+    def scores(self, users: Tensor, history: Tensor | None = None) -> Tensor:
         """[B, M] float32 logits of every user against all items (bf16 approximations unless `exact`)."""
-        users = users.to(self.device)
+        reps = self.user_repr(users, history)
         if self.exact:
-            return self.model.score_items(users).float()
-        parts = [self._kernel_scores(users[s : s + self._chunk]) for s in range(0, len(users), self._chunk)]
-        return torch.cat(parts) if parts else self._item_half_t.new_zeros((0, self.n_items))
+            return self.model.score_all(reps, self._catalogue).float()
+        parts = [self._kernel_scores(reps[s : s + self._chunk]) for s in range(0, len(reps), self._chunk)]
+        return torch.cat(parts) if parts else self._catalogue.new_zeros((0, self.n_items))
 
     @torch.inference_mode()
     def top_k(
-        self, users: Tensor, k: int, exclude: Callable[[Tensor, Tensor], None] | None = None
+        self, users: Tensor, k: int, exclude: Callable[[Tensor, Tensor], None] | None = None,
+        history: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """(logits, item indices), each [B, min(k, M)], best first. `exclude(users, scores)` may set scores to
-        -inf in place (seen items); such items come back only when fewer than k others exist, with -inf."""
+        """(logits, item indices), each [B, min(k, M)], best first. `exclude(rows, scores)` may set scores to -inf
+        in place (seen items; `rows` are positions in `users`); such items come back only when fewer than k
+        others exist, with -inf."""
         users = users.to(self.device)
+        rows = torch.arange(len(users), device=self.device)
         if self.exact or len(users) == 0:
-            scores = self.model.score_items(users).float()
+            scores = self.scores(users, history)
             if exclude is not None:
-                exclude(users, scores)
+                exclude(rows, scores)
             return torch.topk(scores, min(k, self.n_items), dim=1)
+        reps = self.user_repr(users, history)
         n = shortlist_size(k, self.n_items)
         values, items = [], []
         for s in range(0, len(users), self._chunk):
-            u = users[s : s + self._chunk]
-            scores = self._kernel_scores(u)
+            scores = self._kernel_scores(reps[s : s + self._chunk])
             if exclude is not None:
-                exclude(u, scores)
+                exclude(rows[s : s + self._chunk], scores)
             v, i = torch.topk(scores, n, dim=1)
             values.append(v)
             items.append(i)
         approx, short = torch.cat(values), torch.cat(items)
-        exact = self.exact_pairs(users, short)
+        exact = self.exact_pairs(users, short, history)
         exact[approx == float("-inf")] = float("-inf")  # excluded stays excluded
         top, order = torch.topk(exact, min(k, n), dim=1)
         return top, short.gather(1, order)
 
     @torch.inference_mode()
-    def exact_pairs(self, users: Tensor, items: Tensor) -> Tensor:
+    def exact_pairs(self, users: Tensor, items: Tensor, history: Tensor | None = None) -> Tensor:
         """fp32 logits [B, s] of users[B] against their own items[B, s] through the model's forward."""
-        b, s = items.shape
-        return self.model(users.to(self.device).repeat_interleave(s), items.reshape(-1)).float().view(b, s)
+        return self.model(Batch(user=users.to(self.device), item=items, history=history)).float()
 
 
 __all__ = ["AllItemsScorer", "PRECISIONS", "bf16_is_fast", "shortlist_size", "reuse_large_allocations"]

@@ -28,8 +28,9 @@ from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import Dataset, check_dataset_dir, load_dataset, read_meta
 from ncf_ray.data.sampler import NegativeSampler
 from ncf_ray.errors import UserError
+from ncf_ray.evaluation import evaluate_model, train_histories
 from ncf_ray.metrics import build_csr
-from ncf_ray.model import model_from_config
+from ncf_ray.model import model_from_config, unwrap
 from ncf_ray.runtime import ensure_ray
 
 STATE_FILE = "state.pt"
@@ -46,28 +47,18 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def _materialise_shard(shard: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pull this worker's whole shard of positives once (block-sized batches, no per-row Python)."""
-    users, items = [], []
-    for batch in shard.iter_batches(batch_size=None, batch_format="numpy"):
-        users.append(batch[S.USER_IDX].astype(np.int64))
-        items.append(batch[S.ITEM_IDX].astype(np.int64))
-    u = np.concatenate(users) if users else np.zeros(0, np.int64)
-    i = np.concatenate(items) if items else np.zeros(0, np.int64)
-    return torch.from_numpy(u).to(device), torch.from_numpy(i).to(device)
-
-
 def _stream_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     shard: Any,
-    sampler: NegativeSampler,
+    sampler: Any,
     negatives: int,
     per_rank_batch: int,
     lr_for_step: Any,
     amp_dtype: torch.dtype | None,
     device: torch.device,
     gen: torch.Generator,
+    epoch: int,
 ) -> tuple[float, int]:
     """Streaming path for logs larger than memory: positives arrive from Ray Data per batch, negatives are drawn
     for each batch. Ray Train splits the dataset with equal=True and drop_last keeps every rank's step count equal,
@@ -78,10 +69,9 @@ def _stream_epoch(
         batch_size=pos_batch, dtypes=torch.int64, device=device, drop_last=True,
         local_shuffle_buffer_size=pos_batch * 8,
     ):
-        samples = engine.epoch_samples(batch[S.USER_IDX], batch[S.ITEM_IDX], sampler, negatives, gen)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_for_step(steps)
-        total += engine.train_epoch(model, optimizer, samples, len(samples), 1, None, amp_dtype)
+        examples = engine.pair_examples(batch[S.USER_IDX], batch[S.ITEM_IDX], sampler, negatives, gen)
+        total += engine.train_epoch(model, optimizer, examples, len(examples), 1,
+                                    lambda _s, n=steps: lr_for_step(n), amp_dtype, epoch)
         steps += 1
     return total / max(steps, 1), steps
 
@@ -115,6 +105,9 @@ def default_threads(local_world_size: int, cpus: int | None = None) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: this rank's users' positives (user_idx % world == rank, so a user's history never
+    splits across workers) on the device, fresh negatives every epoch through the engine, DDP steps, this rank's
+    slice of valid users scored and all-reduced, a report with a checkpoint per epoch, early stop on valid."""
     import ray.train
     import ray.train.torch
 
@@ -127,26 +120,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     gen = torch.Generator(device=device)  # negatives and shuffles; re-seeded per (seed, rank, epoch) below
 
     data = load_dataset(config["dataset_dir"])
-    # Exclusion needs every train positive of a user, not only this shard's: keys are 8 bytes per interaction.
-    sampler = NegativeSampler(
-        torch.from_numpy(data.train_users).to(device), torch.from_numpy(data.train_items).to(device), data.n_items
-    )
-    shard = ray.train.get_dataset_shard("train")
-    if not cfg.stream:
-        pos_users, pos_items = _materialise_shard(shard, device)
-    # This rank's slice of valid users for sharded evaluation.
-    eval_users = torch.arange(rank, data.n_users, world, device=device)
-    valid_items = torch.from_numpy(data.valid_items).to(device)[eval_users]
-    valid_neg = torch.from_numpy(data.valid_neg).to(device)[eval_users]
-
     model = model_from_config(cfg.model, data.n_users, data.n_items)
     if cfg.pretrain_from:
         _load_pretrained(model, cfg)
+    hist = train_histories(data, device)
+    # Exclusion needs every train positive of a user: keys are 8 bytes per interaction.
+    sampler = NegativeSampler(
+        torch.from_numpy(data.train_users).to(device), torch.from_numpy(data.train_items).to(device), data.n_items
+    )
+    mine = torch.from_numpy(data.train_users % world == rank)
+    pos_users = torch.from_numpy(data.train_users)[mine].to(device)
+    pos_items = torch.from_numpy(data.train_items)[mine].to(device)
+    eval_users = torch.arange(rank, data.n_users, world, device=device)
+    valid_items = torch.from_numpy(data.valid_items).to(device)[eval_users]
+    valid_neg = torch.from_numpy(data.valid_neg).to(device)[eval_users]
+    shard = ray.train.get_dataset_shard("train") if cfg.stream else None
+
     model = ray.train.torch.prepare_model(model)
-    raw = model.module if hasattr(model, "module") else model
+    raw = unwrap(model)
     lr0 = engine.scaled_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size)
     optimizer = engine.build_optimizer(model, lr0, cfg.weight_decay, device)
-    amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
+    amp_dtype, _ = engine.amp_dtype_for(cfg.amp, device)
     per_rank_batch = max(1, cfg.batch_size // world)
 
     state: dict[str, Any] = {"epoch": 0, "best_hr": -1.0, "best_ndcg": 0.0, "best_epoch": -1, "bad_epochs": 0,
@@ -157,15 +151,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = load_state(ckpt_dir)
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        if rank == 0:
-            print(f"resumed from epoch {state['epoch']} (best valid hr {state['best_hr']:.4f})", flush=True)
         if state["history"] and (state["epoch"] >= cfg.epochs or state["bad_epochs"] >= cfg.patience):
             # Nothing left to train (a run restored after it had finished): repeat the last report so a Tune
             # trial resumed at this point still hands its metrics to the scheduler.
             ray.train.report(state["history"][-1])
             return
-    if rank == 0:
-        print(HEADER, flush=True)
 
     started = time.perf_counter()  # wall clock of this worker group, for time-to-quality curves
     for epoch in range(state["epoch"], cfg.epochs):
@@ -178,23 +168,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Step count is only known afterwards; the schedule uses the expected count per rank.
             steps = engine.steps_for(len(data.train_users) * (1 + cfg.negatives) // world, per_rank_batch)
         else:
-            samples = engine.epoch_samples(pos_users, pos_items, sampler, cfg.negatives, gen)
+            examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen)
+            if len(examples) == 0:
+                raise UserError(f"worker {rank} of {world} has no training examples: use fewer --workers")
+            rows = engine.rows_per_step(per_rank_batch, examples)
             # Every rank must take the same number of DDP steps: use the largest shard's count.
-            steps = int(_all_reduce(torch.tensor([engine.steps_for(len(samples), per_rank_batch)], device=device), "max"))
-
-        def lr_for_step(step: int, epoch: int = epoch, steps: int = steps) -> float:
-            return lr0 * engine.lr_multiplier(epoch + min(step / steps, 1.0), cfg.warmup_epochs, cfg.epochs)
+            steps = int(_all_reduce(torch.tensor([engine.steps_for(len(examples), rows)], device=device), "max"))
+        lr_for_step = engine.schedule(lr0, epoch, steps, cfg.warmup_epochs, cfg.epochs)
 
         with engine.Timer(device) as timer:
             if cfg.stream:
                 loss, steps = _stream_epoch(model, optimizer, shard, sampler, cfg.negatives, per_rank_batch,
-                                            lr_for_step, amp_dtype, device, gen)
+                                            lr_for_step, amp_dtype, device, gen, epoch)
+                trained = steps * per_rank_batch
             else:
-                loss = engine.train_epoch(model, optimizer, samples, per_rank_batch, steps, lr_for_step, amp_dtype)
-        sums = _all_reduce(engine.sampled_sums(raw, eval_users, valid_items, valid_neg, cfg.eval_k))
+                loss = engine.train_epoch(model, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch)
+                trained = steps * rows * examples.per_row
+        sums = _all_reduce(engine.sampled_sums(raw, eval_users, valid_items, valid_neg, cfg.eval_k, hist))
         loss_t = _all_reduce(torch.tensor([loss], device=device)) / world
         hr, ndcg = float(sums[0] / sums[2]), float(sums[1] / sums[2])
-        samples_per_s = steps * per_rank_batch / max(timer.seconds, 1e-9)
+        samples_per_s = trained / max(timer.seconds, 1e-9)
         improved = hr > state["best_hr"] + 1e-9
         if improved:
             state.update(best_hr=hr, best_ndcg=ndcg, best_epoch=epoch + 1, bad_epochs=0,
@@ -206,26 +199,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                "samples_per_second": samples_per_s * world, "epoch_seconds": timer.seconds,
                "elapsed_seconds": time.perf_counter() - started,
                "best_valid_hr": state["best_hr"], "best_valid_ndcg": state["best_ndcg"],
-               "best_epoch": state["best_epoch"]}
+               "best_epoch": state["best_epoch"], "early_stop": state["bad_epochs"] >= cfg.patience}
         state["history"].append(row)
         state["epoch"] = epoch + 1
         state["model"] = {k: v.detach().cpu() for k, v in raw.state_dict().items()}
         state["optimizer"] = optimizer.state_dict()
         if rank == 0:
-            print(ROW_FMT.format(epoch=epoch + 1, loss=float(loss_t), hr=hr, ndcg=ndcg, sps=samples_per_s * world,
-                                 secs=timer.seconds), flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 _save_state(tmp, state)
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         else:
             ray.train.report(row)
         if state["bad_epochs"] >= cfg.patience:
-            if rank == 0:
-                print(f"early stop: valid hr@{cfg.eval_k} has not improved for {cfg.patience} epochs", flush=True)
             break
 
 
 # ------------------------------------------------------------------------------------------- driver side
+def raise_user_error_from(exc: BaseException) -> None:
+    """Re-raise a UserError raised inside a worker (a diverged loss, a shard with no data) as one UserError on
+    the driver. Ray wraps worker exceptions in its own; their text still carries ours, so it is found there."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            raise UserError(str(e)) from None
+        stack.extend(x for x in (e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values(),
+                                 getattr(e, "error", None)) if isinstance(x, BaseException))
+    marker = "training loss became"
+    text = str(exc)
+    if marker in text:
+        line = next(ln for ln in text.splitlines() if marker in ln)
+        raise UserError(line[line.index(marker):].strip()) from None
+
+
 def read_train(dataset_dir: str, materialize: bool = True) -> Any:
     """The train positives as a Ray Dataset. Materialised for the fast path: read into the object store now,
     before worker groups hold the CPUs — on a cluster whose CPUs all go to workers (or to concurrent Tune
@@ -254,8 +264,9 @@ def build_trainer(
     from ray.train.v2.api.config import LoggingConfig
 
     check_dataset_dir(dataset_dir)
-    if train_ds is None:
-        train_ds = read_train(dataset_dir, materialize=not cfg.stream)
+    datasets = {}
+    if cfg.stream:  # the fast path reads each worker's users from the dataset dir itself
+        datasets["train"] = train_ds if train_ds is not None else read_train(dataset_dir, materialize=False)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve())},
@@ -269,35 +280,31 @@ def build_trainer(
             callbacks=callbacks or [],
             logging_config=LoggingConfig(log_level="WARNING"),  # our epoch table, not per-report INFO lines
         ),
-        datasets={"train": train_ds},
+        datasets=datasets,
     )
 
 
 def finalize(
     dataset_dir: str, model_dir: Path, metrics_path: Path, cfg: TrainConfig, state: dict[str, Any],
-    train_seconds: float,
+    train_seconds: float, baselines: bool = True,
 ) -> dict[str, Any]:
-    """Export the best-by-valid weights as a model artifact and compute test metrics once, on that model."""
-    from ncf_ray.artifact import save_artifact
-    from ncf_ray.metrics import evaluate_popularity_sampled
-
+    """Export the best-by-valid weights as a model artifact and compute test metrics once, on that model, beside
+    popularity and EASE on the same split (`baselines=False` skips EASE; popularity is always there)."""
     if state.get("best_model") is None:
         raise UserError(f"training produced no checkpoint with a valid score for {model_dir}")
     data = load_dataset(dataset_dir)
     model = model_from_config(cfg.model, data.n_users, data.n_items)
     model.load_state_dict(state["best_model"])
     model.eval()
-    metrics = evaluate_model(model, data, cfg.eval_k)
+    metrics = evaluate_model(model, data, cfg.eval_k, histories=train_histories(data))
     history = state["history"]
     best = next(h for h in history if h["epoch"] == state["best_epoch"])
     k = cfg.eval_k
     result = {
+        "model": cfg.model.name,
         "valid": {f"hr@{k}": best[f"valid_hr@{k}"], f"ndcg@{k}": best[f"valid_ndcg@{k}"]},
         "test": metrics,
-        "popularity": {
-            "valid": _at_k(evaluate_popularity_sampled(data.item_counts, data.valid_items, data.valid_neg, k), k),
-            "test": _at_k(evaluate_popularity_sampled(data.item_counts, data.test_items, data.test_neg, k), k),
-        },
+        "baselines": baseline_block(data, k, ease=baselines),
         "epochs": state["epoch"],
         "best_epoch": state["best_epoch"],
         "train_seconds": train_seconds,
@@ -306,46 +313,39 @@ def finalize(
         "config": to_dict(cfg),
         "dataset": data.meta.get("source"),
     }
-    seen_indptr, seen_indices = build_csr(data.train_users, data.train_items, data.n_users)
-    users = _vocab_table(data.user_ids, np.bincount(data.train_users, minlength=data.n_users), S.USER_IDX, S.USER_COL)
-    items = _vocab_table(data.item_ids, data.item_counts, S.ITEM_IDX, S.ITEM_COL)
-    version = save_artifact(
-        model_dir, model, cfg.model, data.n_users, data.n_items, users, items,
-        seen_indptr, seen_indices, data.item_counts.astype(np.float64), result, data.meta,
-    )
-    result["model_version"] = version
+    result["popularity"] = result["baselines"]["popularity"]  # the earlier key, kept for readers of metrics.json
+    result["model_version"] = export_artifact(model_dir, model, cfg, data, result)
     write_json(metrics_path, result)
     return result
 
 
-def evaluate_model(model: torch.nn.Module, data: Dataset, k: int, split: str = "test") -> dict[str, float]:
-    """Sampled (fixed negatives) and full-ranking HR/NDCG@k of `split` ("test" or "valid")."""
-    from ncf_ray.metrics import evaluate_full, evaluate_sampled
+def baseline_block(data: Dataset, k: int, ease: bool = True) -> dict[str, Any]:
+    """Popularity always, EASE where asked and the catalogue allows it (else the reason it was skipped)."""
+    from ncf_ray.baselines import baseline_metrics
 
-    targets = data.test_items if split == "test" else data.valid_items
-    negs = data.test_neg if split == "test" else data.valid_neg
+    return baseline_metrics(data, k=k, ease=ease)
+
+
+def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, data: Dataset,
+                    metrics: dict[str, Any]) -> str:
+    """Write the artifact for serving: the seen set holds train, valid and test items (so /recommend never
+    returns what the user already did) and the stored histories end with them too."""
+    from ncf_ray.artifact import save_artifact, vocab_table
+
     users = np.arange(data.n_users)
-    sampled = evaluate_sampled(model, users, targets, negs, k=k)
-    # Full ranking excludes train positives (and, for test, the valid item: it is a known positive then).
-    ex_users, ex_items = data.train_users, data.train_items
-    if split == "test":
-        ex_users = np.concatenate([ex_users, users])
-        ex_items = np.concatenate([ex_items, data.valid_items])
-    full = evaluate_full(model, users, targets, build_csr(ex_users, ex_items, data.n_users), k=k)
-    return {f"hr@{k}": sampled["hr"], f"ndcg@{k}": sampled["ndcg"],
-            f"full_hr@{k}": full["hr"], f"full_ndcg@{k}": full["ndcg"]}
-
-
-def _at_k(m: dict[str, float], k: int) -> dict[str, float]:
-    return {f"hr@{k}": m["hr"], f"ndcg@{k}": m["ndcg"]}
-
-
-def _vocab_table(ids: np.ndarray, counts: np.ndarray, idx_col: str, id_col: str) -> Any:
-    import pyarrow as pa
-
-    return pa.table({idx_col: pa.array(np.arange(len(ids), dtype=np.int32)),
-                     id_col: pa.array([str(x) for x in ids], pa.string()),
-                     S.COUNT_COL: pa.array(np.asarray(counts, dtype=np.int64))})
+    all_users = np.concatenate([data.train_users, users, users])
+    all_items = np.concatenate([data.train_items, data.valid_items, data.test_items])
+    seen_indptr, seen_indices = build_csr(all_users, all_items, data.n_users)
+    user_t = torch.from_numpy(users)
+    hist = train_histories(data).append(user_t, torch.from_numpy(data.valid_items))
+    hist = hist.append(user_t, torch.from_numpy(data.test_items))
+    return save_artifact(
+        model_dir, model, cfg.model, data.n_users, data.n_items,
+        vocab_table(data.user_ids, np.bincount(data.train_users, minlength=data.n_users), S.USER_IDX, S.USER_COL),
+        vocab_table(data.item_ids, data.item_counts, S.ITEM_IDX, S.ITEM_COL),
+        seen_indptr, seen_indices, data.item_counts.astype(np.float64), metrics, data.meta,
+        histories=hist,
+    )
 
 
 def run_training(
@@ -370,8 +370,13 @@ def run_training(
           f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}", flush=True)
     ensure_ray()
     t0 = time.time()
-    result: Result = build_trainer(dataset_dir, cfg, storage, placement_strategy=placement_strategy).fit()
+    try:
+        result: Result = build_trainer(dataset_dir, cfg, storage, placement_strategy=placement_strategy).fit()
+    except Exception as exc:  # noqa: BLE001 - a user mistake inside a worker becomes one line, bugs re-raise
+        raise_user_error_from(exc)
+        raise
     if result.error is not None:
+        raise_user_error_from(result.error)
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:
         raise UserError(f"training reported no checkpoint (epochs={cfg.epochs})")
@@ -381,14 +386,30 @@ def run_training(
 
 
 def format_summary(m: dict[str, Any], k: int = 10) -> str:
-    pop = m["popularity"]["test"]
-    lines = [
-        f"{'':<12} {'HR@' + str(k):>8} {'NDCG@' + str(k):>8}",
-        f"{'valid':<12} {m['valid'][f'hr@{k}']:>8.4f} {m['valid'][f'ndcg@{k}']:>8.4f}",
-        f"{'test':<12} {m['test'][f'hr@{k}']:>8.4f} {m['test'][f'ndcg@{k}']:>8.4f}",
-        f"{'test (full)':<12} {m['test'][f'full_hr@{k}']:>8.4f} {m['test'][f'full_ndcg@{k}']:>8.4f}",
-        f"{'popularity':<12} {pop[f'hr@{k}']:>8.4f} {pop[f'ndcg@{k}']:>8.4f}",
-        f"best epoch {m['best_epoch']} of {m['epochs']}, {m['train_seconds']:.1f} s, "
-        f"{m['samples_per_second']:,.0f} samples/s",
-    ]
+    """The closing table: the model beside popularity and EASE (when fitted) on the same split, then segments."""
+    base = m.get("baselines", {})
+    cols: list[tuple[str, dict[str, Any]]] = [(m.get("model", "model"), {"valid": m["valid"], "test": m["test"]})]
+    cols.append(("popularity", base.get("popularity") or m.get("popularity", {})))
+    ease = base.get("ease") or {}
+    if "test" in ease:
+        cols.append((f"EASE l={ease.get('lambda', '?'):g}" if isinstance(ease.get("lambda"), (int, float))
+                     else "EASE", ease))
+    head = f"{'':<12}" + "".join(f" {name[:19]:>19}" for name, _ in cols)
+    sub = f"{'':<12}" + "".join(f" {'HR@' + str(k):>9} {'NDCG@' + str(k):>9}" for _ in cols)
+    lines = [head, sub]
+    for label, split, prefix in (("valid", "valid", ""), ("test", "test", ""), ("test (full)", "test", "full_")):
+        cells = []
+        for _, block in cols:
+            vals = block.get(split, {})
+            hr, nd = vals.get(f"{prefix}hr@{k}"), vals.get(f"{prefix}ndcg@{k}")
+            cells.append(f" {hr:>9.4f} {nd:>9.4f}" if hr is not None and nd is not None else f" {'-':>9} {'-':>9}")
+        lines.append(f"{label:<12}" + "".join(cells))
+    if "skipped" in ease:
+        lines.append(f"EASE skipped: {ease['skipped']}")
+    seg = m["test"].get("segments") if isinstance(m.get("test"), dict) else None
+    if seg:
+        parts = [f"{name} {v['hr']:.3f} (n={v['n']})" for group in seg.values() for name, v in group.items()]
+        lines.append(f"test HR@{k} by segment: {', '.join(parts)}")
+    lines.append(f"best epoch {m['best_epoch']} of {m['epochs']}, {m['train_seconds']:.1f} s, "
+                 f"{m['samples_per_second']:,.0f} samples/s")
     return "\n".join(lines)

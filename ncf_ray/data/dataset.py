@@ -35,6 +35,7 @@ class Dataset:
     item_counts: np.ndarray  # [n_items] train interactions (popularity)
     user_ids: np.ndarray = field(repr=False)  # raw ids (str) by user_idx
     item_ids: np.ndarray = field(repr=False)  # raw ids (str) by item_idx
+    train_times: np.ndarray | None = None  # int64 seconds per train row, when the log had timestamps
 
 
 def check_dataset_dir(path: str | Path) -> Path:
@@ -74,10 +75,13 @@ def load_dataset(path: str | Path, with_train: bool = True) -> Dataset:
     p = check_dataset_dir(path)
     meta = json.loads((p / S.META_FILE).read_text())
     n_users, n_items = int(meta["n_users"]), int(meta["n_items"])
+    train_times = None
     if with_train:
-        train = pq.read_table(p / S.TRAIN_DIR, columns=[S.USER_IDX, S.ITEM_IDX])
+        train = pq.read_table(p / S.TRAIN_DIR)
         train_users = train.column(S.USER_IDX).to_numpy().astype(np.int64)
         train_items = train.column(S.ITEM_IDX).to_numpy().astype(np.int64)
+        if S.TIME_COL in train.column_names:
+            train_times = train.column(S.TIME_COL).to_numpy().astype(np.int64)
     else:
         train_users = train_items = np.zeros(0, dtype=np.int64)
     valid_items, valid_neg = _eval_arrays(p, S.VALID_FILE, S.VALID_NEG_FILE, n_users)
@@ -98,4 +102,5 @@ def load_dataset(path: str | Path, with_train: bool = True) -> Dataset:
         item_counts=items.column(S.COUNT_COL).to_numpy().astype(np.int64),
         user_ids=np.asarray(users.column(S.USER_COL).to_pylist(), dtype=object),
         item_ids=np.asarray(items.column(S.ITEM_COL).to_pylist(), dtype=object),
+        train_times=train_times,
     )

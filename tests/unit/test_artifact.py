@@ -23,7 +23,7 @@ from ncf_ray.artifact import (
 from ncf_ray.config import ModelConfig
 from ncf_ray.errors import UserError
 from ncf_ray.metrics import build_csr
-from ncf_ray.model import model_from_config
+from ncf_ray.model import model_from_config, user_batch
 
 N_USERS, N_ITEMS = 9, 14
 
@@ -62,7 +62,7 @@ def test_round_trip_gives_identical_scores(tmp_path, name):
     users = torch.arange(N_USERS)
     with torch.no_grad():
         torch.testing.assert_close(
-            art.model.score_items(users), model.eval().score_items(users), rtol=0, atol=0
+            art.model.score_items(user_batch(users)), model.eval().score_items(user_batch(users)), rtol=0, atol=0
         )
     assert art.user_ids[3] == "u3" and art.user_index["u3"] == 3 and art.item_index["105"] == 5
     assert art.popularity.dtype == np.float64 and art.seen_indptr[-1] == len(art.seen_indices)

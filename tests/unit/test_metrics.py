@@ -23,22 +23,26 @@ from ncf_ray.metrics import (
     rank_sampled,
     seen_mask,
 )
+from ncf_ray.model import RecModel
 
 
-class TableScorer(nn.Module):
-    """A 'model' whose logit for (u, i) is table[u, i]: metrics can be checked against hand-made scores."""
+class TableScorer(RecModel):
+    """A model whose logit for (u, i) is table[u, i], on the model-input contract (U = the user's row of the
+    table, I = the item's one-hot column): metrics can be checked against hand-made scores."""
 
     def __init__(self, table: torch.Tensor) -> None:
         super().__init__()
         self.table = nn.Parameter(table.float(), requires_grad=False)
-        self.n_items = table.shape[1]
+        self.n_users, self.n_items = table.shape
 
-    def forward(self, users, items):
-        return self.table[users, items]
+    def user_repr(self, batch):
+        return self.table[batch.user]
 
-    def score_items(self, users, items=None):
-        rows = self.table[users]
-        return rows if items is None else rows[:, items]
+    def _item_repr(self, items):
+        return torch.nn.functional.one_hot(items, self.n_items).float()
+
+    def head(self, users, items):
+        return (users * items).sum(-1)
 
 
 def test_hand_values_rank_to_hit_and_ndcg():

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from ncf_ray.artifact import save_artifact
+from ncf_ray.batch import Batch
 from ncf_ray.config import ModelConfig
 from ncf_ray.errors import UserError
 from ncf_ray.metrics import build_csr
-from ncf_ray.model import model_from_config
+from ncf_ray.model import model_from_config, user_batch
 from ncf_ray.recommender import Recommender
 
 N_USERS, N_ITEMS = 12, 20
@@ -65,7 +66,7 @@ def test_seen_items_never_returned_and_order_matches_model(rec):
         assert scores == sorted(scores, reverse=True)
         # Each reported score is the model's logit for that pair, and nothing unseen beats the last one.
         with torch.no_grad():
-            logits = rec.model.score_items(torch.tensor([u]))[0]
+            logits = rec.model.score_items(user_batch(torch.tensor([u])))[0]
         for it in res["items"]:
             assert it["score"] == pytest.approx(logits[rec.item_index[it["item_id"]]].item(), abs=1e-5)
         unseen = [i for i in range(N_ITEMS) if f"i{i}" not in _seen(rec, u)]
@@ -110,7 +111,7 @@ def test_score_pairs(rec):
     assert [s["known"] for s in out["scores"]] == [True, False, True]
     assert out["scores"][1]["score"] is None
     with torch.no_grad():
-        expected = rec.model(torch.tensor([2, 2]), torch.tensor([1, 4]))
+        expected = rec.model(Batch(user=torch.tensor([2, 2]), item=torch.tensor([1, 4])))
     assert out["scores"][0]["score"] == pytest.approx(expected[0].item(), abs=1e-5)
     assert out["scores"][2]["score"] == pytest.approx(expected[1].item(), abs=1e-5)
     cold = rec.score("stranger", ["i1"])

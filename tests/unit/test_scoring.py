@@ -11,11 +11,11 @@ import platform
 import pytest
 import torch
 
-from ncf_ray.data.sampler import NegativeSampler
+from ncf_ray.batch import Batch
 from ncf_ray.data.synthetic import SyntheticSpec, iter_synthetic
-from ncf_ray.engine import build_optimizer, epoch_samples, train_epoch
+from ncf_ray.engine import fit_plain
 from ncf_ray.errors import UserError
-from ncf_ray.model import GMF, MLP, NeuMF
+from ncf_ray.model import GMF, MLP, NeuMF, user_batch
 from ncf_ray.scoring import AllItemsScorer, bf16_is_fast, reuse_large_allocations, shortlist_size
 
 N_USERS, N_ITEMS = 600, 400
@@ -30,11 +30,8 @@ def trained():
     users = torch.as_tensor(table.column("user_id").to_numpy() - 1)
     items = torch.as_tensor(table.column("item_id").to_numpy() - 1)
     model = NeuMF(N_USERS, N_ITEMS, 16, (32, 16, 8))
-    opt = build_optimizer(model, 5e-3, 0.0, torch.device("cpu"))
-    sampler = NegativeSampler(users, items, N_ITEMS)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        train_epoch(model, opt, epoch_samples(users, items, sampler, 4, generator=gen), batch_size=2048)
+    fit_plain(model, users, items, N_ITEMS, 4, negatives=4, batch_size=2048, lr=5e-3, warmup_epochs=0.0,
+              generator=torch.Generator().manual_seed(0))
     return model.eval(), users, items
 
 
@@ -48,7 +45,8 @@ def fast(trained):
 
 
 def _exclude_positives(users_all, items_all):
-    """An `exclude` callback that masks each user's training items (what Recommender does through its CSR)."""
+    """An `exclude` callback that masks each user's training items (what Recommender does through its CSR).
+    The scorer passes row positions; the tests score users 0..N-1, so a row is its user."""
     seen = {}
     for u, i in zip(users_all.tolist(), items_all.tolist()):
         seen.setdefault(u, []).append(i)
@@ -66,7 +64,7 @@ def test_auto_uses_bf16_where_fast_and_bf16_logits_are_close_to_fp32(trained, fa
         assert AllItemsScorer(model, precision="auto").precision == "bf16"
     users = torch.arange(N_USERS)
     with torch.inference_mode():
-        exact = model.score_items(users)
+        exact = model.score_items(user_batch(users))
         approx = fast.scores(users)
     assert approx.shape == exact.shape == (N_USERS, N_ITEMS)
     spread = float(exact.std())
@@ -90,7 +88,7 @@ def test_top_k_is_the_exact_top_k_with_fp32_scores(trained, fast, k, exclude_see
     assert overlap == N_USERS * k
     torch.testing.assert_close(got_scores, want_scores, rtol=0, atol=1e-5)
     with torch.inference_mode():
-        forward = model(users.repeat_interleave(k), got_items.reshape(-1)).view(N_USERS, k)
+        forward = model(Batch(user=users, item=got_items))
     torch.testing.assert_close(got_scores, forward, rtol=0, atol=1e-5)
     if exclude_seen:
         seen = set(zip(pos_users.tolist(), pos_items.tolist()))
