@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from ncf_ray.errors import UserError
 
-MODEL_NAMES = ("gmf", "mlp", "neumf", "mf")
+MODEL_NAMES = ("gmf", "mlp", "neumf", "mf", "seq")
 
 T = TypeVar("T")
 
@@ -45,6 +45,13 @@ class ModelConfig:
     factors: int = 32
     layers: tuple[int, ...] = (64, 32, 16)
     dropout: float = 0.0
+    # seq only: attention over the user's last history_len items, `blocks` causal blocks of `heads` heads, a
+    # dot or NeuMF head (`layers` is then its tower, starting at 2 * factors), plus the user-id embedding.
+    history_len: int = 50
+    blocks: int = 2
+    heads: int = 1
+    head: str = "dot"
+    use_user_id: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -53,6 +60,14 @@ class ModelConfig:
             raise UserError(f"factors={self.factors} must be > 0")
         if any(w <= 0 for w in self.layers):
             raise UserError(f"layers={list(self.layers)} must all be > 0")
+        if self.name == "seq":
+            if self.history_len <= 0 or self.blocks <= 0 or self.heads <= 0:
+                raise UserError(f"history_len={self.history_len}, blocks={self.blocks}, heads={self.heads} "
+                                f"must be > 0")
+            if self.head not in ("dot", "neumf"):
+                raise UserError(f"head={self.head!r} is not one of dot, neumf")
+            if self.factors % self.heads:
+                raise UserError(f"factors={self.factors} must be divisible by heads={self.heads}")
         if self.name in ("mlp", "neumf"):
             if not self.layers:
                 raise UserError(f"model={self.name} needs at least one MLP layer")

@@ -23,11 +23,13 @@ pins each model's logits on a seeded batch. Config never reaches inside: `build_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ncf_ray.batch import Batch
@@ -408,6 +410,140 @@ class NeuMF(RecModel):
         return self
 
 
+# ------------------------------------------------------------------------------------------------ sequence model
+class CausalBlock(nn.Module):
+    """Pre-norm self-attention block: x + Attn(LN(x)) under a boolean mask, then x + FFN(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise UserError(f"factors={dim} must be divisible by heads={heads}")
+        self.heads, self.p = heads, dropout
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class SeqNCF(RecModel):
+    """Dynamic interest: causal self-attention over the user's last L items (SASRec, Kang & McAuley 2018) gives
+    the user state; candidates share the history's item embeddings; the head is a dot product or NeuMF's
+    GMF + MLP tower (`head="neumf"`), so the family stays NCF.
+
+    History positions are right-aligned (the latest item last) and positional embeddings count from the end,
+    and attention never reads padding, so padding never changes a score. Position t attends to positions <= t
+    only: in sequence training the output at every position is the state that predicts the next item.
+    `use_user_id` adds the user-id embedding to the state (users unknown to the model, user = -1, get none).
+    U = [state] (dot) or [state, W_u state] (neumf); I = [e_i] or [e_i, W_i e_i + b]."""
+
+    def __init__(self, n_users: int, n_items: int, factors: int = 64, history_len: int = 50, blocks: int = 2,
+                 heads: int = 1, dropout: float = 0.2, head: str = "dot", layers: Sequence[int] = (),
+                 use_user_id: bool = False) -> None:
+        super().__init__()
+        check_sizes(n_users, n_items)
+        check_factors(factors)
+        if history_len <= 0 or blocks <= 0 or heads <= 0:
+            raise UserError(f"history_len={history_len}, blocks={blocks} and heads={heads} must be > 0")
+        if head not in ("dot", "neumf"):
+            raise UserError(f"head={head!r} is not one of dot, neumf")
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"dropout={dropout} must be in [0, 1)")
+        self.n_users, self.n_items, self.factors = n_users, n_items, factors
+        self.history_len, self.head_kind, self.use_user_id = int(history_len), head, bool(use_user_id)
+        self.item_emb = nn.Embedding(n_items + 1, factors, padding_idx=0)  # index = item_idx + 1, 0 = padding
+        self.pos_emb = nn.Embedding(self.history_len, factors)
+        self.user_emb = nn.Embedding(n_users, factors) if use_user_id else None
+        self.blocks = nn.ModuleList(CausalBlock(factors, heads, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(factors)
+        self.drop = nn.Dropout(dropout)
+        for emb in (self.item_emb, self.pos_emb, self.user_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.pair_width = factors
+        if head == "neumf":
+            tower = tuple(layers) or (2 * factors, factors, factors // 2)
+            tower = check_layers(tower, dropout)
+            if tower[0] != 2 * factors or len(tower) < 2:
+                raise UserError(f"head=neumf needs layers starting at 2 * factors = {2 * factors} with at least "
+                                f"one hidden layer, got {list(tower)}")
+            self.layers = tower
+            self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(tower[:-1], tower[1:]))
+            for lin in self.linears:
+                init_hidden(lin)
+            self.predict = nn.Linear(factors + tower[-1], 1)
+            init_prediction(self.predict)
+            self.pair_width = max(tower[1:])
+
+    # -- user side
+    def states(self, history: Tensor, users: Tensor | None = None) -> Tensor:
+        """[B, L, D] state after each history position (causal)."""
+        b, n = history.shape
+        real = history > 0
+        # Position embeddings count from the end: the latest item is position 0 whatever the padding.
+        from_end = torch.arange(n - 1, -1, -1, device=history.device).clamp(max=self.history_len - 1)
+        x = self.item_emb(history) * math.sqrt(self.factors) + self.pos_emb(from_end)
+        x = self.drop(x) * real[..., None]
+        # Query t reads keys <= t that are real items; it may always read itself, so no row is all-masked.
+        causal = torch.ones(n, n, dtype=torch.bool, device=history.device).tril()
+        allowed = (causal & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=history.device)
+        allowed = allowed[:, None]  # [B, 1, L, L]: one mask for every head
+        for block in self.blocks:
+            x = block(x, allowed) * real[..., None]
+        x = self.norm(x)
+        if self.user_emb is not None and users is not None:
+            known = users >= 0
+            ids = self.user_emb(users.clamp(min=0)) * known[:, None]
+            x = x + ids[:, None, :]
+        return x
+
+    def user_repr(self, batch: Batch) -> Tensor:
+        if batch.history is None:
+            raise ValueError(f"SeqNCF reads each user's last {self.history_len} items: the batch has no history")
+        history = batch.history[:, -self.history_len :]
+        states = self.states(history, batch.user)
+        state = states if batch.mask is not None else states[:, -1]  # every position in sequence training
+        if self.head_kind == "dot":
+            return state
+        first = self.linears[0]
+        return torch.cat([state, state @ first.weight[:, : self.factors].t()], -1)
+
+    # -- item side
+    def _item_repr(self, items: Tensor) -> Tensor:
+        emb = self.item_emb(items + 1)
+        if self.head_kind == "dot":
+            return emb
+        first = self.linears[0]
+        return torch.cat([emb, emb @ first.weight[:, self.factors :].t() + first.bias], -1)
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        if self.head_kind == "dot":
+            return (users * items).sum(-1)
+        f, w = self.factors, self.predict.weight[0]
+        gmf = (users[..., :f] * items[..., :f]) @ w[:f]
+        return gmf + tower_logits(users[..., f:], items[..., f:], self.linears[1:], self.drop, w[f:]) + self.predict.bias[0]
+
+    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+        if self.head_kind == "dot":
+            return users @ items.t()
+        return super().score_all(users, items)
+
+    def tower_parts(self) -> TowerParts | None:
+        if self.head_kind != "neumf":
+            return None
+        f, w = self.factors, self.predict.weight[0]
+        return TowerParts(f, self.linears[1:], w[:f], w[f:], self.predict.bias)
+
+
 # ------------------------------------------------------------------------------------------------ registry
 def _gmf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
     return GMF(n_users, n_items, a["factors"])
@@ -425,12 +561,18 @@ def _neumf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
     return NeuMF(n_users, n_items, a["factors"], a["layers"], a.get("dropout", 0.0))
 
 
+def _seq(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    return SeqNCF(n_users, n_items, a["factors"], a.get("history_len", 50), a.get("blocks", 2), a.get("heads", 1),
+                  a.get("dropout", 0.2), a.get("head", "dot"), a.get("layers", ()), a.get("use_user_id", False))
+
+
 # name -> builder from flat args (a new family is one class and one line here).
 REGISTRY: dict[str, Callable[[int, int, dict[str, Any]], RecModel]] = {
     "gmf": _gmf,
     "mlp": _mlp,
     "neumf": _neumf,
     "mf": _mf,
+    "seq": _seq,
 }
 
 
@@ -485,6 +627,7 @@ __all__ = [
     "MLP",
     "NeuMF",
     "MF",
+    "SeqNCF",
     "REGISTRY",
     "build_model",
     "model_args",

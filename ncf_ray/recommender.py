@@ -76,44 +76,74 @@ class Recommender:
     # -------------------------------------------------------------------------------------------- recommend
     def recommend(
         self,
-        user_ids: Sequence[RawId],
+        user_ids: Sequence[RawId | None],
         k: int,
         exclude_seen: bool = True,
         candidates: Sequence[RawId] | None = None,
+        recent_items: Sequence[Sequence[RawId] | None] | None = None,
     ) -> list[dict[str, Any]]:
         """Top-k items for each user, in request order: {"user_id", "items": [{"item_id", "score"}],
-        "cold_start"} (+ "unknown_items" when candidates are given). k is clipped to the items available."""
+        "cold_start"} (+ "unknown_items" when candidates are given). k is clipped to the items available.
+
+        `recent_items[j]` (raw ids, oldest first) is what user j just did: it extends a known user's stored
+        history, and gives a user the model does not know (or `None`, an anonymous shopper) a personalised list
+        from a model that reads history ("history": "request"). Those items are excluded like seen ones; unknown
+        ids are skipped and counted ("unknown_recent_items"). Without any history a user gets popularity."""
         if isinstance(user_ids, (str, bytes)):
             raise UserError(f"user_ids must be a list of ids, got the string {user_ids!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise UserError(f"k={k!r} must be a positive integer")
-        keys = [str(u) for u in user_ids]
+        if recent_items is not None and len(recent_items) != len(user_ids):
+            raise UserError(f"recent_items has {len(recent_items)} lists for {len(user_ids)} users")
+        keys = [None if u is None else str(u) for u in user_ids]
         cand_idx, unknown_items = self._candidates(candidates)
-        known = [(pos, self.user_index[key]) for pos, key in enumerate(keys) if key in self.user_index]
+        recent = [self._recent(r) for r in recent_items] if recent_items is not None else [None] * len(keys)
+        user_idx = [self.user_index.get(key, -1) if key is not None else -1 for key in keys]
+        # Who the model scores: known users, and unknown ones with recent items when the model reads history.
+        scored = [pos for pos, u in enumerate(user_idx)
+                  if u >= 0 or (self.history_len and recent[pos] is not None and recent[pos][0])]
 
         lists: list[list[dict[str, Any]]] = [[] for _ in keys]
-        if known:
-            users = torch.tensor([u for _, u in known], dtype=torch.int64, device=self.device)
-            for (pos, _), items in zip(known, self._top_known(users, int(k), exclude_seen, cand_idx)):
+        if scored:
+            users = torch.tensor([user_idx[p] for p in scored], dtype=torch.int64, device=self.device)
+            extra = [recent[p][0] if recent[p] is not None else [] for p in scored]
+            for pos, items in zip(scored, self._top_known(users, int(k), exclude_seen, cand_idx, extra)):
                 lists[pos] = items
-        if len(known) < len(keys):
-            fallback = self._top_popular(int(k), cand_idx)
-            known_pos = {pos for pos, _ in known}
-            for pos in range(len(keys)):
-                if pos not in known_pos:
-                    lists[pos] = fallback
+        scored_set = set(scored)
+        for pos in range(len(keys)):
+            if pos not in scored_set:
+                drop = set(recent[pos][0]) if recent[pos] is not None and exclude_seen else set()
+                lists[pos] = self._top_popular(int(k), cand_idx, drop)
 
         results = []
         for pos, key in enumerate(keys):
-            result: dict[str, Any] = {
-                "user_id": key,
-                "items": lists[pos],
-                "cold_start": key not in self.user_index,
-            }
+            result: dict[str, Any] = {"user_id": key, "items": lists[pos], "cold_start": pos not in scored_set}
+            if recent_items is not None:
+                result["history"] = self._history_source(user_idx[pos] >= 0, pos in scored_set, recent[pos])
+                result["unknown_recent_items"] = recent[pos][1] if recent[pos] is not None else 0
             if candidates is not None:
                 result["unknown_items"] = list(unknown_items)
             results.append(result)
         return results
+
+    def _history_source(self, known: bool, scored: bool, recent: tuple[list[int], int] | None) -> str:
+        """Which history a user's list came from: stored, stored+request, request, or none."""
+        used_request = bool(self.history_len and recent is not None and recent[0])
+        if known:
+            return "stored+request" if used_request else "stored"
+        return "request" if scored else "none"
+
+    def _recent(self, items: Sequence[RawId] | None) -> tuple[list[int], int] | None:
+        """(known item indices oldest first, count of unknown ids) of one user's recent_items."""
+        if items is None:
+            return None
+        if isinstance(items, (str, bytes)):
+            raise UserError(f"recent_items must be lists of item ids, got the string {items!r}")
+        limit = max(self.history_len, 1) if self.history_len else None
+        if limit is not None and len(items) > limit:
+            raise UserError(f"recent_items has {len(items)} ids; this model reads at most {limit}")
+        idx = [self.item_index.get(str(i), -1) for i in items]
+        return [i for i in idx if i >= 0], sum(1 for i in idx if i < 0)
 
     def _candidates(self, candidates: Sequence[RawId] | None) -> tuple[Tensor | None, list[str]]:
         """Known candidate item indices (de-duplicated, request order) and the unknown raw ids."""
@@ -126,21 +156,51 @@ class Recommender:
         unknown = [c for c in wanted if c not in self.item_index]
         return torch.tensor(idx, dtype=torch.int64, device=self.device), unknown
 
-    def _history(self, users: Tensor) -> Tensor | None:
-        """The users' stored last-L items, for models that read history (None otherwise)."""
+    def _history(self, users: Tensor, extra: list[list[int]] | None = None) -> Tensor | None:
+        """[B, L] the users' stored last-L items (none for user -1) extended by each one's request items, for
+        models that read history (None otherwise)."""
         if not self.history_len:
             return None
-        return self._histories.last(users, self.history_len)
+        length = self.history_len
+        stored = self._histories.last(users.clamp(min=0), length)
+        stored[users < 0] = 0
+        if not extra or not any(extra):
+            return stored
+        rows = []
+        for row, more in zip(stored.tolist(), extra):
+            seq = [i for i in row if i > 0] + [i + 1 for i in more]
+            seq = seq[-length:]
+            rows.append([0] * (length - len(seq)) + seq)
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
 
     @torch.inference_mode()
     def _top_known(
-        self, users: Tensor, k: int, exclude_seen: bool, cand_idx: Tensor | None
+        self, users: Tensor, k: int, exclude_seen: bool, cand_idx: Tensor | None,
+        extra: list[list[int]] | None = None,
     ) -> list[list[dict[str, Any]]]:
-        history = self._history(users)
+        """Top-k lists of users (user -1: unknown, scored from `extra` alone) with each one's `extra` request
+        items appended to its history and excluded like seen items."""
+        history = self._history(users, extra)
+        known = users >= 0
+        extra_rows = torch.tensor([r for r, more in enumerate(extra or []) for _ in more], dtype=torch.int64,
+                                  device=self.device)
+        extra_cols = torch.tensor([i for more in (extra or []) for i in more], dtype=torch.int64, device=self.device)
+
+        def seen_pairs(rows: Tensor) -> tuple[Tensor, Tensor]:
+            # (position in rows, item) of everything the users in `rows` already did: stored seen set + request.
+            sel = rows[known[rows]]
+            pos, cols = csr_rows(users[sel], self._indptr, self._indices)
+            pos = torch.nonzero(known[rows]).flatten()[pos] if len(sel) else pos
+            if len(extra_cols):
+                where = torch.full((len(users),), -1, dtype=torch.int64, device=self.device)
+                where[rows] = torch.arange(len(rows), device=self.device)
+                keep = where[extra_rows] >= 0
+                pos = torch.cat([pos, where[extra_rows][keep]])
+                cols = torch.cat([cols, extra_cols[keep]])
+            return pos, cols
 
         def mask_seen(rows: Tensor, scores: Tensor) -> None:
-            # Each user's seen items to -inf in scores [rows, n_items] (one vectorised scatter via the CSR).
-            pos, cols = csr_rows(users[rows], self._indptr, self._indices)
+            pos, cols = seen_pairs(rows)
             scores[pos, cols] = float("-inf")
 
         if cand_idx is None:
@@ -151,7 +211,7 @@ class Recommender:
             reps = self.scorer.user_repr(users, history)
             scores = self.model.score_all(reps, self.model.item_repr(cand_idx)).float()  # [B, candidates]
             if exclude_seen:
-                rows, cols = csr_rows(users, self._indptr, self._indices)
+                rows, cols = seen_pairs(torch.arange(len(users), device=self.device))
                 # Seen item index -> its column among the candidates (-1 when it is not a candidate).
                 column_of = torch.full((self.n_items,), -1, dtype=torch.int64, device=self.device)
                 column_of[cand_idx] = torch.arange(len(cand_idx), device=self.device)
@@ -162,12 +222,16 @@ class Recommender:
             top_items = cand_idx[top_cols]
         return self._item_lists(top_items.cpu().numpy(), top_scores.cpu().numpy())
 
-    def _top_popular(self, k: int, cand_idx: Tensor | None) -> list[dict[str, Any]]:
+    def _top_popular(self, k: int, cand_idx: Tensor | None, drop: set[int] | None = None) -> list[dict[str, Any]]:
+        """The popularity list (over the candidates, when given), without the items in `drop`."""
         if cand_idx is None:
-            order = self._pop_order[:k]
+            order = self._pop_order[: k + len(drop or ())]
         else:
             cand = cand_idx.cpu()
-            order = cand[torch.argsort(-self._pop_score[cand], stable=True)[:k]]
+            order = cand[torch.argsort(-self._pop_score[cand], stable=True)]
+        if drop:
+            order = order[~torch.isin(order, torch.tensor(sorted(drop), dtype=order.dtype))]
+        order = order[:k]
         return self._item_lists(order.numpy()[None], self._pop_score[order].numpy()[None])[0]
 
     def _item_lists(self, item_idx: np.ndarray, scores: np.ndarray) -> list[list[dict[str, Any]]]:
