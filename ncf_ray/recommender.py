@@ -97,7 +97,7 @@ class Recommender:
             raise UserError(f"recent_items has {len(recent_items)} lists for {len(user_ids)} users")
         keys = [None if u is None else str(u) for u in user_ids]
         cand_idx, unknown_items = self._candidates(candidates)
-        recent = [self._recent(r) for r in recent_items] if recent_items is not None else [None] * len(keys)
+        recent = [self.check_recent_items(r) for r in recent_items] if recent_items is not None else [None] * len(keys)
         user_idx = [self.user_index.get(key, -1) if key is not None else -1 for key in keys]
         # Who the model scores: known users, and unknown ones with recent items when the model reads history.
         scored = [pos for pos, u in enumerate(user_idx)
@@ -133,8 +133,9 @@ class Recommender:
             return "stored+request" if used_request else "stored"
         return "request" if scored else "none"
 
-    def _recent(self, items: Sequence[RawId] | None) -> tuple[list[int], int] | None:
-        """(known item indices oldest first, count of unknown ids) of one user's recent_items."""
+    def check_recent_items(self, items: Sequence[RawId] | None) -> tuple[list[int], int] | None:
+        """(known item indices oldest first, count of unknown ids) of one user's recent_items; UserError when
+        there are more than the model reads."""
         if items is None:
             return None
         if isinstance(items, (str, bytes)):

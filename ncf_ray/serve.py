@@ -35,7 +35,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from ray import serve
 
 from ncf_ray.config import ServeConfig
@@ -60,16 +60,33 @@ class _Body(BaseModel):
 
 
 class RecommendRequest(_Body):
-    user_id: RawId
+    # None: an anonymous shopper, served from recent_items alone.
+    user_id: RawId | None = None
     k: K = 10
     exclude_seen: StrictBool = True
     candidates: list[RawId] | None = Field(None, max_length=MAX_IDS)
+    # What the user just did, oldest first (at most the model's history length; unknown ids are skipped).
+    recent_items: list[RawId] | None = Field(None, max_length=MAX_IDS)
+
+    @model_validator(mode="after")
+    def _someone(self) -> "RecommendRequest":
+        if self.user_id is None and self.recent_items is None:
+            raise ValueError("give user_id, recent_items or both")
+        return self
 
 
 class BatchRequest(_Body):
-    user_ids: list[RawId] = Field(min_length=1, max_length=MAX_IDS)
+    user_ids: list[RawId | None] = Field(min_length=1, max_length=MAX_IDS)
     k: K = 10
     exclude_seen: StrictBool = True
+    # One list per user (same order as user_ids), or null for a user without one.
+    recent_items: list[list[RawId] | None] | None = Field(None, max_length=MAX_IDS)
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "BatchRequest":
+        if self.recent_items is not None and len(self.recent_items) != len(self.user_ids):
+            raise ValueError(f"recent_items has {len(self.recent_items)} lists for {len(self.user_ids)} user_ids")
+        return self
 
 
 class ScoreRequest(_Body):
@@ -83,11 +100,15 @@ class Item(BaseModel):
 
 
 class Recommendation(BaseModel):
-    user_id: int | str
+    user_id: int | str | None
     items: list[Item]
     cold_start: bool
     model_version: str
     unknown_items: list[str] | None = None  # only with candidates: the ids the model does not know
+    # Only with recent_items: which history the list used (stored, stored+request, request, none) and how many
+    # recent ids the model does not know.
+    history: str | None = None
+    unknown_recent_items: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ HTTP plumbing
@@ -177,16 +198,18 @@ def _json(obj: Any) -> Response:
 def _batch_body(rec: Recommender, req: BatchRequest) -> bytes:
     """Score and encode a /recommend/batch answer in one go: on the bulk thread, so the event loops that
     carry HTTP do not hold the GIL encoding large bodies while the scorer waits for it."""
-    results = rec.recommend(req.user_ids, req.k, req.exclude_seen)
+    results = rec.recommend(req.user_ids, req.k, req.exclude_seen, recent_items=req.recent_items)
     return orjson.dumps([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
 
 
-def _answer(user_id: Any, res: dict[str, Any], rec: Recommender, k: int) -> dict[str, Any]:
-    """The response for one user: the raw id as the client sent it, at most k items, the model version."""
+def _answer(user_id: Any, res: dict[str, Any], rec: Recommender, k: int, history: bool = True) -> dict[str, Any]:
+    """The response for one user: the raw id as the client sent it, at most k items, the model version (and
+    the history fields when this user's request carried recent_items)."""
     answer = {"user_id": user_id, "items": res["items"][:k], "cold_start": res["cold_start"],
               "model_version": rec.model_version}
-    if "unknown_items" in res:
-        answer["unknown_items"] = res["unknown_items"]
+    for key in ("unknown_items", *(("history", "unknown_recent_items") if history else ())):
+        if key in res:
+            answer[key] = res[key]
     return answer
 
 
@@ -236,23 +259,30 @@ class NCFServer:
             if not pos:
                 continue
             kmax = max(reqs[i].k for i in pos)
-            results = rec.recommend([reqs[i].user_id for i in pos], kmax, exclude_seen=exclude)
+            recent = [reqs[i].recent_items for i in pos]
+            results = rec.recommend([reqs[i].user_id for i in pos], kmax, exclude_seen=exclude,
+                                    recent_items=recent if any(r is not None for r in recent) else None)
             for i, res in zip(pos, results):
-                out[i] = _answer(reqs[i].user_id, res, rec, reqs[i].k)
+                out[i] = _answer(reqs[i].user_id, res, rec, reqs[i].k, reqs[i].recent_items is not None)
         return out
 
     @api.post("/recommend", response_model=Recommendation)
     async def recommend(self, req: RecommendRequest) -> Response:
-        """Top-k items for one user; an unknown user gets the most popular items with cold_start true."""
+        """Top-k items for one user (or an anonymous shopper with recent_items); without any history the most
+        popular items come back with cold_start true."""
+        rec = self._current()
+        rec.check_recent_items(req.recent_items)  # a bad request fails alone, never the batch it would join
         if req.candidates is not None:  # a per-request candidate set cannot share a batch's item axis
-            rec = self._current()
-            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates)[0]
+            recent = None if req.recent_items is None else [req.recent_items]
+            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates, recent_items=recent)[0]
             return _json(_answer(req.user_id, res, rec, req.k))
         return _json(await self._recommend_batched(req))
 
     @api.post("/recommend/batch", response_model=list[Recommendation])
     async def recommend_batch(self, req: BatchRequest) -> Response:
         """Top-k for up to 1000 users in one forward pass."""
+        for recent in req.recent_items or ():
+            self._current().check_recent_items(recent)
         body = await asyncio.get_running_loop().run_in_executor(self._bulk, _batch_body, self._current(), req)
         return Response(body, media_type="application/json")
 

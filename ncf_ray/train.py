@@ -123,14 +123,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = model_from_config(cfg.model, data.n_users, data.n_items)
     if cfg.pretrain_from:
         _load_pretrained(model, cfg)
-    hist = train_histories(data, device)
-    # Exclusion needs every train positive of a user: keys are 8 bytes per interaction.
-    sampler = NegativeSampler(
-        torch.from_numpy(data.train_users).to(device), torch.from_numpy(data.train_items).to(device), data.n_items
-    )
-    mine = torch.from_numpy(data.train_users % world == rank)
-    pos_users = torch.from_numpy(data.train_users)[mine].to(device)
-    pos_items = torch.from_numpy(data.train_items)[mine].to(device)
+    refit = bool(config.get("refit"))
+    all_users, all_items, hist = training_positives(data, refit, device)
+    # Exclusion needs every positive of a user: keys are 8 bytes per interaction.
+    sampler = NegativeSampler(all_users, all_items, data.n_items)
+    mine = all_users % world == rank
+    pos_users, pos_items = all_users[mine], all_items[mine]
     eval_users = torch.arange(rank, data.n_users, world, device=device)
     valid_items = torch.from_numpy(data.valid_items).to(device)[eval_users]
     valid_neg = torch.from_numpy(data.valid_neg).to(device)[eval_users]
@@ -184,11 +182,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 loss = engine.train_epoch(model, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch)
                 trained = steps * rows * examples.per_row
-        sums = _all_reduce(engine.sampled_sums(raw, eval_users, valid_items, valid_neg, cfg.eval_k, hist))
+        if refit:  # valid is part of the training data now: nothing to select on, the last epoch is kept
+            sums = torch.tensor([float("nan"), float("nan"), 1.0], dtype=torch.float64, device=device)
+        else:
+            sums = _all_reduce(engine.sampled_sums(raw, eval_users, valid_items, valid_neg, cfg.eval_k, hist))
         loss_t = _all_reduce(torch.tensor([loss], device=device)) / world
         hr, ndcg = float(sums[0] / sums[2]), float(sums[1] / sums[2])
         samples_per_s = trained / max(timer.seconds, 1e-9)
-        improved = hr > state["best_hr"] + 1e-9
+        improved = refit or hr > state["best_hr"] + 1e-9
         if improved:
             state.update(best_hr=hr, best_ndcg=ndcg, best_epoch=epoch + 1, bad_epochs=0,
                          best_model={k: v.detach().cpu().clone() for k, v in raw.state_dict().items()})
@@ -236,6 +237,20 @@ def raise_user_error_from(exc: BaseException) -> None:
         raise UserError(line[line.index(marker):].strip()) from None
 
 
+def training_positives(data: Dataset, refit: bool, device: torch.device | str = "cpu",
+                       ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(users, items, time-ordered histories) a run trains on: the train split, or for a refit every interaction
+    (train, then each user's valid and test item, in time order)."""
+    hist = train_histories(data, device)
+    users, items = torch.from_numpy(data.train_users), torch.from_numpy(data.train_items)
+    if refit:
+        every = torch.arange(data.n_users)
+        valid, test = torch.from_numpy(data.valid_items), torch.from_numpy(data.test_items)
+        hist = hist.append(every.to(device), valid.to(device)).append(every.to(device), test.to(device))
+        users, items = torch.cat([users, every, every]), torch.cat([items, valid, test])
+    return users.to(device), items.to(device), hist
+
+
 def read_train(dataset_dir: str, materialize: bool = True) -> Any:
     """The train positives as a Ray Dataset. Materialised for the fast path: read into the object store now,
     before worker groups hold the CPUs — on a cluster whose CPUs all go to workers (or to concurrent Tune
@@ -254,9 +269,11 @@ def build_trainer(
     callbacks: list[Any] | None = None,
     placement_strategy: str = "PACK",
     train_ds: Any = None,
+    refit: bool = False,
 ) -> Any:
     """The TorchTrainer for one training run. Tune trials call this too (tune.py), so there is one loop.
     `train_ds` is an already-read Ray Dataset of positives (a sweep reads it once for all its trials).
+    `refit=True` trains on every interaction (train, valid and test) for cfg.epochs, without selection.
     `placement_strategy="SPREAD"` puts the workers on different nodes (so losing one node loses one worker)."""
     import ray
     import ray.train
@@ -269,7 +286,7 @@ def build_trainer(
         datasets["train"] = train_ds if train_ds is not None else read_train(dataset_dir, materialize=False)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve())},
+        train_loop_config={"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()), "refit": refit},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                               placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
@@ -314,6 +331,7 @@ def finalize(
         "dataset": data.meta.get("source"),
     }
     result["popularity"] = result["baselines"]["popularity"]  # the earlier key, kept for readers of metrics.json
+    result["exported"] = {"weights": "best-by-valid", "epochs": state["best_epoch"]}
     result["model_version"] = export_artifact(model_dir, model, cfg, data, result)
     write_json(metrics_path, result)
     return result
@@ -332,13 +350,8 @@ def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d
     returns what the user already did) and the stored histories end with them too."""
     from ncf_ray.artifact import save_artifact, vocab_table
 
-    users = np.arange(data.n_users)
-    all_users = np.concatenate([data.train_users, users, users])
-    all_items = np.concatenate([data.train_items, data.valid_items, data.test_items])
-    seen_indptr, seen_indices = build_csr(all_users, all_items, data.n_users)
-    user_t = torch.from_numpy(users)
-    hist = train_histories(data).append(user_t, torch.from_numpy(data.valid_items))
-    hist = hist.append(user_t, torch.from_numpy(data.test_items))
+    all_users, all_items, hist = training_positives(data, refit=True)
+    seen_indptr, seen_indices = build_csr(all_users.numpy(), all_items.numpy(), data.n_users)
     return save_artifact(
         model_dir, model, cfg.model, data.n_users, data.n_items,
         vocab_table(data.user_ids, np.bincount(data.train_users, minlength=data.n_users), S.USER_IDX, S.USER_COL),
@@ -350,7 +363,7 @@ def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d
 
 def run_training(
     dataset_dir: str, out_dir: str, cfg: TrainConfig, resume: bool = False, storage_path: str | None = None,
-    placement_strategy: str = "PACK",
+    placement_strategy: str = "PACK", refit: bool = False, baselines: bool = True,
 ) -> dict[str, Any]:
     """Train on Ray, export RUN_DIR/model, write RUN_DIR/metrics.json; returns the metrics dict.
     `storage_path` (local dir or URI such as s3://...) holds checkpoints; it defaults to RUN_DIR so every node of
@@ -382,7 +395,44 @@ def run_training(
         raise UserError(f"training reported no checkpoint (epochs={cfg.epochs})")
     with result.checkpoint.as_directory() as ckpt_dir:
         state = load_state(ckpt_dir)
-    return finalize(dataset_dir, out / "model", out / "metrics.json", cfg, state, time.time() - t0)
+    metrics = finalize(dataset_dir, out / "model", out / "metrics.json", cfg, state, time.time() - t0, baselines)
+    if refit:
+        metrics = refit_and_export(dataset_dir, out, cfg, metrics, storage, placement_strategy)
+    return metrics
+
+
+def refit_and_export(dataset_dir: str, out: Path, cfg: TrainConfig, metrics: dict[str, Any], storage: str,
+                     placement_strategy: str = "PACK", name: str = RAY_RUN_NAME + "-refit") -> dict[str, Any]:
+    """Retrain the valid-selected config for its best epoch count on every interaction and export that as
+    RUN_DIR/model. metrics.json keeps the valid-selected model's figures (the refit model has no held-out data
+    left to score) and says which weights were exported."""
+    import dataclasses
+
+    epochs = int(metrics["best_epoch"])
+    refit_cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs + 1)
+    print(f"refit: {cfg.model.name} for {epochs} epoch(s) on all interactions", flush=True)
+    t0 = time.time()
+    try:
+        result = build_trainer(dataset_dir, refit_cfg, storage, name=name, refit=True,
+                               placement_strategy=placement_strategy).fit()
+    except Exception as exc:  # noqa: BLE001 - a user mistake inside a worker becomes one line, bugs re-raise
+        raise_user_error_from(exc)
+        raise
+    if result.error is not None:
+        raise_user_error_from(result.error)
+        raise RuntimeError(f"refit failed: {result.error}")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = load_state(ckpt_dir)
+    data = load_dataset(dataset_dir)
+    model = model_from_config(cfg.model, data.n_users, data.n_items)
+    model.load_state_dict(state["best_model"])
+    metrics = dict(metrics)
+    metrics["exported"] = {"weights": "refit", "epochs": epochs, "train_seconds": time.time() - t0,
+                           "note": "refit on train + valid + test; valid/test figures are the valid-selected "
+                                   "model's, measured before the refit"}
+    metrics["model_version"] = export_artifact(out / "model", model.eval(), cfg, data, metrics)
+    write_json(out / "metrics.json", metrics)
+    return metrics
 
 
 def format_summary(m: dict[str, Any], k: int = 10) -> str:
