@@ -32,7 +32,7 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q tests/integration
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ncf_ray jobs tests bench
+	$(VENV)/bin/ruff check ncf_ray jobs tests
 
 bench: $(STAMP)
 	$(VENV)/bin/ncf-ray bench all

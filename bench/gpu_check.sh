@@ -3,7 +3,7 @@
 #
 #     bash bench/gpu_check.sh            # from the repo root; figures land in $OUT (default ./gpu_out)
 #
-# Runs `python -m ncf_ray.bench_gpu` (Ray-free: model, sampler, engine, metrics only) on the ML-20M-size synthetic
+# Runs `python -m ncf_ray.bench.gpu` (Ray-free: model, sampler, engine, metrics only) on the ML-20M-size synthetic
 # set (138k users, 27k items, 20M positives, 4 negatives each) in several configurations, each under its own
 # timeout so that one failure (say, CUDA graph capture) does not cost the rest; a run that would pass BUDGET_S
 # (default 540 s) is skipped. Expected: about 4 minutes on an H200.
@@ -19,7 +19,7 @@ LOG="$OUT/gpu_check.log"
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
   $PY -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__)"
-  $PY -c "import sys, ncf_ray.bench_gpu; bad = [m for m in sys.modules if m.split('.')[0] == 'ray']; print('ray imported:', bad or 'no')"
+  $PY -c "import sys, ncf_ray.bench.gpu; bad = [m for m in sys.modules if m.split('.')[0] == 'ray']; print('ray imported:', bad or 'no')"
 } 2>&1 | tee "$LOG"
 
 run() {  # run NAME SECONDS ARGS...: one configuration -> $OUT/NAME.json, a line in the log
@@ -27,7 +27,7 @@ run() {  # run NAME SECONDS ARGS...: one configuration -> $OUT/NAME.json, a line
   if (( SECONDS + secs > ${BUDGET_S:-540} )); then echo "== $name: skipped (time budget)" | tee -a "$LOG"; return; fi
   echo "== $name: $*" | tee -a "$LOG"
   # DEVICE/EXTRA let a CPU dry run check this script: DEVICE=cpu EXTRA="--users 300 --items 200 --positives 5000"
-  if timeout "$secs" $PY -m ncf_ray.bench_gpu --device "${DEVICE:-cuda}" --json "$@" ${EXTRA:-} > "$OUT/$name.json" 2>> "$LOG"; then
+  if timeout "$secs" $PY -m ncf_ray.bench.gpu --device "${DEVICE:-cuda}" --json "$@" ${EXTRA:-} > "$OUT/$name.json" 2>> "$LOG"; then
     $PY - "$OUT/$name.json" <<'PYEOF' | tee -a "$LOG"
 import json, sys
 r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])

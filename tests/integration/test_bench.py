@@ -1,85 +1,108 @@
-"""`ncf-ray bench ... --quick`: each bench writes its JSON (fields present and positive, never a speed asserted)
-and regenerates RESULTS.md with the plots. Serve's bench is exercised by tests/integration/test_serve.py."""
+"""`ncf-ray bench all --quick`, run once for the module through the real CLI and the real runners at tiny sizes.
+
+Each test reads that one run: every bench wrote its JSON (figures present, positive and finite; each ratio the
+quotient of the two figures measured beside it, never a speed asserted) and RESULTS.md carries each bench's
+section, rows and the command line that produced them. Serve's bench beside a running app is exercised by
+tests/integration/test_serve.py.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from ncf_ray import bench
+from ncf_ray.bench.train import TRAIN_SIZES
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def _check_rows(res: dict) -> None:
-    assert res["rows"]
-    for r in res["rows"]:
-        assert _positive(r["value"]), r
-        if r["baseline_value"] is not None:
-            assert _positive(r["baseline_value"]) and _positive(r["ratio"]), r
-    for key in ("command", "date", "machine", "seconds"):
-        assert res[key], key
+@pytest.fixture(scope="module")
+def quick_all(tmp_path_factory):
+    """One `ncf-ray bench all --quick --json` in a fresh process (it starts and stops its own Ray per bench)."""
+    out = tmp_path_factory.mktemp("bench") / "results"
+    cmd = [sys.executable, "-m", "ncf_ray.cli", "bench", "all", "--quick", "--out", str(out), "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"out": out, "printed": printed, "stdout": proc.stdout,
+            "command": f"ncf-ray bench all --quick --out {out}", "report": (out.parent / "RESULTS.md").read_text()}
 
 
-def test_bench_train_quick(ray_local, tmp_path):
-    out = tmp_path / "results"
-    res = bench.run_bench("train", quick=True, out=out)["train"]
-    _check_rows(res)
-    for key in ("ratio", "plain_samples_per_s", "ray_samples_per_s_per_worker", "scaling_1_to_2",
-                "ray2_samples_per_s"):
-        assert _positive(res[key]), key
+def test_every_bench_wrote_positive_rows_whose_ratio_is_the_two_measured_figures(quick_all):
+    out = quick_all["out"]
+    assert sorted(quick_all["printed"]) == sorted(bench.BENCHES)
+    for name in bench.BENCHES:
+        res = json.loads((out / f"{name}.json").read_text())
+        assert res["rows"] == quick_all["printed"][name]["rows"], name  # what was printed is what was written
+        assert res["name"] == name and res["quick"] is True and _positive(res["seconds"])
+        assert res["command"] == quick_all["command"] and res["date"] and res["machine"]["torch"]
+        for r in res["rows"]:
+            assert _positive(r["value"]), (name, r)
+            if r["baseline"] is None:
+                assert r["baseline_value"] is None and r["ratio"] is None, (name, r)
+            else:
+                assert _positive(r["baseline_value"]), (name, r)
+                assert r["ratio"] == pytest.approx(r["value"] / r["baseline_value"], rel=1e-9), (name, r)
+
+
+def test_results_md_carries_every_section_row_and_the_command_line(quick_all):
+    report = quick_all["report"]
+    assert report.startswith("# Benchmark results")
+    for name in bench.BENCHES:
+        assert f"## {name} (quick sizes)" in report
+        for r in quick_all["printed"][name]["rows"]:
+            assert f"| {r['figure']} |" in report, r["figure"]
+    assert report.count(f"`{quick_all['command']}`") == len(bench.BENCHES)
+    assert report.index("## prepare") < report.index("## train") < report.index("## gpu")  # BENCHES order
+    for png in ("throughput_vs_batch.png", "time_to_quality.png"):
+        assert (quick_all["out"] / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"](results/{png})" in report
+
+
+def test_train_compares_ray_with_the_plain_loop_it_measured(quick_all):
+    res = quick_all["printed"]["train"]
+    plain, ray1, ray2 = res["plain_samples_per_s"], res["ray_samples_per_s_per_worker"], res["ray2_samples_per_s"]
+    assert all(_positive(x) for x in (plain, ray1, ray2))
+    assert res["ratio"] == pytest.approx(ray1 / plain) and res["scaling_1_to_2"] == pytest.approx(ray2 / ray1)
+    first = res["rows"][0]
+    assert (first["value"], first["baseline_value"]) == (ray1, plain)
+    # Plain-loop epochs before and after the Ray run, the warm-up epoch of each dropped.
+    assert len(res["plain_epochs_samples_per_s"]) == 2 * (TRAIN_SIZES[True]["plain_epochs"] - 1)
+    assert len(res["ray1_history"]) == len(res["ray2_history"]) == TRAIN_SIZES[True]["ray_epochs"]
+    assert [p["batch_size"] for p in res["batch_sweep"]] == list(TRAIN_SIZES[True]["sweep"])
     assert all(_positive(p["samples_per_s"]) for p in res["batch_sweep"])
     ttq = res["time_to_quality"]
-    assert ttq["runs"] and all(_positive(p["seconds"]) for p in ttq["runs"][0]["curve"])
-    assert 0 < ttq["converged_hr@10"] <= 1
-    on_disk = json.loads((out / "train.json").read_text())
-    assert on_disk["ratio"] == res["ratio"] and on_disk["quick"] is True
-    report = (tmp_path / "RESULTS.md").read_text()
-    assert "## train" in report and "plain torch loop" in report and "Time to quality" in report
-    for png in ("throughput_vs_batch.png", "time_to_quality.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    hrs = [p["valid_hr@10"] for p in ttq["runs"][0]["curve"]]
+    assert ttq["converged_hr@10"] == max(hrs) and 0 < max(hrs) <= 1
+    assert "Time to quality" in quick_all["report"] and "plain torch loop" in quick_all["report"]
 
 
-def test_bench_prepare_quick(tmp_path):
-    res = bench.run_bench("prepare", quick=True, out=tmp_path / "results")["prepare"]
-    _check_rows(res)
-    assert res["sizes"]["1m"]["rows"] > 0
-    assert "## prepare" in (tmp_path / "RESULTS.md").read_text()
-
-
-def test_bench_eval_and_gpu_quick_from_the_cli(tmp_path):
-    out = tmp_path / "results"
-    for name in ("eval", "gpu"):
-        proc = subprocess.run([sys.executable, "-m", "ncf_ray.cli", "bench", name, "--quick", "--json",
-                               "--out", str(out)], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-        _check_rows(res)
-        assert json.loads((out / f"{name}.json").read_text())["rows"] == res["rows"]
-    ev = json.loads((out / "eval.json").read_text())
+def test_eval_prepare_serve_gpu_report_their_own_figures(quick_all):
+    got = quick_all["printed"]
+    ev = got["eval"]
     assert ev["rows"][0]["baseline"].startswith("popularity")
-    report = (tmp_path / "RESULTS.md").read_text()
-    assert "## eval" in report and "## gpu" in report
-
-
-def test_bench_all_dispatches_every_bench_and_reports_them(tmp_path, monkeypatch):
-    # The wiring of `all` without the cost: each runner replaced by a canned result.
-    def fake(name):
-        return lambda quick: {"rows": [bench.row(f"{name} figure", 2.0, "x/s", "base", 1.0)]}
-
-    monkeypatch.setattr(bench, "RUNNERS", {n: fake(n) for n in bench.BENCHES})
-    results = bench.run_bench("all", quick=True, out=tmp_path / "results")
-    assert sorted(results) == sorted(bench.BENCHES)
-    report = (tmp_path / "RESULTS.md").read_text()
-    for name in bench.BENCHES:
-        assert f"## {name}" in report and f"{name} figure" in report
-    assert "| 2 |" in report
+    assert ev["rows"][2]["value"] == pytest.approx(ev["users"] / ev["rows"][0]["value"])  # seconds = users / rate
+    assert got["prepare"]["sizes"]["1m"]["rows"] > 0 and list(got["prepare"]["sizes"]) == ["1m"]
+    serve = got["serve"]
+    assert serve["rows"][0]["value"] == serve["recommend"]["rps"]
+    assert serve["rows"][0]["baseline_value"] == serve["noop_floor"]["rps"]
+    assert serve["recommend"]["errors"] == serve["recommend_batch"]["errors"] == 0
+    fast = got["gpu"]["runs"]["fast"]
+    assert fast["device"] == "cpu" and fast["settings"]["batch_size"] == 1024 and len(fast["epochs"]) == 2
+    assert got["gpu"]["rows"][0]["value"] == fast["epoch_samples_per_s"]
 
 
 def test_bench_unknown_name_is_a_user_error(tmp_path):
@@ -87,3 +110,4 @@ def test_bench_unknown_name_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="nope"):
         bench.run_bench("nope", quick=True, out=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -350,7 +350,7 @@ def test_build_app_args_and_emitted_config_are_valid(server, tmp_path):
 
 
 def test_bench_serve_quick_returns_positive_figures(server):
-    from ncf_ray.bench_serve import bench_serve
+    from ncf_ray.bench.serve import bench_serve
 
     out = bench_serve(None, quick=True)
     for key in ("recommend", "recommend_batch", "noop_floor"):

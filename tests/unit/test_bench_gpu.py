@@ -1,4 +1,5 @@
-"""The Ray-free GPU benchmark entry on CPU with a tiny synthetic set (no Ray, no files)."""
+"""The Ray-free GPU benchmark entry (`python -m ncf_ray.bench.gpu`) on CPU with a tiny synthetic set (no Ray, no
+files), and the bench package's promise that importing it loads no Ray."""
 
 import json
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import torch
 
-from ncf_ray import bench_gpu
+from ncf_ray.bench import gpu as bench_gpu
 
 TINY = ["--device", "cpu", "--users", "60", "--items", "40", "--positives", "600", "--batch-size", "256",
         "--epochs", "2", "--full-eval-users", "20", "--eval-negatives", "9", "--threads", "1"]
@@ -52,9 +53,21 @@ def test_bench_gpu_amp_and_text_output(capsys):
 def test_bench_gpu_never_imports_ray():
     # The lent GPU machine has no Ray: the entry and everything it imports must stay Ray-free.
     # Run it (not just import it): serving() imports ncf_ray.scoring lazily, and this process has Ray loaded.
-    code = ("import sys, ncf_ray.bench_gpu as b; "
+    code = ("import sys, ncf_ray.bench.gpu as b; "
             f"assert b.main({[*TINY, '--json']!r}) == 0; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'pandas')); "
             "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_bench_package_loads_no_ray_and_every_bench_has_a_measure_entry():
+    # `ncf-ray bench --help` and the GPU entry import the package: its runner loads a bench only when it runs it.
+    code = ("import sys, ncf_ray.bench as b; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'ray'); "
+            "entries = {n: b.runner(n) for n in b.BENCHES}; "
+            "assert all(callable(f) and f.__name__ == 'measure' for f in entries.values()), entries; "
+            "assert {f.__module__ for f in entries.values()} == {f'ncf_ray.bench.{n}' for n in b.BENCHES}; "
+            "print('ray imported by the package:', bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

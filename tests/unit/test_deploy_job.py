@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ncf_ray.bench_serve import TINY, make_bench_artifact
+from ncf_ray.bench.serve import TINY, make_bench_artifact
 
 ROOT = Path(__file__).resolve().parents[2]
 

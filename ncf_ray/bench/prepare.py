@@ -1,8 +1,7 @@
 """Benchmark `prepare` on the synthetic source: rows/s, seconds and peak memory for 1M and 20M interactions.
 
-    .venv/bin/python bench/bench_prepare.py            # 1M and 20M (ML-1M and ML-20M shapes)
-    .venv/bin/python bench/bench_prepare.py --quick    # 1M only
-    (later: `ncf-ray bench prepare`, which calls bench_prepare(quick))
+    ncf-ray bench prepare [--quick]                 # the table row in bench/RESULTS.md (calls `measure`)
+    python -m ncf_ray.bench.prepare [--quick]       # the figures printed; --quick: 1M only
 
 Each size runs in a fresh subprocess (a fresh local Ray), so peak figures do not leak between sizes. Memory:
 - driver_maxrss_mib: ru_maxrss of the driver process (RUSAGE_SELF);
@@ -18,12 +17,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from typing import Any
+
+from ncf_ray.bench import row, run_module
 
 SIZES = {
     "1m": {"users": 6040, "items": 3706, "interactions": 1_000_000},
@@ -110,16 +109,23 @@ def bench_prepare(quick: bool) -> dict[str, Any]:
     for size in ["1m"] if quick else ["1m", "20m"]:
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         env.pop("RAY_ADDRESS", None)  # always a fresh local Ray: the figures are about this machine
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", size], capture_output=True,
-                              text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench prepare {size} failed:\n{proc.stderr[-3000:]}")
-        results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[size] = run_module("ncf_ray.bench.prepare", ["--one", size], f"bench prepare {size}", env=env)
     return results
 
 
+def measure(quick: bool) -> dict[str, Any]:
+    """`ncf-ray bench prepare`: rows/s and peak memory (PSS of every process) per size."""
+    res = bench_prepare(quick)
+    table = []
+    for size, r in res.items():
+        table.append(row(f"prepare synthetic {size}: rows/s ({r['rows']:,} rows)", r["rows_per_s"], "rows/s"))
+        table.append(row(f"prepare synthetic {size}: peak memory, all processes (PSS)", r["tree_pss_peak_mib"],
+                         "MiB", goal="< 8192 MiB" if size == "20m" else None))
+    return {"rows": table, "sizes": res}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ncf_ray.bench.prepare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M only")
     ap.add_argument("--one", choices=sorted(SIZES), help=argparse.SUPPRESS)
     args = ap.parse_args()

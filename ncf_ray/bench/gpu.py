@@ -1,9 +1,10 @@
 """Single-device NCF training benchmark without Ray: samples/s, seconds per epoch and eval users/s.
 
-    python -m ncf_ray.bench_gpu                                  # ML-20M size on CUDA if present, else CPU
-    python -m ncf_ray.bench_gpu --device cuda --amp --batch-size 1048576 --json
-    python -m ncf_ray.bench_gpu --device cpu --users 300 --items 200 --positives 5000 --epochs 1   # a smoke run
-    (`ncf-ray bench gpu` runs this module in a subprocess; bench/gpu_check.sh runs it on a lent GPU machine)
+    python -m ncf_ray.bench.gpu                                  # ML-20M size on CUDA if present, else CPU
+    python -m ncf_ray.bench.gpu --device cuda --amp --batch-size 1048576 --json
+    python -m ncf_ray.bench.gpu --device cpu --users 300 --items 200 --positives 5000 --epochs 1   # a smoke run
+    (`ncf-ray bench gpu` calls `measure`, which runs this module in a subprocess; bench/gpu_check.sh runs it on a
+    lent GPU machine)
 
 It runs the same pieces as `ncf-ray train` — model.py, data/sampler.py's NegativeSampler, engine.py's epoch
 sampling and train step, metrics.py — on one device with an ML-20M-size synthetic set (138k users, 27k items, 20M
@@ -11,9 +12,11 @@ positives, 4 negatives each) generated directly as tensors on the device: no Ray
 The GPU fast path: positives stay on the device; each epoch draws negatives and one permutation there; a batch is
 a slice of those tensors; Adam is fused (engine.build_optimizer); `--amp` autocasts to bf16; the only host syncs
 are a few per epoch (the sampler's rejection rounds and the epoch's loss). `--compile` wraps the model in
-torch.compile; `--cuda-graphs` captures the whole step (forward, backward, fused Adam) once and replays it.
+torch.compile; `--cuda-graphs` captures the whole step (forward, backward, fused Adam) once and replays it
+(`GraphedStep`). The timed epochs are `train_epochs`.
 
-Imports torch and numpy only (through ncf_ray.model/metrics/engine/data.sampler): the GPU image has no Ray.
+Imports torch and numpy only (through ncf_ray.model/metrics/engine/data.sampler and the Ray-free ncf_ray.bench
+package): the GPU image has no Ray.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ncf_ray import engine
+from ncf_ray.bench import row, run_module
 from ncf_ray.data.sampler import NegativeSampler
 from ncf_ray.metrics import evaluate_full, evaluate_sampled
 from ncf_ray.model import build_model, count_parameters
@@ -167,9 +171,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         optimizer = engine.build_optimizer(model, lr0, args.weight_decay, device)
     net = torch.compile(model) if args.compile else model
-    amp_dtype = torch.bfloat16 if args.amp else None
-    stepper: GraphedStep | None = None
 
+    epochs = train_epochs(net, optimizer, pos_users, pos_items, sampler, gen, lr0, args, device)
+
+    ev = evaluate(model, split, eval_neg, sampler, args, device)
+    sv = serving(model, args, device)
+    steady = epochs[-1]  # the first epoch pays for warm-up (kernels, allocator, compile, graph capture)
+    return {
+        "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "n_users": args.users, "n_items": args.items, "n_train_positives": int(pos_users.numel()),
+        "n_eval_users": int(split["eval_users"].numel()), "parameters": n_params, "lr": lr0,
+        "samples_per_epoch": steady["samples"], "seconds_per_epoch": steady["epoch_seconds"],
+        "train_samples_per_s": steady["train_samples_per_s"],
+        "epoch_samples_per_s": steady["epoch_samples_per_s"],
+        "epochs": epochs, **timings, **ev, **sv,
+    }
+
+
+def train_epochs(net: torch.nn.Module, optimizer: torch.optim.Optimizer, pos_users: torch.Tensor,
+                 pos_items: torch.Tensor, sampler: NegativeSampler, gen: torch.Generator, lr0: float,
+                 args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """`args.epochs` timed epochs: negatives + shuffle (engine.epoch_samples), then the optimiser steps through
+    engine.train_epoch, or a replayed CUDA graph (`GraphedStep`) with --cuda-graphs on CUDA. lr: engine's warm-up
+    and decay rule over the run. Returns one row per epoch (loss, samples, seconds, samples/s)."""
+    amp_dtype = torch.bfloat16 if args.amp else None
+    graphs = args.cuda_graphs and device.type == "cuda"
+    stepper: GraphedStep | None = None
     epochs = []
     for epoch in range(args.epochs):
         with engine.Timer(device) as ts:
@@ -187,32 +216,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 loss = engine.train_epoch(net, optimizer, samples, args.batch_size, steps, lr_for_step, amp_dtype)
         trained = steps * args.batch_size
-        row = {"epoch": epoch + 1, "loss": loss, "samples": trained, "steps": steps,
+        stats = {"epoch": epoch + 1, "loss": loss, "samples": trained, "steps": steps,
                "sample_seconds": ts.seconds, "train_seconds": tt.seconds,
                "epoch_seconds": ts.seconds + tt.seconds,
                "train_samples_per_s": trained / tt.seconds,
                "epoch_samples_per_s": trained / (ts.seconds + tt.seconds)}
-        epochs.append(row)
+        epochs.append(stats)
         if not args.json:
-            print(f"epoch {row['epoch']}: loss {loss:.4f}  {row['epoch_seconds']:.2f} s "
-                  f"(negatives+shuffle {ts.seconds:.2f} s)  train {row['train_samples_per_s'] / 1e6:.2f}M samples/s  "
-                  f"epoch {row['epoch_samples_per_s'] / 1e6:.2f}M samples/s", flush=True)
+            print(f"epoch {stats['epoch']}: loss {loss:.4f}  {stats['epoch_seconds']:.2f} s "
+                  f"(negatives+shuffle {ts.seconds:.2f} s)  train {stats['train_samples_per_s'] / 1e6:.2f}M samples/s  "
+                  f"epoch {stats['epoch_samples_per_s'] / 1e6:.2f}M samples/s", flush=True)
         del samples
 
-    ev = evaluate(model, split, eval_neg, sampler, args, device)
-    sv = serving(model, args, device)
-    steady = epochs[-1]  # the first epoch pays for warm-up (kernels, allocator, compile, graph capture)
-    return {
-        "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-        "n_users": args.users, "n_items": args.items, "n_train_positives": int(pos_users.numel()),
-        "n_eval_users": int(split["eval_users"].numel()), "parameters": n_params, "lr": lr0,
-        "samples_per_epoch": steady["samples"], "seconds_per_epoch": steady["epoch_seconds"],
-        "train_samples_per_s": steady["train_samples_per_s"],
-        "epoch_samples_per_s": steady["epoch_samples_per_s"],
-        "epochs": epochs, **timings, **ev, **sv,
-    }
+    return epochs
 
 
 def evaluate(model: torch.nn.Module, split: dict[str, torch.Tensor], eval_neg: torch.Tensor,
@@ -261,6 +277,47 @@ def serving(model: torch.nn.Module, args: argparse.Namespace, device: torch.devi
     return out
 
 
+# ------------------------------------------------------------------------------------------------ ncf-ray bench gpu
+def _run_subprocess(extra: list[str]) -> dict[str, Any]:
+    return run_module("ncf_ray.bench.gpu", ["--json", *extra], f"python -m ncf_ray.bench.gpu {' '.join(extra)}")
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """`ncf-ray bench gpu`: this module in a subprocess (a clean process, as on the GPU machine). --quick: tiny
+    sizes on CPU; on CUDA the fast run (bf16, batch 1M) beside a plain fp32 run; without CUDA the same code on CPU at
+    ML-1M size, so the figure exists and the path is exercised."""
+    if quick:
+        runs = {"fast": _run_subprocess(["--device", "cpu", "--users", "300", "--items", "200", "--positives",
+                                          "5000", "--batch-size", "1024", "--epochs", "2", "--full-eval-users",
+                                          "100"])}
+    elif torch.cuda.is_available():
+        runs = {"baseline": _run_subprocess(["--device", "cuda", "--batch-size", "65536"]),
+                "fast": _run_subprocess(["--device", "cuda", "--amp", "--batch-size", "1048576", "--epochs", "3"])}
+    else:  # no GPU here: the same code on CPU at ML-1M size, so the figure exists and the path is exercised
+        from ncf_ray.train import default_threads
+
+        # As train.py gives a lone worker: a full-width OpenMP team is erratic on a small shared box.
+        threads = str(default_threads(1))
+        runs = {"fast": _run_subprocess(["--device", "cpu", "--users", "6040", "--items", "3706", "--positives",
+                                          "1000000", "--batch-size", "16384", "--full-eval-users", "1000",
+                                          "--threads", threads])}
+    fast, base = runs["fast"], runs.get("baseline")
+    desc = (f"{fast['device_name']}: {fast['n_users']:,} users x {fast['n_items']:,} items, "
+            f"batch {fast['settings']['batch_size']:,}{', bf16' if fast['settings']['amp'] else ''}")
+    table = [
+        row(f"bench_gpu epoch samples/s ({desc})", fast["epoch_samples_per_s"], "samples/s",
+            "fp32, batch 65,536" if base else None, base["epoch_samples_per_s"] if base else None,
+            goal=">= 70M on one H200" if fast["device"].startswith("cuda") else None),
+        row("bench_gpu seconds per epoch", fast["seconds_per_epoch"], "s"),
+        row("bench_gpu sampled eval users/s", fast["eval_sampled_users_per_s"], "users/s"),
+        row("bench_gpu full-ranking eval users/s", fast["eval_full_users_per_s"], "users/s"),
+        row(f"bench_gpu serving top-10 users/s, precision auto ({fast['serve_precision_auto']}), "
+            f"{fast['serve_users_per_call']} users per call", fast["serve_top10_users_per_s_auto"], "users/s",
+            "exact fp32 scoring", fast["serve_top10_users_per_s_fp32"]),
+    ]
+    return {"rows": table, "runs": runs}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -272,7 +329,7 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ncf_ray.bench_gpu", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ncf_ray.bench.gpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--users", type=int, default=ML20M["users"])
     p.add_argument("--items", type=int, default=ML20M["items"])

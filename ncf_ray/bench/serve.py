@@ -1,7 +1,7 @@
 """Serving benchmark: requests/s, p50, p99 and errors of the Serve endpoint under concurrent keep-alive load.
 
-    ncf-ray bench serve                    # (the lead's bench CLI calls bench_serve and writes the JSON)
-    python -m ncf_ray.bench_serve [MODEL_DIR] [--quick] [--replicas 2]     # the same, printed
+    ncf-ray bench serve [--quick]          # the table rows in bench/RESULTS.md (calls `measure`)
+    python -m ncf_ray.bench.serve [MODEL_DIR] [--quick] [--replicas 2]     # the raw figures, printed
 
 One run starts Serve (HAProxy ingress unless Ray is already up), deploys the model app and a no-op endpoint (the
 floor: what Serve itself costs per request), and drives each from a SEPARATE process on loopback: a small asyncio
@@ -12,7 +12,7 @@ reconfigured to exact fp32 scoring and /recommend and the 1,000-user batch are m
 
 Without MODEL_DIR it builds an ML-1M-size NeuMF artifact (6,040 users x 3,706 items, factors 32, layers 64,32,16,
 ~165 seen items per user) from an initialised, untrained model: serving speed does not depend on the weights.
-This module writes no result file; the caller does.
+`bench_serve` and this module's command line write no result file; `ncf-ray bench serve` does.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import asyncio
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from ncf_ray.bench import row, run_module
 
 BENCH_APP, NOOP_APP = "ncf_bench", "ncf_noop"
 ML1M = {"n_users": 6040, "n_items": 3706, "factors": 32, "layers": (64, 32, 16), "seen_per_user": 165}
@@ -142,11 +143,8 @@ def run_load(host: str, port: int, path: str, bodies: list[str], connections: in
     """Drive `path` from a separate process; returns rps, p50_ms, p99_ms, errors."""
     spec = {"host": host, "port": port, "path": path, "bodies": bodies, "connections": connections,
             "seconds": seconds, "warmup_s": warmup_s}
-    proc = subprocess.run([sys.executable, "-m", "ncf_ray.bench_serve", "--load"], input=json.dumps(spec),
-                          capture_output=True, text=True, timeout=seconds + warmup_s + 60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_module("ncf_ray.bench.serve", ["--load"], "load generator", stdin=json.dumps(spec),
+                      timeout=seconds + warmup_s + 60)
 
 
 # ------------------------------------------------------------------------------------------------ serve side
@@ -286,13 +284,38 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
     }
 
 
+def measure(quick: bool) -> dict[str, Any]:
+    """`ncf-ray bench serve`: `bench_serve` on a generated artifact, as table rows (goals for the full size)."""
+    res = bench_serve(None, quick)
+    rec, batch, floor = res["recommend"], res["recommend_batch"], res["noop_floor"]
+    small, base = res["recommend_batch_small"], res["fp32_baseline"]
+    precision = res["scoring"]["precision"]
+    full = not quick  # the goals are for the ML-1M-size model; --quick serves a tiny one
+    table = [
+        row("POST /recommend (top-10) requests/s", rec["rps"], "req/s", "no-op endpoint, same Serve", floor["rps"],
+            goal=">= 1000" if full else None),
+        row(f"POST /recommend/batch users/s ({batch['users_per_request']} users per request)", batch["users_per_s"],
+            "users/s", "single /recommend users/s", rec["rps"], goal=">= 20000" if full else None),
+        row(f"POST /recommend/batch users/s ({small['users_per_request']} users per request)", small["users_per_s"],
+            "users/s", f"{batch['users_per_request']} users per request", batch["users_per_s"]),
+        row(f"POST /recommend/batch users/s, {precision} scoring", batch["users_per_s"], "users/s",
+            "same deployment, exact fp32 scoring", base["recommend_batch"]["users_per_s"]),
+        row(f"POST /recommend requests/s, {precision} scoring", rec["rps"], "req/s",
+            "same deployment, exact fp32 scoring", base["recommend"]["rps"]),
+    ]
+    for key in ("p50_ms", "p99_ms"):
+        table.append(row(f"POST /recommend {key.replace('_ms', '')} latency", rec[key], "ms", "no-op endpoint",
+                        floor[key], goal="<= 50" if full and key == "p99_ms" else None))
+    return {"rows": table, **res}
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--load"]:
         return load_main()
-    p = argparse.ArgumentParser(prog="python -m ncf_ray.bench_serve", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ncf_ray.bench.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", nargs="?", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--replicas", type=int, default=2)
