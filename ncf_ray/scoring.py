@@ -1,24 +1,22 @@
 """Fast all-items scoring for serving: a bf16 shortlist over every item, re-ranked exactly in fp32.
 
-Serving ranks all items for every request. For NeuMF and MLP, `model.score_items` already computes the item half
-of the first tower layer once, but what is left is still a matmul over every (user, item) pair per hidden layer
-plus elementwise passes (add, ReLU, bias, final dot) over tensors of that size: ~12K users/s per core in fp32 for
-the default model (f32, tower 64-32-16) against 3,706 items. Where bf16 dot-product units exist (AVX512-BF16 or
-AMX CPUs, GPUs) the tower runs as one `torch.compile`d kernel instead: add + ReLU + cast and bias + ReLU + final
-dot are fused into one pass each, the hidden matmuls run in bf16 with fp32 accumulation, and the graph runs as
-one C++ call that releases the GIL. Measured on this 2-core EPYC, one thread, in one process: ~26-28K users/s
-for the kernel, ~17K users/s for a whole 256-user /recommend/batch body (scoring + JSON) vs ~10K in fp32.
+Serving ranks all items for every request. Through the model-input contract the catalogue's item
+representations are computed once and each request computes only its users' representations; what is left
+for a NeuMF-style tower head (`model.tower_parts`) is still a matmul over every (user, item) pair per hidden
+layer plus elementwise passes over tensors of that size. Where bf16 dot-product units exist (AVX512-BF16 or AMX
+CPUs, GPUs) the tower runs as one `torch.compile`d kernel instead: add + ReLU + cast and bias + ReLU + final dot
+are fused into one pass each, the hidden matmuls run in bf16 with fp32 accumulation, and the graph runs as one
+C++ call that releases the GIL (figures: bench/RESULTS.md, `ncf-ray bench serve`).
 
-bf16 moves logits by ~1e-2, enough to swap near-ties, so its scores only pick a shortlist: each chunk of users
-keeps its top k + margin items (`shortlist_size`) while the chunk is still in cache; the shortlist is then
-re-scored by the model's own fp32 forward and re-sorted. Returned scores are therefore the model's fp32 logits
-(what `/score` gives, to ~1e-6), and the list is the exact top-k unless an exact top-k item ranks below k + margin
-by the bf16 score. On the trained default model (6,040 users) the bf16 top 10 alone held 99.8% of the exact top
-10, the bf16 top 15 all of it; `tests/unit/test_scoring.py` checks exactness on a model trained in the test.
+bf16 moves logits enough to swap near-ties, so its scores only pick a shortlist: each chunk of users keeps its
+top k + margin items (`shortlist_size`) while the chunk is still in cache; the shortlist is then re-scored by the
+model's own fp32 forward and re-sorted. Returned scores are therefore the model's fp32 logits (what `/score`
+gives, to ~1e-6), and the list is the exact top-k unless an exact top-k item ranks below k + margin by the bf16
+score; `tests/unit/test_scoring.py` checks exactness on a model trained in the test.
 
-GMF, MF and MLPs without a tower layer are a single matmul already: they always use the exact fp32 path. If
-compilation fails (no C++ compiler on a CPU host, for instance) the scorer notes why and falls back to fp32.
-Ray-free: used by `Recommender` (ncf_ray/recommender.py) inside each Serve replica.
+Dot-product heads (GMF, MF, seq with head=dot) and MLPs without a tower layer are one matmul already: they always
+use the exact fp32 path. If compilation fails (no C++ compiler on a CPU host, for instance) the scorer notes why
+and falls back to fp32. Ray-free: used by `Recommender` (ncf_ray/recommender.py) inside each Serve replica.
 """
 
 from __future__ import annotations
@@ -39,9 +37,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
-# Users per kernel call on CPU: the [chunk, h1, M] hidden tensor stays near 2^21 elements (4 MiB in bf16, ~17
-# users of the default model against 3,706 items; 8-24 users measured within a few % of each other, 4 and 64
-# users ~25% slower). GPUs use model.GPU_SCORE_CHUNK_ELEMENTS.
+# Users per kernel call on CPU: the [chunk, h1, M] hidden tensor stays near 2^21 elements (4 MiB in bf16), small
+# enough to stay in cache between the fused passes. GPUs use model.GPU_SCORE_CHUNK_ELEMENTS.
 FAST_CHUNK_ELEMENTS = 1 << 21
 
 
@@ -64,10 +61,9 @@ def reuse_large_allocations() -> bool:
     """Keep freed multi-MiB buffers in the process heap (glibc) instead of unmapping them.
 
     PyTorch's CPU allocator hands big temporaries straight to malloc/free. glibc serves them with mmap, or trims
-    them off the heap when freed, so every scoring call page-faults fresh memory for its [chunk, M, h] buffers:
-    measured here, the fused add+ReLU+cast pass took 1.06 ms per 17-user chunk with the default and 0.15 ms with
-    the buffers kept (bf16 scores for 256 users: ~16.7K -> ~22.8K users/s). Raises the mmap threshold to
-    glibc's 32 MiB cap and the trim threshold to 256 MiB. Process-wide; called in each Serve replica. False where not glibc."""
+    them off the heap when freed, so every scoring call would page-fault fresh memory for its [chunk, M, h]
+    buffers (the effect on users/s is in bench/RESULTS.md). Raises the mmap threshold to glibc's 32 MiB cap and
+    the trim threshold to 256 MiB. Process-wide; called in each Serve replica. False where not glibc."""
     import ctypes
     import ctypes.util
 

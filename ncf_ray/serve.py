@@ -15,7 +15,7 @@ the old model.
 
 Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
 the replica's own HTTP server answers directly (about 10x the default Python proxy's throughput on 2 cores; see
-bench_serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise (HAProxy's stats/metrics
+ncf_ray/bench/serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise (HAProxy's stats/metrics
 ports, 8404 and 9101, bind all interfaces: Ray's template, not ours). Nothing runs at import.
 """
 

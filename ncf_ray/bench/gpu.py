@@ -7,13 +7,13 @@
     lent GPU machine)
 
 It runs the same pieces as `ncf-ray train` — model.py, data/sampler.py's NegativeSampler, engine.py's epoch
-sampling and train step, metrics.py — on one device with an ML-20M-size synthetic set (138k users, 27k items, 20M
+examples and train step, metrics.py — on one device with an ML-20M-size synthetic set (138k users, 27k items, 20M
 positives, 4 negatives each) generated directly as tensors on the device: no Ray, no files, no host copies.
 The GPU fast path: positives stay on the device; each epoch draws negatives and one permutation there; a batch is
 a slice of those tensors; Adam is fused (engine.build_optimizer); `--amp` autocasts to bf16; the only host syncs
 are a few per epoch (the sampler's rejection rounds and the epoch's loss). `--compile` wraps the model in
 torch.compile; `--cuda-graphs` captures the whole step (forward, backward, fused Adam) once and replays it
-(`GraphedStep`). The timed epochs are `train_epochs`.
+(engine.GraphedStep). The timed epochs are `train_epochs`; `--model seq` trains on sequence windows.
 
 Imports torch and numpy only (through ncf_ray.model/metrics/engine/data.sampler and the Ray-free ncf_ray.bench
 package): the GPU image has no Ray.
@@ -29,9 +29,9 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ncf_ray import engine
+from ncf_ray.batch import Histories
 from ncf_ray.bench import row, run_module
 from ncf_ray.data.sampler import NegativeSampler
 from ncf_ray.metrics import evaluate_full, evaluate_sampled
@@ -74,62 +74,6 @@ def hold_out_one(users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Te
             "eval_users": ids[eligible], "eval_items": items[held]}
 
 
-# ------------------------------------------------------------------------------------------------ steps
-class GraphedStep:
-    """The whole train step (forward, loss, backward, fused Adam) captured once as a CUDA graph and replayed:
-    per step the host only copies the batch into static buffers and sets the lr tensor, so launch overhead
-    vanishes. Needs fixed-size batches, which engine.train_epoch's wrap-around already guarantees."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: int,
-                 amp_dtype: torch.dtype | None, warmup: engine.EpochSamples) -> None:
-        device = next(model.parameters()).device
-        self.model, self.optimizer, self.amp_dtype = model, optimizer, amp_dtype
-        self.u = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.i = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.y = torch.zeros(batch, dtype=torch.float32, device=device)
-        self._load(warmup, 0, batch)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream (allocator, cuBLAS handles), as the docs advise
-            for _ in range(3):
-                optimizer.zero_grad(set_to_none=True)
-                self._forward_backward()
-                optimizer.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.loss = self._forward_backward()
-            optimizer.step()
-
-    def _forward_backward(self) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            logits = self.model(self.u, self.i)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), self.y)
-        loss.backward()
-        return loss.detach()
-
-    def _load(self, s: engine.EpochSamples, start: int, end: int) -> None:
-        n = len(s)
-        if end <= n:
-            self.u.copy_(s.users[start:end]), self.i.copy_(s.items[start:end]), self.y.copy_(s.labels[start:end])
-        else:
-            idx = torch.arange(start, end, device=self.u.device) % n
-            self.u.copy_(s.users[idx]), self.i.copy_(s.items[idx]), self.y.copy_(s.labels[idx])
-
-    def epoch(self, samples: engine.EpochSamples, batch: int, lr_for_step: Any) -> float:
-        steps = engine.steps_for(len(samples), batch)
-        total = torch.zeros((), device=self.u.device)
-        for step in range(steps):
-            start = (step * batch) % len(samples)
-            self._load(samples, start, start + batch)
-            for group in self.optimizer.param_groups:
-                group["lr"].fill_(lr_for_step(step))  # a device tensor: no host sync, captured by the graph
-            self.graph.replay()
-            total += self.loss
-        return float(total) / steps
-
-
 # ------------------------------------------------------------------------------------------------ run
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -160,22 +104,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["data_seconds"] = t.seconds
     pos_users, pos_items = split["train_users"], split["train_items"]
 
-    model = build_model(args.model, args.users, args.items, args.factors, args.layers).to(device)
+    model = build_model(args.model, args.users, args.items, factors=args.factors, layers=args.layers,
+                        history_len=args.history_len, blocks=args.blocks).to(device)
     n_params = count_parameters(model)
     lr0 = engine.scaled_lr(args.lr, args.batch_size, 1024)
     graphs = args.cuda_graphs and device.type == "cuda"
     if graphs:  # capturable fused Adam with the lr as a device tensor, so the schedule lives inside the graph
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(
-            model.parameters(), lr=torch.tensor(lr0, device=device), weight_decay=args.weight_decay,
-            fused=True, capturable=True)
+        optimizer = engine.graph_optimizer(model, lr0, args.weight_decay, device)
     else:
         optimizer = engine.build_optimizer(model, lr0, args.weight_decay, device)
     net = torch.compile(model) if args.compile else model
+    # Sequence models read each user's history: positives are sorted by user, so file order is the time order.
+    hist = (Histories.from_arrays(pos_users.cpu().numpy(), pos_items.cpu().numpy(), None, args.users, device)
+            if model.history_len else None)
 
-    epochs = train_epochs(net, optimizer, pos_users, pos_items, sampler, gen, lr0, args, device)
+    epochs = train_epochs(net, optimizer, pos_users, pos_items, hist, sampler, gen, lr0, args, device)
 
-    ev = evaluate(model, split, eval_neg, sampler, args, device)
-    sv = serving(model, args, device)
+    ev = evaluate(model, split, eval_neg, sampler, hist, args, device)
+    sv = serving(model, hist, args, device)
     steady = epochs[-1]  # the first epoch pays for warm-up (kernels, allocator, compile, graph capture)
     return {
         "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
@@ -191,53 +137,53 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_epochs(net: torch.nn.Module, optimizer: torch.optim.Optimizer, pos_users: torch.Tensor,
-                 pos_items: torch.Tensor, sampler: NegativeSampler, gen: torch.Generator, lr0: float,
-                 args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    """`args.epochs` timed epochs: negatives + shuffle (engine.epoch_samples), then the optimiser steps through
-    engine.train_epoch, or a replayed CUDA graph (`GraphedStep`) with --cuda-graphs on CUDA. lr: engine's warm-up
-    and decay rule over the run. Returns one row per epoch (loss, samples, seconds, samples/s)."""
+                 pos_items: torch.Tensor, hist: Histories | None, sampler: NegativeSampler, gen: torch.Generator,
+                 lr0: float, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """`args.epochs` timed epochs of the engine's recipe: examples with fresh negatives (engine.make_examples),
+    then the optimiser steps through engine.train_epoch, or through a replayed CUDA graph
+    (engine.GraphedStep) with --cuda-graphs on CUDA; lr from engine.schedule. One row per epoch."""
     amp_dtype = torch.bfloat16 if args.amp else None
     graphs = args.cuda_graphs and device.type == "cuda"
-    stepper: GraphedStep | None = None
+    stepper: engine.GraphedStep | None = None
     epochs = []
     for epoch in range(args.epochs):
         with engine.Timer(device) as ts:
-            samples = engine.epoch_samples(pos_users, pos_items, sampler, args.negatives, gen)
-        steps = engine.steps_for(len(samples), args.batch_size)
-
-        def lr_for_step(step: int, epoch: int = epoch, steps: int = steps) -> float:
-            return lr0 * engine.lr_multiplier(epoch + step / steps, 1.0, max(args.epochs, 2))
-
+            examples = engine.make_examples(net, pos_users, pos_items, hist, sampler, args.negatives, gen)
+        rows = engine.rows_per_step(args.batch_size, examples)
+        steps = engine.steps_for(len(examples), rows)
+        lr_for_step = engine.schedule(lr0, epoch, steps, 1.0, max(args.epochs, 2))
         with engine.Timer(device) as tt:
             if graphs:
                 if stepper is None:
-                    stepper = GraphedStep(net, optimizer, args.batch_size, amp_dtype, samples)
-                loss = stepper.epoch(samples, args.batch_size, lr_for_step)
+                    stepper = engine.GraphedStep(net, optimizer, examples.batch(0, rows), amp_dtype)
+                loss = engine.train_epoch_graphed(stepper, examples, rows, steps, lr_for_step, epoch)
             else:
-                loss = engine.train_epoch(net, optimizer, samples, args.batch_size, steps, lr_for_step, amp_dtype)
-        trained = steps * args.batch_size
+                loss = engine.train_epoch(net, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch)
+        trained = steps * rows * examples.per_row
         stats = {"epoch": epoch + 1, "loss": loss, "samples": trained, "steps": steps,
-               "sample_seconds": ts.seconds, "train_seconds": tt.seconds,
-               "epoch_seconds": ts.seconds + tt.seconds,
-               "train_samples_per_s": trained / tt.seconds,
-               "epoch_samples_per_s": trained / (ts.seconds + tt.seconds)}
+                 "sample_seconds": ts.seconds, "train_seconds": tt.seconds,
+                 "epoch_seconds": ts.seconds + tt.seconds,
+                 "train_samples_per_s": trained / tt.seconds,
+                 "epoch_samples_per_s": trained / (ts.seconds + tt.seconds)}
         epochs.append(stats)
         if not args.json:
             print(f"epoch {stats['epoch']}: loss {loss:.4f}  {stats['epoch_seconds']:.2f} s "
                   f"(negatives+shuffle {ts.seconds:.2f} s)  train {stats['train_samples_per_s'] / 1e6:.2f}M samples/s  "
                   f"epoch {stats['epoch_samples_per_s'] / 1e6:.2f}M samples/s", flush=True)
-        del samples
+        del examples
 
     return epochs
 
 
 def evaluate(model: torch.nn.Module, split: dict[str, torch.Tensor], eval_neg: torch.Tensor,
-             sampler: NegativeSampler, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+             sampler: NegativeSampler, hist: Histories | None, args: argparse.Namespace,
+             device: torch.device) -> dict[str, Any]:
     """Users/s of sampled (held-out item among its negatives) and full-ranking evaluation, with HR@10."""
     users, targets = split["eval_users"], split["eval_items"]
     big = device.type == "cuda"
     with engine.Timer(device) as ts:
-        sampled = evaluate_sampled(model, users, targets, eval_neg, k=10, batch_size=65536 if big else 2048)
+        sampled = evaluate_sampled(model, users, targets, eval_neg, k=10, batch_size=65536 if big else 2048,
+                                   histories=hist)
     n_full = min(len(users), args.full_eval_users)
     fu, ft = users[:n_full], targets[:n_full]
     # Exclude each user's train positives, as `ncf-ray evaluate --protocol full` does (CSR of sorted keys).
@@ -247,13 +193,14 @@ def evaluate(model: torch.nn.Module, split: dict[str, torch.Tensor], eval_neg: t
     indptr[1:] = torch.cumsum(torch.bincount(ku, minlength=args.users), 0)
     seen = (indptr, keys % args.items)
     with engine.Timer(device) as tf:
-        full = evaluate_full(model, fu, ft, seen, k=10, batch_size=4096 if big else 256)
+        full = evaluate_full(model, fu, ft, seen, k=10, batch_size=4096 if big else 256, histories=hist)
     return {"eval_sampled_users_per_s": len(users) / ts.seconds, "eval_sampled_seconds": ts.seconds,
             "eval_full_users_per_s": n_full / tf.seconds, "eval_full_users": n_full, "eval_full_seconds": tf.seconds,
             "valid_hr@10": sampled["hr"], "valid_full_hr@10": full["hr"]}
 
 
-def serving(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def serving(model: torch.nn.Module, hist: Histories | None, args: argparse.Namespace,
+            device: torch.device) -> dict[str, Any]:
     """Users/s of the Serve replica's top-10 over all items (ncf_ray/scoring.py): exact fp32 vs precision "auto"
     (a compiled bf16 shortlist re-ranked in fp32 where the device has bf16 units), same model and users."""
     from ncf_ray.scoring import AllItemsScorer, reuse_large_allocations
@@ -261,14 +208,15 @@ def serving(model: torch.nn.Module, args: argparse.Namespace, device: torch.devi
     if device.type == "cpu":
         reuse_large_allocations()  # as each Serve replica does
     users = torch.arange(min(args.users, args.serve_users), device=device)
+    history = hist.last(users, model.history_len) if hist is not None else None
     out: dict[str, Any] = {}
     for precision in ("fp32", "auto"):
         scorer = AllItemsScorer(model.eval(), precision=precision)  # compiles and warms up the bf16 kernel
-        scorer.top_k(users, 10)
+        scorer.top_k(users, 10, history=history)
         reps, t0 = 0, time.perf_counter()
         with engine.Timer(device) as t:
             while reps < 3 or (reps < 1000 and time.perf_counter() - t0 < 2.0):
-                scorer.top_k(users, 10)
+                scorer.top_k(users, 10, history=history)
                 reps += 1
         out[f"serve_top10_users_per_s_{precision}"] = reps * len(users) / t.seconds
         out[f"serve_precision_{precision}"] = scorer.precision
@@ -338,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-negatives", type=int, default=99)
     p.add_argument("--full-eval-users", type=int, default=20_000, help="users ranked against every item")
     p.add_argument("--serve-users", type=int, default=1000, help="users per serving top-10 call (a full batch)")
-    p.add_argument("--model", choices=("gmf", "mlp", "neumf", "mf"), default="neumf")
+    p.add_argument("--model", choices=("gmf", "mlp", "neumf", "mf", "seq"), default="neumf")
+    p.add_argument("--history-len", type=int, default=50, help="seq: items of history read")
+    p.add_argument("--blocks", type=int, default=2, help="seq: causal self-attention blocks")
     p.add_argument("--factors", type=int, default=32)
     p.add_argument("--layers", type=_layers, default=(64, 32, 16))
     p.add_argument("--batch-size", type=int, default=65536)

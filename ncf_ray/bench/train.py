@@ -52,32 +52,25 @@ def _dataset(tmp: str, users: int, items: int, interactions: int) -> str:
 # ------------------------------------------------------------------------------------------------ train
 def plain_epochs(data: Any, model_cfg: Any, batch: int, threads: int, epochs: int, negatives: int = 4,
                  seed: int = 0, lr: float = 1e-3) -> list[float]:
-    """The baseline: a single-process torch loop on engine.py, timed exactly like the Ray worker times its epoch
-    (the optimiser steps only; negatives are drawn before the timer). Returns samples/s of each epoch."""
+    """The baseline: engine.fit_plain, the worker loop's recipe in one process without Ray, timed exactly like
+    the Ray worker times its epoch (the optimiser steps only; negatives are drawn before the timer). Returns
+    samples/s of each epoch."""
     import torch
 
     from ncf_ray import engine
-    from ncf_ray.data.sampler import NegativeSampler
+    from ncf_ray.evaluation import train_histories
     from ncf_ray.model import model_from_config
 
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(seed)
-        device = torch.device("cpu")
-        gen = torch.Generator().manual_seed(seed)
-        users, items = torch.from_numpy(data.train_users), torch.from_numpy(data.train_items)
-        sampler = NegativeSampler(users, items, data.n_items)
         model = model_from_config(model_cfg, data.n_users, data.n_items)
-        optimizer = engine.build_optimizer(model, lr, 1e-6, device)
-        out = []
-        for _ in range(epochs):
-            samples = engine.epoch_samples(users, items, sampler, negatives, gen)
-            steps = engine.steps_for(len(samples), batch)
-            with engine.Timer(device) as t:
-                engine.train_epoch(model, optimizer, samples, batch, steps)
-            out.append(steps * batch / t.seconds)
-        return out
+        users, items = torch.from_numpy(data.train_users), torch.from_numpy(data.train_items)
+        hist = train_histories(data) if model.history_len else None
+        rows = engine.fit_plain(model, users, items, data.n_items, epochs, negatives=negatives, batch_size=batch,
+                                lr=lr, weight_decay=1e-6, hist=hist, generator=torch.Generator().manual_seed(seed))
+        return [r["samples_per_second"] for r in rows]
     finally:
         torch.set_num_threads(prev)
 
@@ -95,17 +88,18 @@ def batch_sweep(data: Any, model_cfg: Any, batches: tuple[int, ...], threads: in
     try:
         users, items = torch.from_numpy(data.train_users), torch.from_numpy(data.train_items)
         sampler = NegativeSampler(users, items, data.n_items)
-        s = engine.epoch_samples(users, items, sampler, 4, torch.Generator().manual_seed(0))
+        ex = engine.pair_examples(users, items, sampler, 4, torch.Generator().manual_seed(0))
         out = []
         for b in batches:
             torch.manual_seed(0)
             model = model_from_config(model_cfg, data.n_users, data.n_items)
             opt = engine.build_optimizer(model, 1e-3, 1e-6, torch.device("cpu"))
-            engine.train_epoch(model, opt, s, b, 1)  # warm-up: allocator and optimiser state
+            rows = engine.rows_per_step(b, ex)
+            engine.train_epoch(model, opt, ex, rows, 1)  # warm-up: allocator and optimiser state
             steps = max(2, n_samples // b)
             t0 = time.perf_counter()
-            engine.train_epoch(model, opt, s, b, steps)
-            out.append({"batch_size": b, "samples_per_s": steps * b / (time.perf_counter() - t0)})
+            engine.train_epoch(model, opt, ex, rows, steps)
+            out.append({"batch_size": b, "samples_per_s": steps * rows * ex.per_row / (time.perf_counter() - t0)})
         return out
     finally:
         torch.set_num_threads(prev)
