@@ -7,7 +7,9 @@ Two protocols:
   (the caller's CSR, typically train positives; the target itself is never excluded).
 
 Ties count against the positive (a constant scorer gets rank = number of candidates, i.e. no credit), so a model
-cannot look good by emitting equal scores. A popularity baseline is scored by the same code.
+cannot look good by emitting equal scores; NaN and infinite scores count as misses, so a diverged model scores 0.
+A popularity baseline is scored by the same code. `segments` splits per-row ranks by the user's train history
+length and by the target item's popularity (head/tail).
 
 Every evaluator returns {"hr", "ndcg", "n"}; with reduce=False it returns {"hit_sum", "ndcg_sum", "n"} so Ray Train
 workers can all-reduce sums and counts and call `finalize`. Used by `ncf-ray train` (per epoch, on valid),
@@ -28,8 +30,12 @@ ArrayLike = Tensor | np.ndarray | Sequence[int]
 
 # ------------------------------------------------------------------------------------------------ ranks
 def rank_sampled(pos_scores: Tensor, neg_scores: Tensor) -> Tensor:
-    """0-based rank of each positive among its candidates: negatives scoring >= the positive. [N] int64."""
-    return (neg_scores >= pos_scores.unsqueeze(-1)).sum(dim=-1)
+    """0-based rank of each positive among its C candidate negatives: the negatives scoring >= the positive.
+    [N] int64 in 0..C. Non-finite scores count against the model: a NaN negative beats the positive, and a NaN or
+    +/-inf positive gets rank C (a miss at every k <= C, like a constant scorer), so a diverged model scores 0."""
+    beats = (neg_scores >= pos_scores.unsqueeze(-1)) | torch.isnan(neg_scores)
+    ranks = beats.sum(dim=-1)
+    return torch.where(torch.isfinite(pos_scores), ranks, neg_scores.shape[-1])
 
 
 def hit_ndcg_from_ranks(ranks: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -68,15 +74,17 @@ def seen_mask(users: Tensor, indptr: Tensor, indices: Tensor, n_items: int) -> T
 
 def rank_full(scores: Tensor, targets: Tensor, exclude: Tensor | None = None) -> Tensor:
     """0-based rank of targets[n] among all items of scores[n] (ties count against the target), ignoring items
-    where the boolean mask exclude[n] is True. The target itself is never excluded. [N] int64."""
+    where the boolean mask exclude[n] is True. The target itself is never excluded. [N] int64.
+    Non-finite scores count against the model: a NaN item beats the target, and a NaN or +/-inf target gets rank
+    n_items (scores.shape[-1]), worse than any finite ranking, so a diverged model scores 0."""
     rows = torch.arange(len(targets), device=scores.device)
     targets = targets.to(scores.device, torch.int64)
     target_scores = scores[rows, targets]
-    beats = scores >= target_scores.unsqueeze(-1)
+    beats = (scores >= target_scores.unsqueeze(-1)) | torch.isnan(scores)
     beats[rows, targets] = False  # the target does not outrank itself
     if exclude is not None:
         beats &= ~exclude
-    return beats.sum(dim=-1)
+    return torch.where(torch.isfinite(target_scores), beats.sum(dim=-1), scores.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -91,15 +99,6 @@ def finalize(sums: dict[str, float]) -> dict[str, float]:
     n = int(sums["n"])
     denom = max(n, 1)
     return {"hr": float(sums["hit_sum"]) / denom, "ndcg": float(sums["ndcg_sum"]) / denom, "n": n}
-
-
-def merge_sums(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Add up several reduce=False results (e.g. shards evaluated one after another)."""
-    return {
-        "hit_sum": sum(float(p["hit_sum"]) for p in parts),
-        "ndcg_sum": sum(float(p["ndcg_sum"]) for p in parts),
-        "n": sum(int(p["n"]) for p in parts),
-    }
 
 
 def _as_long(x: ArrayLike, device: torch.device | str = "cpu") -> Tensor:
@@ -258,3 +257,64 @@ def build_csr(users: ArrayLike, items: ArrayLike, n_users: int) -> tuple[np.ndar
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(u, minlength=n_users), out=indptr[1:])
     return indptr, i.copy()
+
+
+# ------------------------------------------------------------------------------------------------ segments
+# Users by train history length: (label, lowest length, highest length). A user with no train rows (none in a
+# prepared dataset: leave-one-out keeps >= 1) falls in the first bucket so the counts always add up.
+USER_SEGMENTS: tuple[tuple[str, int, float], ...] = (
+    ("1-5", 0, 5), ("6-20", 6, 20), ("21-100", 21, 100), (">100", 101, float("inf")),
+)
+HEAD_SHARE = 0.2  # head items: the most popular items that together hold this share of train interactions
+
+
+def head_items(item_counts: ArrayLike, share: float = HEAD_SHARE) -> np.ndarray:
+    """Boolean [n_items]: True for the head, the most popular items that together hold the top `share` of train
+    interactions (the smallest such set: an item is head when the items more popular than it hold < share).
+    Equal counts are broken by item index, so the split is deterministic."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"share={share} must be in [0, 1]")
+    counts = np.asarray(item_counts, dtype=np.float64)
+    order = np.argsort(-counts, kind="stable")
+    before = np.cumsum(counts[order]) - counts[order]  # interactions held by the items ranked above
+    head = np.zeros(counts.size, dtype=bool)
+    head[order] = before < share * counts.sum()
+    return head
+
+
+def user_segment_of(history_len: ArrayLike) -> np.ndarray:
+    """Index into USER_SEGMENTS of each user's train history length (int64 [N])."""
+    lengths = np.asarray(history_len, dtype=np.int64)
+    uppers = np.array([hi for _, _, hi in USER_SEGMENTS[:-1]], dtype=np.float64)
+    return np.searchsorted(uppers, lengths, side="left").astype(np.int64)
+
+
+def segments(
+    ranks: Tensor,
+    history_len: ArrayLike,
+    target_items: ArrayLike,
+    item_counts: ArrayLike,
+    k: int,
+    reduce: bool = True,
+    head_share: float = HEAD_SHARE,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """HR/NDCG@k of per-row ranks (from rank_sampled or rank_full) split two ways:
+    {"users": {"1-5" | "6-20" | "21-100" | ">100": m}, "items": {"head" | "tail": m}}, where row n belongs to a user
+    whose train history has history_len[n] items and whose target is target_items[n], and head/tail come from
+    head_items(item_counts) (train popularity). Each m is {"hr", "ndcg", "n"} ({"hit_sum", "ndcg_sum", "n"} with
+    reduce=False, to all-reduce over workers and pass to finalize_segments). In each split the n add up to len(ranks).
+    """
+    ranks = torch.as_tensor(ranks).cpu()
+    user_seg = torch.as_tensor(user_segment_of(history_len))
+    is_head = torch.as_tensor(head_items(item_counts, head_share)[np.asarray(target_items, dtype=np.int64)])
+    if not len(ranks) == len(user_seg) == len(is_head):
+        raise ValueError(f"ranks ({len(ranks)}), history_len ({len(user_seg)}) and target_items ({len(is_head)}) "
+                         "must have one entry per row")
+    users = {label: _summarise(ranks[user_seg == i], k, reduce) for i, (label, _, _) in enumerate(USER_SEGMENTS)}
+    items = {"head": _summarise(ranks[is_head], k, reduce), "tail": _summarise(ranks[~is_head], k, reduce)}
+    return {"users": users, "items": items}
+
+
+def finalize_segments(sums: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """segments(..., reduce=False) sums (e.g. all-reduced over workers) -> {"hr", "ndcg", "n"} per segment."""
+    return {split: {label: finalize(m) for label, m in parts.items()} for split, parts in sums.items()}
