@@ -358,6 +358,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- baselines
+def _add_baselines(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("baselines", help="popularity and EASE on a dataset's valid and test splits",
+                       description="Popularity and EASE (closed-form item-item, lambda picked on valid HR@K) on "
+                                   "valid and test, sampled and full ranking, with test segments.")
+    p.add_argument("dataset_dir")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--no-ease", action="store_true", help="popularity only")
+    p.add_argument("--json", action="store_true", help="print the metrics JSON as the last line")
+    p.set_defaults(func=_cmd_baselines)
+
+
+def _cmd_baselines(args: argparse.Namespace) -> int:
+    from ncf_ray.baselines import baseline_metrics, format_baselines
+    from ncf_ray.data.dataset import load_dataset
+
+    if args.k <= 0:
+        raise UserError(f"--k={args.k} must be > 0")
+    m = baseline_metrics(load_dataset(args.dataset_dir), k=args.k, ease=not args.no_ease)
+    print(format_baselines(m))
+    if args.json:
+        _print_json_last(m)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare,
@@ -367,6 +392,7 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tune,
     _add_serve,
     _add_bench,
+    _add_baselines,
 ]
 
 

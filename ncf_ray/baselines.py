@@ -1,0 +1,389 @@
+"""Strong simple baselines beside every model: popularity and EASE (Steck 2019), torch only, no Ray.
+
+    ncf-ray baselines DATASET_DIR [--k 10] [--no-ease] [--json]
+
+EASE is a closed-form item-item model: with X the binary user x item train matrix,
+    G = XᵀX + λI,   P = G⁻¹,   B = I − P·diag(P)⁻¹  (B_ij = −P_ij / P_jj for i != j),   B_jj = 0,
+and a user's scores are X_u · B. One Gram matrix serves every λ of the grid; each λ costs one Cholesky inverse
+and λ is picked on valid HR@k under the sampled protocol,
+so test is scored once, for the chosen λ only. B is dense [n_items, n_items]: a catalogue whose matrices do not
+fit in the memory available is refused with one line saying how much it would need.
+
+`baseline_metrics(data, k)` scores both baselines on valid and test, sampled (the dataset's fixed negatives) and
+full ranking (all items, excluding the user's known positives), with test segments (metrics.segments).
+`EASE` and `Popularity` are the same baselines as models on the model-input contract (user_repr / item_repr /
+head), for training, export and serving through the registry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ncf_ray.errors import UserError
+from ncf_ray.metrics import (
+    build_csr,
+    csr_rows,
+    hit_ndcg_from_ranks,
+    popularity_scores,
+    rank_full,
+    rank_sampled,
+    seen_mask,
+    segments,
+)
+
+if TYPE_CHECKING:
+    from ncf_ray.data.dataset import Dataset
+
+DEFAULT_LAMBDAS: tuple[float, ...] = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
+# Peak memory of a fit: the float64 Gram matrix, then two [n, n] work matrices (Cholesky factor and its inverse,
+# float64 at worst) beside it, + the float32 B.
+EASE_BYTES_PER_CELL = 3 * 8 + 4
+Csr = tuple[np.ndarray, np.ndarray]  # (indptr [n_users + 1], indices): items per user
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def available_memory_bytes() -> int:
+    """Memory the kernel says a new allocation can get now (MemAvailable), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def ease_memory_bytes(n_items: int) -> int:
+    """Peak bytes of an EASE fit over n_items items."""
+    return n_items * n_items * EASE_BYTES_PER_CELL
+
+
+def check_ease_fits(n_items: int, available: int | None = None) -> None:
+    """Refuse (UserError, one line with both figures) a catalogue whose dense item x item matrices do not fit."""
+    need = ease_memory_bytes(n_items)
+    have = available_memory_bytes() if available is None else available
+    if need > have:
+        raise UserError(
+            f"EASE needs a dense {n_items:,} x {n_items:,} item matrix: ~{need / 2**30:.1f} GiB "
+            f"({n_items:,}² x {EASE_BYTES_PER_CELL} bytes: 3 float64 work copies + float32 B) but only "
+            f"{have / 2**30:.1f} GiB is available; use a smaller catalogue or skip EASE (--no-ease)"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def _rows_coo(csr: Csr, users: Tensor, n_items: int) -> Tensor:
+    """Sparse COO multi-hot (float32 [len(users), n_items]) of the CSR rows of `users`."""
+    row_pos, cols = csr_rows(users, torch.as_tensor(csr[0]), torch.as_tensor(csr[1]))
+    values = torch.ones(len(cols), dtype=torch.float32)
+    return torch.sparse_coo_tensor(torch.stack([row_pos, cols]), values, (len(users), n_items),
+                                   check_invariants=False).coalesce()
+
+
+def gram_matrix(csr: Csr, n_items: int, batch_users: int = 4096) -> Tensor:
+    """G = XᵀX (float64 [n_items, n_items]) of the binary matrix X whose rows are the CSR's users, accumulated a
+    block of users at a time (sparse block x dense block: cost ~ nnz x n_items, memory ~ batch x n_items)."""
+    n_users = len(csr[0]) - 1
+    gram = torch.zeros((n_items, n_items), dtype=torch.float64)
+    for s in range(0, n_users, batch_users):
+        users = torch.arange(s, min(s + batch_users, n_users))
+        x = _rows_coo(csr, users, n_items)
+        # float32 is exact for counts below 2**24 per block; accumulate in float64.
+        gram += torch.sparse.mm(x.t().coalesce(), x.to_dense()).to(torch.float64)
+    return gram
+
+
+def ease_weights(gram: Tensor, lam: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """EASE's B (float32 [n, n]) from the Gram matrix XᵀX (not modified) and the L2 weight λ > 0:
+    P = (G + λI)⁻¹, B_ij = −P_ij / P_jj, B_jj = 0. The inverse is L⁻ᵀL⁻¹ from the Cholesky factor L (a triangular
+    solve and one matrix product: faster on CPU than cholesky_inverse or inv), in float32 by default: on an
+    ML-1M-sized log it gives the same valid HR/NDCG as float64 at every λ from 10 to 2000 in half the time. Should
+    float32 lose positive definiteness (a tiny λ), it is redone in float64."""
+    if not lam > 0:
+        raise UserError(f"EASE lambda={lam} must be > 0")
+    a = gram.to(dtype=dtype, copy=True)
+    a.diagonal().add_(float(lam))
+    chol, info = torch.linalg.cholesky_ex(a)  # G + λI is positive definite for λ > 0, up to rounding
+    del a
+    if int(info) != 0:
+        if dtype == torch.float64:
+            raise RuntimeError(f"EASE: G + {lam}·I is not positive definite in float64 (cholesky info={int(info)})")
+        return ease_weights(gram, lam, torch.float64)
+    chol_inv = torch.linalg.solve_triangular(chol, torch.eye(len(chol), dtype=dtype), upper=False)
+    del chol
+    p = chol_inv.T @ chol_inv
+    del chol_inv
+    p.div_(p.diagonal().clone()).neg_()  # column j divided by P_jj
+    p.fill_diagonal_(0.0)
+    return p.to(torch.float32)
+
+
+def ease_scores(b: Tensor, csr: Csr, users: Tensor) -> Tensor:
+    """Scores X_u · B (float32 [len(users), n_items]) with X_u the CSR rows of `users`. A dense multi-hot block
+    times B: on CPU the dense matrix product beats torch's sparse kernels many times over at MovieLens density."""
+    x = seen_mask(users, torch.as_tensor(csr[0]), torch.as_tensor(csr[1]), b.shape[0]).to(b.dtype)
+    return x @ b
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _history_csr(data: Dataset, split: str) -> Csr:
+    """The items a user is known to have by `split` time: train, plus the valid item for test. EASE's X_u and the
+    full-ranking exclusion are both this set (the valid item is a known positive by test time, which matches how
+    sequence models see history)."""
+    users, items = data.train_users, data.train_items
+    if split == "test":
+        users = np.concatenate([users, np.arange(data.n_users)])
+        items = np.concatenate([items, data.valid_items])
+    return build_csr(users, items, data.n_users)
+
+
+def _targets(data: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split not in ("valid", "test"):
+        raise ValueError(f"split={split!r} must be 'valid' or 'test'")
+    return (data.valid_items, data.valid_neg) if split == "valid" else (data.test_items, data.test_neg)
+
+
+def rank_split(
+    score_rows: Callable[[Tensor], Tensor], data: Dataset, split: str, batch_users: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """Per-user ranks (sampled, full) of `split`'s held-out item, every user, from score_rows(users) ->
+    [len(users), n_items] scores. Full ranking excludes _history_csr(data, split) (the target never)."""
+    targets, negs = _targets(data, split)
+    indptr, indices = (torch.as_tensor(a) for a in _history_csr(data, split))
+    targets_t, negs_t = torch.as_tensor(targets), torch.as_tensor(negs)
+    sampled, full = [], []
+    for s in range(0, data.n_users, batch_users):
+        users = torch.arange(s, min(s + batch_users, data.n_users))
+        scores = score_rows(users).float()
+        t = targets_t[users]
+        cand_scores = scores.gather(1, torch.cat([t.unsqueeze(1), negs_t[users]], 1))
+        sampled.append(rank_sampled(cand_scores[:, 0], cand_scores[:, 1:]))
+        full.append(rank_full(scores, t, seen_mask(users, indptr, indices, data.n_items)))
+    empty = torch.zeros(0, dtype=torch.int64)
+    return (torch.cat(sampled) if sampled else empty), (torch.cat(full) if full else empty)
+
+
+def _mean_at_k(ranks: Tensor, k: int) -> tuple[float, float]:
+    hits, ndcgs = hit_ndcg_from_ranks(ranks, k)
+    return (float(hits.mean()), float(ndcgs.mean())) if len(ranks) else (0.0, 0.0)
+
+
+def _split_metrics(ranks: tuple[Tensor, Tensor], k: int) -> dict[str, float]:
+    (hr, ndcg), (fhr, fndcg) = _mean_at_k(ranks[0], k), _mean_at_k(ranks[1], k)
+    return {f"hr@{k}": hr, f"ndcg@{k}": ndcg, f"full_hr@{k}": fhr, f"full_ndcg@{k}": fndcg}
+
+
+def _evaluate(score_rows: Callable[[Tensor], Tensor], data: Dataset, k: int, splits: Sequence[str] = ("valid", "test")
+              ) -> dict[str, Any]:
+    """{split: metrics} plus "test_segments": {"sampled": ..., "full": ...} (metrics.segments of the test ranks)."""
+    out: dict[str, Any] = {}
+    for split in splits:
+        ranks = rank_split(score_rows, data, split)
+        out[split] = _split_metrics(ranks, k)
+        if split == "test":
+            history_len = np.bincount(data.train_users, minlength=data.n_users)
+            out["test_segments"] = {
+                name: segments(r, history_len, data.test_items, data.item_counts, k)
+                for name, r in zip(("sampled", "full"), ranks)
+            }
+    return out
+
+
+def popularity_metrics(data: Dataset, k: int = 10) -> dict[str, Any]:
+    """The popularity baseline (train interaction counts, metrics.popularity_scores) on valid and test."""
+    pop = popularity_scores(data.item_counts).to(torch.float32)
+    return _evaluate(lambda users: pop.expand(len(users), -1), data, k)
+
+
+def select_ease_lambda(
+    data: Dataset, lambdas: Sequence[float], k: int, gram: Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[float, Tensor, list[dict[str, float]]]:
+    """Fit B for each λ and keep the one with the best valid HR@k (sampled protocol; ties -> the earlier λ).
+    Returns (λ, its B, [{"lambda", "valid_hr@k", "valid_ndcg@k"} per λ]). Test is never looked at."""
+    csr = _history_csr(data, "valid")
+    cand = torch.as_tensor(np.concatenate([data.valid_items[:, None], data.valid_neg], 1))
+    best: tuple[float, float, Tensor | None] = (-1.0, 0.0, None)
+    grid = []
+    for lam in lambdas:
+        b = ease_weights(gram, lam, dtype)
+        ranks = []
+        for s in range(0, data.n_users, 1024):
+            users = torch.arange(s, min(s + 1024, data.n_users))
+            scores = ease_scores(b, csr, users).gather(1, cand[users])
+            ranks.append(rank_sampled(scores[:, 0], scores[:, 1:]))
+        hr, ndcg = _mean_at_k(torch.cat(ranks), k)
+        grid.append({"lambda": float(lam), f"valid_hr@{k}": hr, f"valid_ndcg@{k}": ndcg})
+        if hr > best[0]:
+            best = (hr, float(lam), b)
+        del b
+    assert best[2] is not None
+    return best[1], best[2], grid
+
+
+def _check_lambdas(lambdas: Sequence[float] | None) -> tuple[float, ...]:
+    grid = tuple(DEFAULT_LAMBDAS if lambdas is None else lambdas)
+    if not grid or any(not lam > 0 for lam in grid):
+        raise UserError(f"EASE lambdas {list(grid)} must be a non-empty list of values > 0")
+    return grid
+
+
+def ease_metrics(
+    data: Dataset, k: int = 10, lambdas: Sequence[float] | None = None, memory_bytes: int | None = None
+) -> dict[str, Any]:
+    """EASE with λ picked on valid: {"lambda", "grid", "valid", "test", "test_segments", "fit_seconds",
+    "seconds"}. Raises UserError when the catalogue is too large for the memory (memory_bytes, default what the
+    machine has available) or a λ is not > 0."""
+    lambdas = _check_lambdas(lambdas)
+    check_ease_fits(data.n_items, memory_bytes)
+    t0 = time.perf_counter()
+    gram = gram_matrix(_history_csr(data, "valid"), data.n_items)
+    lam, b, grid = select_ease_lambda(data, lambdas, k, gram)
+    del gram
+    fit_seconds = time.perf_counter() - t0
+    out: dict[str, Any] = {"lambda": lam, "grid": grid}
+    for split in ("valid", "test"):
+        csr = _history_csr(data, split)  # test: X_u holds the valid item too
+        out |= _evaluate(lambda users, csr=csr: ease_scores(b, csr, users), data, k, splits=(split,))
+    return out | {"fit_seconds": fit_seconds, "seconds": time.perf_counter() - t0}
+
+
+def baseline_metrics(
+    data: Dataset, k: int = 10, ease: bool = True, lambdas: Sequence[float] | None = None,
+    memory_bytes: int | None = None,
+) -> dict[str, Any]:
+    """Popularity and EASE beside a model: {"k", "popularity": {"valid", "test", "test_segments"},
+    "ease": {"lambda", "grid", "valid", "test", "test_segments", "fit_seconds", "seconds"} | {"skipped": why}}.
+    Each split holds hr@k/ndcg@k (sampled) and full_hr@k/full_ndcg@k (all items, the user's known items
+    excluded: train, and for test the valid item too)."""
+    if k <= 0:
+        raise UserError(f"k={k} must be > 0")
+    out: dict[str, Any] = {"k": k, "popularity": popularity_metrics(data, k)}
+    if not ease:
+        out["ease"] = {"skipped": "not requested (--no-ease)"}
+        return out
+    lambdas = _check_lambdas(lambdas)  # a bad grid is the caller's mistake: refused, not skipped
+    try:
+        check_ease_fits(data.n_items, memory_bytes)
+    except UserError as exc:  # a catalogue too large is a property of the data: the run goes on without EASE
+        out["ease"] = {"skipped": str(exc)}
+        return out
+    out["ease"] = ease_metrics(data, k, lambdas, memory_bytes)
+    return out
+
+
+def format_baselines(m: dict[str, Any]) -> str:
+    """The table `ncf-ray baselines` prints: rows valid/test x sampled/full, columns HR@k NDCG@k per baseline,
+    then the test segments (HR@k, sampled) and EASE's λ and time."""
+    k = m["k"]
+    ease = m["ease"]
+    names = [("popularity", m["popularity"])] + ([] if "skipped" in ease else [("EASE", ease)])
+    head = f"{'':<14}" + "".join(f" {name + ' HR@' + str(k):>18} {'NDCG@' + str(k):>8}" for name, _ in names)
+    lines = [head]
+    for split in ("valid", "test"):
+        for label, prefix in ((split, ""), (f"{split} (full)", "full_")):
+            lines.append(f"{label:<14}" + "".join(
+                f" {b[split][f'{prefix}hr@{k}']:>18.4f} {b[split][f'{prefix}ndcg@{k}']:>8.4f}" for _, b in names))
+    lines.append("test segments (sampled): users by train history length, target items by popularity")
+    pop_seg = m["popularity"]["test_segments"]["sampled"]
+    for group, label_fmt in (("users", "history {}"), ("items", "{} items")):
+        for label, seg in pop_seg[group].items():
+            cells = "".join(f" {s['hr']:>18.4f} {s['ndcg']:>8.4f}"
+                            for s in (b["test_segments"]["sampled"][group][label] for _, b in names))
+            lines.append(f"{label_fmt.format(label):<14}{cells}  n={seg['n']:,}")
+    if "skipped" in ease:
+        lines.append(f"EASE skipped: {ease['skipped']}")
+    else:
+        lams = [g["lambda"] for g in ease["grid"]]
+        lines.append(f"EASE lambda {ease['lambda']:g} picked on valid HR@{k} from {len(lams)} values "
+                     f"({min(lams):g}..{max(lams):g}); fit {ease['fit_seconds']:.1f} s, total {ease['seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _head(u: Tensor, i: Tensor, pairs: bool | None = None) -> Tensor:
+    """Dot-product head of the model-input contract: I [B, C, D] -> [B, C]; I [B, D] as pairs (pairs=True) ->
+    [B]; I [N, D] against every user (pairs=False) -> [B, N]. pairs=None infers pairs from I.shape[0] == B,
+    which is ambiguous when a catalogue happens to hold B items: callers scoring a catalogue pass pairs=False."""
+    if i.dim() == 3:
+        return torch.einsum("bd,bcd->bc", u, i)
+    if pairs is None:
+        pairs = i.shape[0] == u.shape[0]
+    return (u * i).sum(-1) if pairs else u @ i.T
+
+
+def _multi_hot(history: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
+    """[B, L] of item_idx + 1 (0 = padding) -> float multi-hot [B, n_items]."""
+    x = torch.zeros((history.shape[0], n_items + 1), dtype=dtype, device=history.device)
+    x.scatter_(1, history.long(), 1.0)
+    return x[:, 1:]
+
+
+class EASE(nn.Module):
+    """EASE as a model: U = the user's multi-hot history X_u [B, n_items], I = columns of B ([N, n_items]),
+    head = X_u · B[:, item]. B is a buffer filled by fit() (or loaded from an artifact's state dict)."""
+
+    needs_full_history = True  # X_u is the whole history, not a window of the last L items
+
+    def __init__(self, n_users: int, n_items: int, lam: float = 500.0) -> None:
+        super().__init__()
+        self.n_users, self.n_items, self.lam = n_users, n_items, float(lam)
+        self.history_len = n_items  # a user cannot have more distinct items than the catalogue
+        self.register_buffer("B", torch.zeros((n_items, n_items), dtype=torch.float32))
+
+    @torch.no_grad()
+    def fit(self, train_users: np.ndarray, train_items: np.ndarray) -> EASE:
+        """Closed-form B from the train positives with this model's λ (refused if it does not fit in memory)."""
+        check_ease_fits(self.n_items)
+        gram = gram_matrix(build_csr(train_users, train_items, self.n_users), self.n_items)
+        self.B.copy_(ease_weights(gram, self.lam))
+        return self
+
+    def user_repr(self, batch: Any) -> Tensor:
+        return _multi_hot(batch.history, self.n_items, self.B.dtype)
+
+    def item_repr(self, items: Tensor | None = None) -> Tensor:
+        return self.B.T if items is None else self.B.T[items.long()]
+
+    def head(self, u: Tensor, i: Tensor, pairs: bool | None = None) -> Tensor:
+        return _head(u, i, pairs)
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.head(self.user_repr(batch), self.item_repr(batch.item), pairs=batch.item.dim() == 1)
+
+
+class Popularity(nn.Module):
+    """Popularity as a model: every user's U is [1], an item's I is its train interaction count, so the score of
+    an item is its count (the ranking metrics.popularity_scores gives)."""
+
+    needs_full_history = False
+    history_len = 0
+
+    def __init__(self, n_users: int, n_items: int) -> None:
+        super().__init__()
+        self.n_users, self.n_items = n_users, n_items
+        # float32 counts are exact below 2**24, so no two different counts tie.
+        self.register_buffer("counts", torch.zeros(n_items, dtype=torch.float32))
+
+    @torch.no_grad()
+    def fit(self, item_counts: np.ndarray) -> Popularity:
+        self.counts.copy_(torch.as_tensor(np.asarray(item_counts), dtype=torch.float32))
+        return self
+
+    def user_repr(self, batch: Any) -> Tensor:
+        return torch.ones((len(batch.user), 1), dtype=self.counts.dtype, device=self.counts.device)
+
+    def item_repr(self, items: Tensor | None = None) -> Tensor:
+        return (self.counts if items is None else self.counts[items.long()]).unsqueeze(-1)
+
+    def head(self, u: Tensor, i: Tensor, pairs: bool | None = None) -> Tensor:
+        return _head(u, i, pairs)
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.head(self.user_repr(batch), self.item_repr(batch.item), pairs=batch.item.dim() == 1)
