@@ -42,9 +42,9 @@ if TYPE_CHECKING:
     from ncf_ray.data.dataset import Dataset
 
 DEFAULT_LAMBDAS: tuple[float, ...] = (10.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
-# Peak memory of a fit: the float64 Gram matrix, then two [n, n] work matrices (Cholesky factor and its inverse,
-# float64 at worst) beside it, + the float32 B.
-EASE_BYTES_PER_CELL = 3 * 8 + 4
+# Peak memory of a fit, bytes per [n, n] cell: the float64 Gram matrix and two work matrices beside it (Cholesky
+# factor and its inverse, float64 at worst), + two float32 B (the best λ's so far and the next one's).
+EASE_BYTES_PER_CELL = 3 * 8 + 2 * 4
 Csr = tuple[np.ndarray, np.ndarray]  # (indptr [n_users + 1], indices): items per user
 
 
@@ -73,7 +73,7 @@ def check_ease_fits(n_items: int, available: int | None = None) -> None:
     if need > have:
         raise UserError(
             f"EASE needs a dense {n_items:,} x {n_items:,} item matrix: ~{need / 2**30:.1f} GiB "
-            f"({n_items:,}² x {EASE_BYTES_PER_CELL} bytes: 3 float64 work copies + float32 B) but only "
+            f"({n_items:,}² x {EASE_BYTES_PER_CELL} bytes: 3 float64 work matrices + 2 float32 B) but only "
             f"{have / 2**30:.1f} GiB is available; use a smaller catalogue or skip EASE (--no-ease)"
         )
 
@@ -204,27 +204,23 @@ def popularity_metrics(data: Dataset, k: int = 10) -> dict[str, Any]:
 
 def select_ease_lambda(
     data: Dataset, lambdas: Sequence[float], k: int, gram: Tensor, dtype: torch.dtype = torch.float32
-) -> tuple[float, Tensor, list[dict[str, float]]]:
+) -> tuple[float, Tensor, list[dict[str, float]], tuple[Tensor, Tensor]]:
     """Fit B for each λ and keep the one with the best valid HR@k (sampled protocol; ties -> the earlier λ).
-    Returns (λ, its B, [{"lambda", "valid_hr@k", "valid_ndcg@k"} per λ]). Test is never looked at."""
+    Returns (λ, its B, [{"lambda", "valid_hr@k", "valid_ndcg@k"} per λ], its valid ranks (sampled, full)): the
+    valid figures come out of the selection pass itself, so valid is scored once per λ. Test is never looked at."""
     csr = _history_csr(data, "valid")
-    cand = torch.as_tensor(np.concatenate([data.valid_items[:, None], data.valid_neg], 1))
-    best: tuple[float, float, Tensor | None] = (-1.0, 0.0, None)
+    best: tuple[float, float, Tensor | None, tuple[Tensor, Tensor] | None] = (-1.0, 0.0, None, None)
     grid = []
     for lam in lambdas:
         b = ease_weights(gram, lam, dtype)
-        ranks = []
-        for s in range(0, data.n_users, 1024):
-            users = torch.arange(s, min(s + 1024, data.n_users))
-            scores = ease_scores(b, csr, users).gather(1, cand[users])
-            ranks.append(rank_sampled(scores[:, 0], scores[:, 1:]))
-        hr, ndcg = _mean_at_k(torch.cat(ranks), k)
+        ranks = rank_split(lambda users, b=b: ease_scores(b, csr, users), data, "valid")
+        hr, ndcg = _mean_at_k(ranks[0], k)
         grid.append({"lambda": float(lam), f"valid_hr@{k}": hr, f"valid_ndcg@{k}": ndcg})
         if hr > best[0]:
-            best = (hr, float(lam), b)
+            best = (hr, float(lam), b, ranks)
         del b
-    assert best[2] is not None
-    return best[1], best[2], grid
+    assert best[2] is not None and best[3] is not None
+    return best[1], best[2], grid, best[3]
 
 
 def _check_lambdas(lambdas: Sequence[float] | None) -> tuple[float, ...]:
@@ -244,13 +240,12 @@ def ease_metrics(
     check_ease_fits(data.n_items, memory_bytes)
     t0 = time.perf_counter()
     gram = gram_matrix(_history_csr(data, "valid"), data.n_items)
-    lam, b, grid = select_ease_lambda(data, lambdas, k, gram)
+    lam, b, grid, valid_ranks = select_ease_lambda(data, lambdas, k, gram)
     del gram
     fit_seconds = time.perf_counter() - t0
-    out: dict[str, Any] = {"lambda": lam, "grid": grid}
-    for split in ("valid", "test"):
-        csr = _history_csr(data, split)  # test: X_u holds the valid item too
-        out |= _evaluate(lambda users, csr=csr: ease_scores(b, csr, users), data, k, splits=(split,))
+    out: dict[str, Any] = {"lambda": lam, "grid": grid, "valid": _split_metrics(valid_ranks, k)}
+    csr = _history_csr(data, "test")  # X_u holds the valid item too by test time
+    out |= _evaluate(lambda users: ease_scores(b, csr, users), data, k, splits=("test",))
     return out | {"fit_seconds": fit_seconds, "seconds": time.perf_counter() - t0}
 
 

@@ -366,6 +366,9 @@ def _add_baselines(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset_dir")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--no-ease", action="store_true", help="popularity only")
+    p.add_argument("--lambdas", default=None, metavar="L1,L2,...",
+                   help="EASE L2 grid picked on valid (default 10,50,100,200,500,1000,2000,5000); one value per "
+                        "Cholesky inverse, so a shorter grid is faster")
     p.add_argument("--json", action="store_true", help="print the metrics JSON as the last line")
     p.set_defaults(func=_cmd_baselines)
 
@@ -376,7 +379,13 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
 
     if args.k <= 0:
         raise UserError(f"--k={args.k} must be > 0")
-    m = baseline_metrics(load_dataset(args.dataset_dir), k=args.k, ease=not args.no_ease)
+    lambdas = None
+    if args.lambdas is not None:
+        try:
+            lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--lambdas: expected comma-separated numbers, got {args.lambdas!r}") from None
+    m = baseline_metrics(load_dataset(args.dataset_dir), k=args.k, ease=not args.no_ease, lambdas=lambdas)
     print(format_baselines(m))
     if args.json:
         _print_json_last(m)

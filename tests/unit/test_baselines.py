@@ -194,7 +194,7 @@ def test_ease_lambda_is_the_best_on_valid_and_segments_add_up(dataset_dir, metri
     hrs = [g["valid_hr@5"] for g in ease["grid"]]
     assert [g["lambda"] for g in ease["grid"]] == [1.0, 20.0, 300.0]
     assert ease["lambda"] == ease["grid"][int(np.argmax(hrs))]["lambda"]
-    assert ease["valid"]["hr@5"] == pytest.approx(max(hrs), abs=1e-6)  # the grid's figure, re-scored in full
+    assert ease["valid"]["hr@5"] == pytest.approx(max(hrs), abs=1e-6)  # the chosen λ's figures are the grid's
     for name in ("popularity", "ease"):
         for protocol in ("sampled", "full"):
             seg = metrics[name]["test_segments"][protocol]
@@ -262,3 +262,13 @@ def test_cli_baselines_no_ease_and_user_errors(dataset_dir, tmp_path, capsys):
     assert err.startswith("error: dataset dir not found") and "\n" not in err
     assert main(["baselines", str(dataset_dir), "--k", "0"]) == 2
     assert "--k=0" in capsys.readouterr().err
+    for bad in ("10,abc", "10,-5", ","):
+        assert main(["baselines", str(dataset_dir), "--lambdas", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and "lambdas" in err and "\n" not in err
+
+
+def test_cli_baselines_lambda_grid(dataset_dir, capsys):
+    assert main(["baselines", str(dataset_dir), "--k", "5", "--lambdas", "3,30", "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [g["lambda"] for g in m["ease"]["grid"]] == [3.0, 30.0] and m["ease"]["lambda"] in (3.0, 30.0)
