@@ -192,8 +192,9 @@ def test_ease_lambda_is_the_best_on_valid_and_segments_add_up(dataset_dir, metri
     data = load_dataset(dataset_dir)
     ease = metrics["ease"]
     hrs = [g["valid_hr@5"] for g in ease["grid"]]
-    assert [g["lambda"] for g in ease["grid"]] == [1.0, 20.0, 300.0]
-    assert ease["lambda"] == ease["grid"][int(np.argmax(hrs))]["lambda"]
+    tried = [g["lambda"] for g in ease["grid"]]
+    assert tried == [300.0, 20.0, 1.0]  # largest first; three values never stop early (two worse in a row)
+    assert ease["lambda"] == tried[int(np.argmax(hrs))]
     assert ease["valid"]["hr@5"] == pytest.approx(max(hrs), abs=1e-6)  # the chosen λ's figures are the grid's
     for name in ("popularity", "ease"):
         for protocol in ("sampled", "full"):
@@ -271,4 +272,21 @@ def test_cli_baselines_no_ease_and_user_errors(dataset_dir, tmp_path, capsys):
 def test_cli_baselines_lambda_grid(dataset_dir, capsys):
     assert main(["baselines", str(dataset_dir), "--k", "5", "--lambdas", "3,30", "--json"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [g["lambda"] for g in m["ease"]["grid"]] == [3.0, 30.0] and m["ease"]["lambda"] in (3.0, 30.0)
+    assert [g["lambda"] for g in m["ease"]["grid"]] == [30.0, 3.0] and m["ease"]["lambda"] in (3.0, 30.0)
+
+
+def test_lambda_search_stops_after_two_worse_in_a_row(dataset_dir):
+    data = load_dataset(dataset_dir)
+    gram = bl.gram_matrix(bl._history_csr(data, "valid"), data.n_items)
+    full = bl.select_ease_lambda(data, (0.1, 1.0, 10.0, 100.0, 1000.0, 10_000.0), 5, gram, patience=99)[2]
+    lam, _, grid, _ = bl.select_ease_lambda(data, (0.1, 1.0, 10.0, 100.0, 1000.0, 10_000.0), 5, gram)
+    hrs = [g["valid_hr@5"] for g in full]  # every λ, largest first
+    # Replay the rule on the complete curve: where it stops, and that it keeps the best of what it tried.
+    best, worse, stop = -1.0, 0, len(hrs)
+    for n, hr in enumerate(hrs):
+        best, worse = (hr, 0) if hr > best else (best, worse + 1)
+        if worse >= 2:
+            stop = n + 1
+            break
+    assert grid == full[:stop]
+    assert lam == grid[int(np.argmax([g["valid_hr@5"] for g in grid]))]["lambda"]
