@@ -11,8 +11,8 @@ fit in the memory available is refused with one line saying how much it would ne
 
 `baseline_metrics(data, k)` scores both baselines on valid and test, sampled (the dataset's fixed negatives) and
 full ranking (all items, excluding the user's known positives), with test segments (metrics.segments).
-`EASE` and `Popularity` are the same baselines as models on the model-input contract (user_repr / item_repr /
-head), for training, export and serving through the registry.
+`EASE` and `Popularity` are the same baselines as `RecModel`s on the model-input contract (user_repr / item_repr /
+head / score_all), ready for the registry, export and serving.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ncf_ray.batch import Batch
 from ncf_ray.errors import UserError
 from ncf_ray.metrics import (
     build_csr,
@@ -37,6 +38,7 @@ from ncf_ray.metrics import (
     seen_mask,
     segments,
 )
+from ncf_ray.model import RecModel
 
 if TYPE_CHECKING:
     from ncf_ray.data.dataset import Dataset
@@ -311,35 +313,37 @@ def format_baselines(m: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def _head(u: Tensor, i: Tensor, pairs: bool | None = None) -> Tensor:
-    """Dot-product head of the model-input contract: I [B, C, D] -> [B, C]; I [B, D] as pairs (pairs=True) ->
-    [B]; I [N, D] against every user (pairs=False) -> [B, N]. pairs=None infers pairs from I.shape[0] == B,
-    which is ambiguous when a catalogue happens to hold B items: callers scoring a catalogue pass pairs=False."""
-    if i.dim() == 3:
-        return torch.einsum("bd,bcd->bc", u, i)
-    if pairs is None:
-        pairs = i.shape[0] == u.shape[0]
-    return (u * i).sum(-1) if pairs else u @ i.T
+class _ClosedFormModel(RecModel):
+    """A RecModel fitted in closed form, not by gradient steps: its state is parameters with requires_grad=False
+    (so the device, state dict and artifact code paths of trained models apply unchanged), and its catalogue
+    table is a view of that state rather than RecModel's cached copy (for EASE the copy would be another n²)."""
+
+    def item_repr(self, items: Tensor | None = None) -> Tensor:
+        return self._catalogue() if items is None else self._item_repr(items)
+
+    def _catalogue(self) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, users: Tensor, items: Tensor) -> Tensor:
+        return (users * items).sum(-1)  # broadcast over leading dims, as RecModel.forward arranges them
+
+    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+        return users @ items.t()
 
 
-def _multi_hot(history: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
-    """[B, L] of item_idx + 1 (0 = padding) -> float multi-hot [B, n_items]."""
-    x = torch.zeros((history.shape[0], n_items + 1), dtype=dtype, device=history.device)
-    x.scatter_(1, history.long(), 1.0)
-    return x[:, 1:]
+class EASE(_ClosedFormModel):
+    """EASE as a model: U = the user's multi-hot history X_u [B, n_items], I = column B[:, i] ([..., n_items]),
+    head = X_u · B[:, i]. B is filled by fit() (or loaded from an artifact's state dict). The batch's
+    history must hold every item of the user (needs_full_history; history_len = n_items is enough for any user)."""
 
-
-class EASE(nn.Module):
-    """EASE as a model: U = the user's multi-hot history X_u [B, n_items], I = columns of B ([N, n_items]),
-    head = X_u · B[:, item]. B is a buffer filled by fit() (or loaded from an artifact's state dict)."""
-
-    needs_full_history = True  # X_u is the whole history, not a window of the last L items
+    needs_full_history = True
 
     def __init__(self, n_users: int, n_items: int, lam: float = 500.0) -> None:
         super().__init__()
         self.n_users, self.n_items, self.lam = n_users, n_items, float(lam)
-        self.history_len = n_items  # a user cannot have more distinct items than the catalogue
-        self.register_buffer("B", torch.zeros((n_items, n_items), dtype=torch.float32))
+        self.history_len = n_items
+        self.pair_width = n_items
+        self.B = nn.Parameter(torch.zeros((n_items, n_items), dtype=torch.float32), requires_grad=False)
 
     @torch.no_grad()
     def fit(self, train_users: np.ndarray, train_items: np.ndarray) -> EASE:
@@ -349,45 +353,47 @@ class EASE(nn.Module):
         self.B.copy_(ease_weights(gram, self.lam))
         return self
 
-    def user_repr(self, batch: Any) -> Tensor:
+    def user_repr(self, batch: Batch) -> Tensor:
+        if batch.history is None:
+            raise ValueError("EASE scores a user from their history: the batch must carry history")
         return _multi_hot(batch.history, self.n_items, self.B.dtype)
 
-    def item_repr(self, items: Tensor | None = None) -> Tensor:
-        return self.B.T if items is None else self.B.T[items.long()]
+    def _item_repr(self, items: Tensor) -> Tensor:
+        return self.B.T[items.long()]
 
-    def head(self, u: Tensor, i: Tensor, pairs: bool | None = None) -> Tensor:
-        return _head(u, i, pairs)
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.head(self.user_repr(batch), self.item_repr(batch.item), pairs=batch.item.dim() == 1)
+    def _catalogue(self) -> Tensor:
+        return self.B.T
 
 
-class Popularity(nn.Module):
-    """Popularity as a model: every user's U is [1], an item's I is its train interaction count, so the score of
-    an item is its count (the ranking metrics.popularity_scores gives)."""
+class Popularity(_ClosedFormModel):
+    """Popularity as a model: every user's U is [1], an item's I is its train interaction count, so an item's
+    score is its count (the ranking metrics.popularity_scores gives)."""
 
     needs_full_history = False
-    history_len = 0
 
     def __init__(self, n_users: int, n_items: int) -> None:
         super().__init__()
         self.n_users, self.n_items = n_users, n_items
         # float32 counts are exact below 2**24, so no two different counts tie.
-        self.register_buffer("counts", torch.zeros(n_items, dtype=torch.float32))
+        self.counts = nn.Parameter(torch.zeros(n_items, dtype=torch.float32), requires_grad=False)
 
     @torch.no_grad()
     def fit(self, item_counts: np.ndarray) -> Popularity:
         self.counts.copy_(torch.as_tensor(np.asarray(item_counts), dtype=torch.float32))
         return self
 
-    def user_repr(self, batch: Any) -> Tensor:
+    def user_repr(self, batch: Batch) -> Tensor:
         return torch.ones((len(batch.user), 1), dtype=self.counts.dtype, device=self.counts.device)
 
-    def item_repr(self, items: Tensor | None = None) -> Tensor:
-        return (self.counts if items is None else self.counts[items.long()]).unsqueeze(-1)
+    def _item_repr(self, items: Tensor) -> Tensor:
+        return self.counts[items.long()].unsqueeze(-1)
 
-    def head(self, u: Tensor, i: Tensor, pairs: bool | None = None) -> Tensor:
-        return _head(u, i, pairs)
+    def _catalogue(self) -> Tensor:
+        return self.counts.unsqueeze(-1)
 
-    def forward(self, batch: Any) -> Tensor:
-        return self.head(self.user_repr(batch), self.item_repr(batch.item), pairs=batch.item.dim() == 1)
+
+def _multi_hot(history: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
+    """[B, L] of item_idx + 1 (0 = padding) -> float multi-hot [B, n_items]."""
+    x = torch.zeros((history.shape[0], n_items + 1), dtype=dtype, device=history.device)
+    x.scatter_(1, history.long(), 1.0)
+    return x[:, 1:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,20 @@ import pytest
 import torch
 
 from ncf_ray import baselines as bl
+from ncf_ray.batch import Batch, Histories
 from ncf_ray.cli import main
 from ncf_ray.config import DataConfig
 from ncf_ray.data.dataset import load_dataset
 from ncf_ray.data.prepare import RawLog, _meta, build_loo, write_dataset
 from ncf_ray.data.synthetic import SyntheticSpec, iter_synthetic
 from ncf_ray.errors import UserError
-from ncf_ray.metrics import build_csr, evaluate_popularity_full, evaluate_popularity_sampled
+from ncf_ray.metrics import (
+    build_csr,
+    evaluate_full,
+    evaluate_popularity_full,
+    evaluate_popularity_sampled,
+    evaluate_sampled,
+)
 
 X54 = np.array([  # 5 users x 4 items
     [1, 1, 0, 0],
@@ -96,20 +102,13 @@ def test_available_memory_is_positive():
 
 
 # ------------------------------------------------------------------------------------------------ models
-@dataclass
-class _Batch:  # stand-in for the engine's Batch: only the fields these models read
-    user: torch.Tensor
-    item: torch.Tensor
-    history: torch.Tensor
-
-
-def _history_batch(x: np.ndarray, users: list[int], items: torch.Tensor) -> _Batch:
+def _history_batch(x: np.ndarray, users: list[int], items: torch.Tensor) -> Batch:
     rows = [np.flatnonzero(x[u]) + 1 for u in users]  # item_idx + 1, 0 = padding
     width = max(len(r) for r in rows) + 1  # one extra padding column
     hist = torch.zeros((len(users), width), dtype=torch.int64)
     for n, r in enumerate(rows):
-        hist[n, : len(r)] = torch.as_tensor(r)
-    return _Batch(torch.tensor(users), items, hist)
+        hist[n, width - len(r):] = torch.as_tensor(r)  # right-aligned, as Histories.last gives them
+    return Batch(user=torch.tensor(users), item=items, history=hist)
 
 
 def test_ease_model_contract():
@@ -122,7 +121,7 @@ def test_ease_model_contract():
     batch = _history_batch(X54, users, torch.tensor([1, 0, 3]))
     u = model.user_repr(batch)
     assert u.tolist() == X54[users].tolist()
-    catalogue = model.head(u, model.item_repr(None), pairs=False)
+    catalogue = model.score_all(u, model.item_repr(None))
     np.testing.assert_allclose(catalogue.numpy(), expected[users], rtol=1e-5, atol=1e-6)
     # Pairs: one item per row -> [B].
     np.testing.assert_allclose(model(batch).numpy(), expected[users, [1, 0, 3]], rtol=1e-5, atol=1e-6)
@@ -131,22 +130,27 @@ def test_ease_model_contract():
     got = model(_history_batch(X54, users, cand))
     np.testing.assert_allclose(got.numpy(), np.take_along_axis(expected[users], cand.numpy(), 1), rtol=1e-5,
                                atol=1e-6)
-    # The weights travel in the state dict (artifact export): a fresh model loads them and scores the same.
+    # The weights travel in the state dict (artifact export): a fresh model loads them and scores the same, and
+    # its catalogue is the loaded B, not a table cached before loading.
     clone = bl.EASE(5, 4, 2.0)
+    before = clone.eval().item_repr(None).clone()
     clone.load_state_dict(model.state_dict())
     assert torch.equal(clone(batch), model(batch))
+    assert not torch.equal(clone.item_repr(None), before)
+    with pytest.raises(ValueError, match="history"):
+        model(Batch(user=torch.tensor([0]), item=torch.tensor([1])))
 
 
 def test_popularity_model_contract():
     counts = np.array([5, 0, 9, 2])
     model = bl.Popularity(n_users=3, n_items=4).fit(counts)
-    assert not model.needs_full_history
-    batch = _Batch(torch.tensor([0, 1, 2]), torch.tensor([2, 1, 3]), torch.zeros((3, 1), dtype=torch.int64))
+    assert not model.needs_full_history and model.history_len == 0
+    batch = Batch(user=torch.tensor([0, 1, 2]), item=torch.tensor([2, 1, 3]))
     assert model(batch).tolist() == [9.0, 0.0, 2.0]
-    all_items = model.head(model.user_repr(batch), model.item_repr(None), pairs=False)
+    all_items = model.score_all(model.user_repr(batch), model.item_repr(None))
     assert all_items.tolist() == [[5.0, 0.0, 9.0, 2.0]] * 3
     cand = torch.tensor([[0, 1], [2, 3], [3, 3]])
-    assert model(_Batch(batch.user, cand, batch.history)).tolist() == [[5.0, 0.0], [9.0, 2.0], [2.0, 2.0]]
+    assert model(Batch(user=batch.user, item=cand)).tolist() == [[5.0, 0.0], [9.0, 2.0], [2.0, 2.0]]
 
 
 # ------------------------------------------------------------------------------------------------ datasets
@@ -204,6 +208,23 @@ def test_ease_lambda_is_the_best_on_valid_and_segments_add_up(dataset_dir, metri
         for split in ("valid", "test"):
             assert set(metrics[name][split]) == {"hr@5", "ndcg@5", "full_hr@5", "full_ndcg@5"}
             assert all(0.0 <= v <= 1.0 for v in metrics[name][split].values())
+
+
+def test_models_score_the_same_through_the_model_evaluators(dataset_dir, metrics):
+    # The EASE and Popularity models, run by metrics.evaluate_sampled/evaluate_full on the model-input contract
+    # (histories from Histories, the train history for valid), give baseline_metrics' figures.
+    data = load_dataset(dataset_dir)
+    users = np.arange(data.n_users)
+    history = Histories.from_arrays(data.train_users, data.train_items, None, data.n_users)
+    seen = build_csr(data.train_users, data.train_items, data.n_users)
+    ease = bl.EASE(data.n_users, data.n_items, metrics["ease"]["lambda"]).fit(data.train_users, data.train_items)
+    pop = bl.Popularity(data.n_users, data.n_items).fit(data.item_counts)
+    for name, model in (("ease", ease), ("popularity", pop)):
+        sampled = evaluate_sampled(model, users, data.valid_items, data.valid_neg, k=5, histories=history)
+        full = evaluate_full(model, users, data.valid_items, seen, k=5, histories=history)
+        assert sampled["hr"] == pytest.approx(metrics[name]["valid"]["hr@5"], abs=1e-6), name
+        assert sampled["ndcg"] == pytest.approx(metrics[name]["valid"]["ndcg@5"], abs=1e-6), name
+        assert full["hr"] == pytest.approx(metrics[name]["valid"]["full_hr@5"], abs=1e-6), name
 
 
 def test_test_split_treats_the_valid_item_as_known(dataset_dir):
