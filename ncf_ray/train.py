@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -256,6 +257,17 @@ def check_fits_cluster(workers: int, gpu: bool, cpus_per_worker: float = 1.0, ex
     if need > cpus:
         why = f"{workers} x {cpus_per_worker:g}" + (f" + {extra_cpus:g} for the trial" if extra_cpus else "")
         raise UserError(f"--workers={workers} needs {need:g} CPUs ({why}) but the Ray cluster has {cpus:g}")
+
+
+def user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError a worker raised (e.g. a non-finite training loss), recovered from the failure Ray Train
+    reports for the run (it wraps worker exceptions in its own, keeping their text); None if it was not one."""
+    if error is None:
+        return None
+    if isinstance(error, UserError):
+        return error
+    match = re.search(r"(?:ncf_ray\.errors\.)?UserError: (.+)", str(error))
+    return UserError(match.group(1).strip()) if match else None
 
 
 def fresh_run_name() -> str:

@@ -185,7 +185,7 @@ def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ncf_ray.train import build_trainer
+    from ncf_ray.train import build_trainer, user_error_in
 
     base = build_train_config(None, **config["__base__"])
     params = {k: v for k, v in config.items() if not k.startswith("__")}
@@ -195,7 +195,9 @@ def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
                             callbacks=[TuneReportCallback()], train_ds=train_ds)
     result = trainer.fit()
     if result.error is not None:
-        raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+        # A worker's UserError (e.g. "non-finite training loss at epoch E (lr X)") errors the trial with its own
+        # one-line message, which results.csv shows; pick_best never selects an errored trial.
+        raise user_error_in(result.error) or RuntimeError(f"trial {trial_id} failed: {result.error}")
 
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer; Tune refuses 0

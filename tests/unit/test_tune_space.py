@@ -136,3 +136,13 @@ def test_all_trials_errored_is_one_line():
     assert "\n" not in msg and "all 2 trial(s)" in msg and "trial a: non-finite training loss at epoch 1" in msg
     with pytest.raises(UserError, match="no trial of .* finite valid score"):
         pick_best([_row("n", math.nan)])
+
+
+def test_a_workers_user_error_becomes_the_trials_one_line_error():
+    from ncf_ray.train import user_error_in
+
+    wrapped = RuntimeError("Training failed due to worker errors:\nTraceback (most recent call last):\n  ...\n"
+                           "ncf_ray.errors.UserError: non-finite training loss at epoch 3 (lr 1000000.0)\n")
+    assert str(user_error_in(wrapped)) == "non-finite training loss at epoch 3 (lr 1000000.0)"
+    assert user_error_in(RuntimeError("CUDA error: device-side assert")) is None
+    assert user_error_in(None) is None
