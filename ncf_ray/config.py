@@ -68,9 +68,9 @@ def _needs_mlp_tower(cfg: ModelConfig) -> None:
         raise UserError(f"layers[0]={cfg.layers[0]} must be even (it is user+item embedding width)")
 
 
-# The registry of model families as the config layer sees them. A new family adds one line to MODEL_FIELDS (the
-# ModelConfig fields it reads: the CLI, Tune's space and the trial builder drop the others) and, if it has rules
-# of its own, one to MODEL_CHECKS. "factors" for mlp: Tune derives the tower from (factors, depth).
+# The registry of model families as the config layer sees them. A new family (with any new ModelConfig fields it
+# needs) adds one line to MODEL_FIELDS — the fields it reads; Tune leaves space keys for the others out — and, if
+# it has rules of its own, one to MODEL_CHECKS. MODEL_NAMES (the CLI's --model choices) follows the dict.
 MODEL_FIELDS: dict[str, frozenset[str]] = {
     "gmf": frozenset({"factors"}),
     "mlp": frozenset({"layers", "dropout"}),
@@ -260,10 +260,9 @@ def build_train_config(base: TrainConfig | None = None, **overrides: Any) -> Tra
         model_values = {**model, **model_values}
     elif model is not None:
         model_values["model"] = model
-    values["model"] = build_model_config(model_base, **model_values)
-    if values.get("pretrain_from") is not None and isinstance(values["pretrain_from"], str):
+    model_cfg = build_model_config(model_base, **model_values)
+    if isinstance(values.get("pretrain_from"), str):  # the CLI's "GMF_DIR,MLP_DIR"
         values["pretrain_from"] = tuple(p for p in values["pretrain_from"].split(",") if p)
-    model_cfg = values.pop("model")
     return dataclasses.replace(_replace(TrainConfig, base, values), model=model_cfg)
 
 
