@@ -4,9 +4,9 @@
         python jobs/train.py /mnt/shared/ncf/dataset --out /mnt/shared/ncf/run --storage s3://BUCKET/ncf/run \
         --workers 2 --gpu --spread --max-failures 3
 
-Flags are `ncf-ray train`'s, plus:
-  --storage DIR_OR_URI  checkpoints (RunConfig.storage_path): a dir every node sees or a pyarrow URI (s3://, gs://);
-                        default RUN_DIR. Same as `ncf-ray train --storage-path`.
+Flags are `ncf-ray train`'s (--storage DIR_OR_URI: checkpoints, a dir every node sees or a pyarrow URI such as
+s3://; default RUN_DIR. Each run gets a fresh Ray Train name, recorded in RUN_DIR/run.json, so a second run on the
+same storage never continues the first unless --resume), plus:
   --spread              one worker per node (SPREAD placement): losing a node loses one worker, and the group
                         restarts from the last checkpoint when resources return (with --max-failures > 0).
 """
@@ -25,16 +25,14 @@ def main(argv: list[str]) -> int:
     from ncf_ray.train import format_summary, run_training
 
     job = argparse.ArgumentParser(add_help=False)
-    job.add_argument("--storage", default=None)
     job.add_argument("--spread", action="store_true")
     extra, rest = job.parse_known_args(argv)
     args = cli.build_parser().parse_args(["train", *rest])  # exits 2 with one line on a bad flag
     cfg = cli.train_config_from_args(args)
-    storage = extra.storage or args.storage_path
-    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=storage,
+    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage,
                            placement_strategy="SPREAD" if extra.spread else "PACK")
     print(format_summary(metrics, cfg.eval_k))
-    print(f"model artifact: {Path(args.out).resolve() / 'model'}; checkpoints: {storage or Path(args.out).resolve()}")
+    print(f"model artifact: {Path(args.out).resolve() / 'model'}; checkpoints: {args.storage or Path(args.out).resolve()}")
     return 0
 
 

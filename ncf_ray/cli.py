@@ -18,12 +18,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ncf_ray.errors import UserError
 
 if TYPE_CHECKING:
-    from ncf_ray.config import ServeConfig
+    from ncf_ray.config import ServeConfig, TrainConfig
 
 EXIT_USER_ERROR = 2
 
@@ -77,20 +77,14 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from ncf_ray.config import DataConfig
     from ncf_ray.data.prepare import format_summary, prepare
-    from ncf_ray.data.synthetic import SyntheticSpec
+    from ncf_ray.data.synthetic import synthetic_spec
 
     sep = args.sep.encode().decode("unicode_escape") if args.sep else None  # so --sep '\t' means a tab
     cfg = DataConfig(source=args.source, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
                      rating_col=args.rating_col, min_rating=args.min_rating, sep=sep,
                      min_user_interactions=args.min_user_interactions, eval_negatives=args.eval_negatives,
                      max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards)
-    synthetic = None
-    if args.source == "synthetic":
-        d = SyntheticSpec()
-        synthetic = SyntheticSpec(users=args.users or d.users, items=args.items or d.items,
-                                  interactions=args.interactions or d.interactions, seed=args.seed)
-    elif any(v is not None for v in (args.users, args.items, args.interactions)):
-        raise UserError("--users/--items/--interactions only apply to SOURCE=synthetic")
+    synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
     if args.local_from and not args.source.startswith("movielens"):
         raise UserError(f"--from only applies to movielens-* sources, not {args.source!r}")
     from ncf_ray.runtime import ensure_ray
@@ -130,29 +124,32 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--stream", action="store_true", help="stream positives per batch (logs larger than memory)")
     p.add_argument("--pretrain-from", default=None, help="GMF_DIR,MLP_DIR model artifacts to initialise NeuMF")
-    p.add_argument("--storage-path", default=None, help="checkpoint storage (dir or URI); default --out")
+    p.add_argument("--storage", default=None, metavar="DIR_OR_URI",
+                   help="checkpoint storage (RunConfig.storage_path): a dir every node sees or a pyarrow URI "
+                        "(s3://, gs://); default --out")
     p.add_argument("--json", action="store_true", help="print metrics JSON as the last line")
     p.set_defaults(func=_cmd_train)
 
 
-def train_config_from_args(args: argparse.Namespace) -> Any:
-    from ncf_ray.config import ModelConfig, TrainConfig
+# `ncf-ray train` flag (argparse dest) -> TrainConfig key, for the flags whose names differ; every other flag of
+# _add_train that is a config key passes through under its own name.
+_TRAIN_FLAG_KEYS = {"threads": "threads_per_worker"}
+_TRAIN_NOT_CONFIG = ("command", "func", "dataset_dir", "out", "resume", "storage", "json")
 
-    model = ModelConfig(name=args.model, factors=args.factors, layers=tuple(args.layers), dropout=args.dropout)
-    pretrain = tuple(args.pretrain_from.split(",")) if args.pretrain_from else None
-    return TrainConfig(
-        model=model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, negatives=args.negatives,
-        weight_decay=args.weight_decay, patience=args.patience, workers=args.workers, gpu=args.gpu, amp=args.amp,
-        seed=args.seed, stream=args.stream, threads_per_worker=args.threads, max_failures=args.max_failures,
-        pretrain_from=pretrain,
-    )
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `ncf-ray train` flags (jobs/train.py too), through config.build_train_config."""
+    from ncf_ray.config import build_train_config
+
+    values = {_TRAIN_FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if k not in _TRAIN_NOT_CONFIG}
+    return build_train_config(None, **values)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ncf_ray.train import format_summary, run_training
 
     cfg = train_config_from_args(args)
-    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage_path)
+    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage)
     print(format_summary(metrics, cfg.eval_k))
     print(f"model artifact: {Path(args.out) / 'model'}")
     if args.json:
@@ -232,7 +229,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset_dir")
     p.add_argument("--out", required=True, help="sweep dir: results.csv, plot.png, best/, TensorBoard logs")
     p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="trials (per grid point with grid)")
+    p.add_argument("--num-samples", type=int, default=d.num_samples,
+                   help="trials (default 8); with --search grid: runs of each grid point (default 1)")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs)
     p.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial)
     p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs/GPUs fit")
@@ -249,18 +247,14 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from ncf_ray.config import TrainConfig, TuneConfig
+    from ncf_ray.config import TuneConfig, build_train_config
     from ncf_ray.tune import format_table, load_space, run_sweep
 
     tcfg = TuneConfig(model=args.model, num_samples=args.num_samples, max_epochs=args.max_epochs,
                       workers_per_trial=args.workers_per_trial, max_concurrent=args.max_concurrent,
                       search=args.search, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                       seed=args.seed)
-    base = TrainConfig(gpu=args.gpu)
-    if args.batch_size:
-        base = dataclasses.replace(base, batch_size=args.batch_size)
+    base = build_train_config(gpu=args.gpu, **({"batch_size": args.batch_size} if args.batch_size else {}))
     space = load_space(args.space)  # refused here, before Ray starts, if invalid
     summary = run_sweep(args.dataset_dir, args.out, tcfg, base=base, space=space, resume=args.resume)
     print(format_table(summary["results_csv"]))
@@ -288,8 +282,7 @@ def _replicas(text: str) -> int | str:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from ncf_ray.config import ServeConfig
-    from ncf_ray.scoring import PRECISIONS
+    from ncf_ray.config import SERVE_PRECISIONS, ServeConfig
 
     d = ServeConfig()
     p = sub.add_parser("serve", help="serve a model artifact over HTTP (Ray Serve; blocks until Ctrl-C)")
@@ -301,7 +294,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_timeout_s * 1000,
                    help="how long a batch waits to fill")
     p.add_argument("--max-ongoing-requests", type=int, default=d.max_ongoing_requests)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+    p.add_argument("--precision", choices=SERVE_PRECISIONS, default=d.precision,
                    help="all-items scoring: auto = bf16 shortlist re-ranked in fp32 where bf16 is fast")
     p.add_argument("--ha-proxy", action=argparse.BooleanOptionalAction, default=True,
                    help="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; ~10x the default proxy's req/s)")
@@ -310,13 +303,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_config_from_flags(args: argparse.Namespace) -> ServeConfig:
-    """The ServeConfig of parsed `ncf-ray serve` flags (also used by jobs/deploy.py)."""
-    from ncf_ray.config import ServeConfig
+    """The ServeConfig of parsed `ncf-ray serve` flags (also used by jobs/deploy.py), via config.build_serve_config."""
+    from ncf_ray.config import build_serve_config
 
-    return ServeConfig(model_dir=str(Path(args.model_dir).resolve()), host=args.host, port=args.port,
-                       replicas=args.replicas, max_batch_size=args.max_batch_size,
-                       batch_wait_timeout_s=args.batch_wait_ms / 1000,
-                       max_ongoing_requests=args.max_ongoing_requests, precision=args.precision)
+    return build_serve_config(model_dir=str(Path(args.model_dir).resolve()), host=args.host, port=args.port,
+                              replicas=args.replicas, max_batch_size=args.max_batch_size,
+                              batch_wait_timeout_s=args.batch_wait_ms / 1000,
+                              max_ongoing_requests=args.max_ongoing_requests, precision=args.precision)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -1,19 +1,20 @@
-"""Frozen configuration dataclasses for every stage, with dict and YAML round trips.
+"""Frozen configuration dataclasses for every stage, and the one builder of each from flat keys.
 
-Config never reaches inside a model: `train.py` turns a ModelConfig into the model's flat constructor args.
+Every way a run is configured — `ncf-ray` flags, a job's flags, a Tune trial's sampled values, a saved
+`config.json`, a `serve run key=value` list — goes through `build_train_config` / `build_serve_config` (or
+`from_dict`, which calls them), so coercion, aliases (`model`, `depth`) and validation live here once.
+Config never reaches inside a model: `model.py` turns a ModelConfig into the model's flat constructor args.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 from ncf_ray.errors import UserError
-
-MODEL_NAMES = ("gmf", "mlp", "neumf", "mf", "seq")
 
 T = TypeVar("T")
 
@@ -38,8 +39,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which NCF model and its capacity. `layers` are the MLP tower widths; layers[0] is the concatenated
-    user+item embedding width (so each MLP embedding is layers[0] // 2), as in the NCF paper."""
+    """Which model family and its capacity. `layers` are the MLP tower widths; layers[0] is the concatenated
+    user+item embedding width (so each MLP embedding is layers[0] // 2), as in the NCF paper. A family reads only
+    the fields listed for it in MODEL_FIELDS; the others keep their defaults and are ignored."""
 
     name: str = "neumf"
     factors: int = 32
@@ -54,27 +56,59 @@ class ModelConfig:
     use_user_id: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in MODEL_NAMES:
+        if self.name not in MODEL_FIELDS:
             raise UserError(f"model={self.name!r} is not one of {', '.join(MODEL_NAMES)}")
         if self.factors <= 0:
             raise UserError(f"factors={self.factors} must be > 0")
         if any(w <= 0 for w in self.layers):
             raise UserError(f"layers={list(self.layers)} must all be > 0")
-        if self.name == "seq":
-            if self.history_len <= 0 or self.blocks <= 0 or self.heads <= 0:
-                raise UserError(f"history_len={self.history_len}, blocks={self.blocks}, heads={self.heads} "
-                                f"must be > 0")
-            if self.head not in ("dot", "neumf"):
-                raise UserError(f"head={self.head!r} is not one of dot, neumf")
-            if self.factors % self.heads:
-                raise UserError(f"factors={self.factors} must be divisible by heads={self.heads}")
-        if self.name in ("mlp", "neumf"):
-            if not self.layers:
-                raise UserError(f"model={self.name} needs at least one MLP layer")
-            if self.layers[0] % 2:
-                raise UserError(f"layers[0]={self.layers[0]} must be even (it is user+item embedding width)")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout={self.dropout} must be in [0, 1)")
+        for check in MODEL_CHECKS.get(self.name, ()):
+            check(self)
+
+
+def _seq_shape(cfg: ModelConfig) -> None:
+    if cfg.history_len <= 0 or cfg.blocks <= 0 or cfg.heads <= 0:
+        raise UserError(f"history_len={cfg.history_len}, blocks={cfg.blocks}, heads={cfg.heads} must be > 0")
+    if cfg.head not in ("dot", "neumf"):
+        raise UserError(f"head={cfg.head!r} is not one of dot, neumf")
+    if cfg.factors % cfg.heads:
+        raise UserError(f"factors={cfg.factors} must be divisible by heads={cfg.heads}")
+    if cfg.head == "neumf" and cfg.layers and cfg.layers[0] != 2 * cfg.factors:
+        raise UserError(f"head=neumf: layers[0]={cfg.layers[0]} must be 2 * factors = {2 * cfg.factors}")
+
+
+def _needs_mlp_tower(cfg: ModelConfig) -> None:
+    if not cfg.layers:
+        raise UserError(f"model={cfg.name} needs at least one MLP layer")
+    if cfg.layers[0] % 2:
+        raise UserError(f"layers[0]={cfg.layers[0]} must be even (it is user+item embedding width)")
+
+
+# The registry of model families as the config layer sees them. A new family (with any new ModelConfig fields it
+# needs) adds one line to MODEL_FIELDS — the fields it reads; Tune leaves space keys for the others out — and, if
+# it has rules of its own, one to MODEL_CHECKS. MODEL_NAMES (the CLI's --model choices) follows the dict.
+MODEL_FIELDS: dict[str, frozenset[str]] = {
+    "gmf": frozenset({"factors"}),
+    "mlp": frozenset({"layers", "dropout"}),
+    "neumf": frozenset({"factors", "layers", "dropout"}),
+    "mf": frozenset({"factors"}),
+    "seq": frozenset({"factors", "layers", "dropout", "history_len", "blocks", "heads", "head", "use_user_id"}),
+}
+MODEL_CHECKS: dict[str, tuple[Callable[[ModelConfig], None], ...]] = {
+    "mlp": (_needs_mlp_tower,),
+    "neumf": (_needs_mlp_tower,),
+    "seq": (_seq_shape,),
+}
+MODEL_NAMES = tuple(MODEL_FIELDS)
+
+
+def tower(factors: int, depth: int) -> tuple[int, ...]:
+    """MLP widths for `depth` hidden layers: input = user+item embeddings of `factors` each, then halving."""
+    if depth < 0:
+        raise UserError(f"depth={depth} must be >= 0")
+    return tuple(max(1, (2 * factors) >> j) for j in range(depth + 1))
 
 
 @dataclass(frozen=True)
@@ -99,7 +133,6 @@ class TrainConfig:
     stream: bool = False
     threads_per_worker: int | None = None
     max_failures: int = 0
-    checkpoint_every: int = 1
     pretrain_from: tuple[str, ...] | None = None
     pretrain_alpha: float = 0.5
 
@@ -118,7 +151,7 @@ class TuneConfig:
     """A Ray Tune sweep over embedding size x MLP depth (+ lr, negatives, weight decay), ASHA on valid HR@10."""
 
     model: str = "neumf"
-    num_samples: int = 8
+    num_samples: int | None = None  # None: 8 random/optuna samples, or each grid point once (tune.plan_sweep)
     max_epochs: int = 10
     workers_per_trial: int = 1
     max_concurrent: int | None = None
@@ -143,6 +176,124 @@ class ServeConfig:
     # fast (AVX512-BF16/AMX CPUs, GPUs), else exact fp32; "bf16" forces the shortlist; "fp32" is always exact.
     precision: str = "auto"
 
+    def __post_init__(self) -> None:
+        # model_dir is checked by build_serve_config: the defaults above are a config without one.
+        if self.replicas != "auto" and (isinstance(self.replicas, bool) or not isinstance(self.replicas, int)
+                                        or self.replicas < 1):
+            raise UserError(f"replicas={self.replicas!r} must be a positive integer or 'auto'")
+        if not 1 <= self.max_batch_size <= self.max_ongoing_requests:
+            raise UserError(f"max_batch_size={self.max_batch_size} must be within 1..max_ongoing_requests "
+                            f"({self.max_ongoing_requests}) so batches can fill")
+        if self.precision not in SERVE_PRECISIONS:
+            raise UserError(f"precision={self.precision!r} is not one of {', '.join(SERVE_PRECISIONS)}")
+        if not 0 <= self.batch_wait_timeout_s <= 1:
+            raise UserError(f"batch_wait_timeout_s={self.batch_wait_timeout_s} must be within 0..1 seconds")
+        if not 0 < self.port < 65536:
+            raise UserError(f"port={self.port} must be within 1..65535")
+
+
+SERVE_PRECISIONS = ("auto", "bf16", "fp32")  # the same names as ncf_ray.scoring.PRECISIONS
+
+
+# ----------------------------------------------------------------------------------------------- builders
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "name")
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "model")
+
+
+def _coerce(owner: str, name: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the field's `default`: strings from `key=value` lists and numpy scalars from Tune
+    become Python numbers, lists (JSON/YAML) become tuples. A value that does not fit is refused by name."""
+    if owner == "ServeConfig" and name == "replicas":  # an int or "auto", whatever the base holds
+        return "auto" if value == "auto" else _coerce(owner, "replicas (int)", value, 1)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(default, int):
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if not isinstance(value, str) else float(value.strip())
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, list) or (isinstance(default, tuple) and isinstance(value, tuple)):
+            return tuple(value)
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"{owner} {name}={value!r} is not a valid {type(default).__name__}") from None
+    return value
+
+
+def _replace(cls: type[T], base: T, values: dict[str, Any]) -> T:
+    """`base` with `values` applied after coercion; unknown keys are refused by name."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    coerced = {k: _coerce(cls.__name__, k, v, getattr(base, k)) for k, v in values.items()}
+    return dataclasses.replace(base, **coerced)  # type: ignore[type-var]
+
+
+def build_model_config(base: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from `base` (default ModelConfig()) and flat keys: `name` (or its alias `model`), any
+    ModelConfig field, and `depth` — the number of MLP hidden layers, whose widths `tower(factors, depth)` derives
+    from the (new or base) factors; `depth` and `layers` together are refused."""
+    base = base or ModelConfig()
+    values = dict(overrides)
+    if "model" in values:
+        if "name" in values and values["name"] != values["model"]:
+            raise UserError(f"model={values['model']!r} and name={values['name']!r} disagree")
+        values["name"] = values.pop("model")
+    depth = values.pop("depth", None)
+    if depth is not None:
+        if "layers" in values:
+            raise UserError(f"give depth={depth} or layers={values['layers']}, not both")
+        depth = _coerce("ModelConfig", "depth", depth, 0)
+        factors = _coerce("ModelConfig", "factors", values.get("factors", base.factors), 0)
+        values["layers"] = tower(factors, depth)
+    return _replace(ModelConfig, base, values)
+
+
+def build_train_config(base: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """The one TrainConfig builder: CLI and job flags, Tune trials, the pipeline and saved configs all call it.
+
+    `base` (default TrainConfig()) supplies every key not given. Keys are flat: any TrainConfig field; the model's
+    `model` — a family name, a ModelConfig, or a nested dict as written by `to_dict` —; and the ModelConfig keys
+    (`factors`, `layers`, `dropout`, `depth`, ...) next to it (see `build_model_config`). A value of None is a
+    value (e.g. threads_per_worker=None: the default threads); callers drop flags that were not given."""
+    base = base or TrainConfig()
+    values = dict(overrides)
+    model_values = {k: values.pop(k) for k in (*MODEL_KEYS, "depth", "name") if k in values}
+    model = values.pop("model", None)
+    model_base = base.model
+    if isinstance(model, ModelConfig):
+        model_base = model
+    elif isinstance(model, dict):
+        model_values = {**model, **model_values}
+    elif model is not None:
+        model_values["model"] = model
+    model_cfg = build_model_config(model_base, **model_values)
+    if isinstance(values.get("pretrain_from"), str):  # the CLI's "GMF_DIR,MLP_DIR"
+        values["pretrain_from"] = tuple(p for p in values["pretrain_from"].split(",") if p)
+    return dataclasses.replace(_replace(TrainConfig, base, values), model=model_cfg)
+
+
+def build_serve_config(base: ServeConfig | None = None, **overrides: Any) -> ServeConfig:
+    """The one ServeConfig builder (`ncf-ray serve` / jobs/deploy.py flags, `serve run key=value` args, a
+    `serve deploy` YAML's `args`). Strings are coerced to each field's type; model_dir is required."""
+    cfg = _replace(ServeConfig, base or ServeConfig(), overrides)
+    if not cfg.model_dir:
+        raise UserError("model_dir is required (the model artifact dir, e.g. RUN_DIR/model)")
+    return cfg
+
 
 # ----------------------------------------------------------------------------------------------- round trips
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -151,37 +302,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build `cls` from a dict, refusing unknown keys by name; nested dataclasses and tuples are rebuilt."""
-    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise UserError(f"unknown {cls.__name__} key(s): {', '.join(unknown)}")
-    kwargs: dict[str, Any] = {}
-    for name, value in data.items():
-        if name == "model" and cls is TrainConfig and isinstance(value, dict):
-            value = from_dict(ModelConfig, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-def save_yaml(cfg: Any, path: str | Path) -> None:
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    import yaml
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"config file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {p} is not valid YAML: {exc}") from None
+    """Rebuild `cls` from `to_dict`'s output (or a YAML/JSON mapping), refusing unknown keys by name. TrainConfig,
+    ModelConfig and ServeConfig go through their builders, so a saved config is read like a flag."""
     if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping, got {type(data).__name__}")
-    return from_dict(cls, data)
+        raise UserError(f"a {cls.__name__} must be a mapping, got {type(data).__name__}")
+    if cls is TrainConfig:
+        return build_train_config(None, **data)  # type: ignore[return-value]
+    if cls is ModelConfig:
+        return build_model_config(None, **data)  # type: ignore[return-value]
+    if cls is ServeConfig:
+        return build_serve_config(None, **data)  # type: ignore[return-value]
+    return _replace(cls, cls(), data)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ncf_ray.atomic import write_json
-from ncf_ray.config import ServeConfig, TrainConfig, TuneConfig, from_dict
+from ncf_ray.config import TrainConfig, TuneConfig, build_serve_config, build_train_config, from_dict
 from ncf_ray.errors import UserError
 from ncf_ray.runtime import ensure_ray
 
@@ -69,12 +69,23 @@ class PipelineConfig:
     overwrite: bool = False
 
 
+SYNTHETIC_SIZES = ("users", "items", "interactions")
+
+
 def preset(name: str, **overrides: Any) -> PipelineConfig:
-    """A PipelineConfig from a named preset; None-valued overrides keep the preset's value."""
+    """A PipelineConfig from a named preset; None-valued overrides keep the preset's value. The preset's
+    synthetic sizes apply only to the synthetic source; given with another source they are refused (they would
+    be ignored)."""
     if name not in PRESETS:
         raise UserError(f"preset {name!r} is not one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("source", "synthetic") != "synthetic":
+        sizes = [f"--{k}" for k in SYNTHETIC_SIZES if k in given]
+        if sizes:
+            raise UserError(f"{'/'.join(sizes)} only apply to --source synthetic, not {given['source']!r}")
+        values.update(dict.fromkeys(SYNTHETIC_SIZES))  # the preset's sizes describe its synthetic data only
+    values.update(given)
     return PipelineConfig(**values)
 
 
@@ -93,13 +104,9 @@ def _sub(storage: str | None, name: str) -> str | None:
 def stage_prepare(cfg: PipelineConfig, dataset_dir: Path) -> dict[str, Any]:
     from ncf_ray.config import DataConfig
     from ncf_ray.data.prepare import prepare
-    from ncf_ray.data.synthetic import SyntheticSpec
+    from ncf_ray.data.synthetic import synthetic_spec
 
-    synthetic = None
-    if cfg.source == "synthetic":
-        d = SyntheticSpec()
-        synthetic = SyntheticSpec(users=cfg.users or d.users, items=cfg.items or d.items,
-                                  interactions=cfg.interactions or d.interactions, seed=cfg.seed)
+    synthetic = synthetic_spec(cfg.source, cfg.users, cfg.items, cfg.interactions, seed=cfg.seed)
     return prepare(DataConfig(source=cfg.source, seed=cfg.seed), dataset_dir, overwrite=cfg.overwrite,
                    synthetic=synthetic)
 
@@ -109,17 +116,15 @@ def stage_tune(cfg: PipelineConfig, dataset_dir: Path, sweep_dir: Path) -> dict[
 
     tcfg = TuneConfig(num_samples=cfg.num_samples, max_epochs=cfg.sweep_epochs, workers_per_trial=cfg.workers,
                       grace_period=max(1, min(2, cfg.sweep_epochs)), seed=cfg.seed, search=cfg.search)
-    base = TrainConfig(gpu=cfg.gpu)
-    if cfg.batch_size:
-        base = dataclasses.replace(base, batch_size=cfg.batch_size)
+    base = build_train_config(gpu=cfg.gpu, **({"batch_size": cfg.batch_size} if cfg.batch_size else {}))
     return run_sweep(str(dataset_dir), str(sweep_dir), tcfg, base=base, space=cfg.space)
 
 
 def best_train_config(sweep: dict[str, Any], cfg: PipelineConfig) -> TrainConfig:
     """The sweep's best trial config, at full length and with the pipeline's scaling and fault tolerance."""
     best = from_dict(TrainConfig, sweep["best_metrics"]["config"])
-    return dataclasses.replace(best, epochs=cfg.epochs, workers=cfg.workers, gpu=cfg.gpu, threads_per_worker=None,
-                               max_failures=cfg.max_failures, patience=max(best.patience, 3))
+    return build_train_config(best, epochs=cfg.epochs, workers=cfg.workers, gpu=cfg.gpu, threads_per_worker=None,
+                              max_failures=cfg.max_failures, patience=max(best.patience, 3))
 
 
 def stage_train(cfg: PipelineConfig, dataset_dir: Path, run_dir: Path, tcfg: TrainConfig) -> dict[str, Any]:
@@ -132,7 +137,7 @@ def stage_deploy(cfg: PipelineConfig, model_dir: Path) -> str:
     """Deploy the artifact on Ray Serve (replaces a running `ncf` app in place); returns the base URL."""
     from ncf_ray.serve import run_server
 
-    return run_server(ServeConfig(model_dir=str(model_dir), host=cfg.host, port=cfg.port), blocking=False)
+    return run_server(build_serve_config(model_dir=str(model_dir), host=cfg.host, port=cfg.port), blocking=False)
 
 
 def smoke_query(url: str, user_id: str, k: int = 10, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -270,9 +275,11 @@ def format_report(summary: dict[str, Any], k: int = 10) -> str:
 
 
 def run_job(main: Any, argv: list[str] | None = None) -> int:
-    """Exit status of a `jobs/*.py` entrypoint: its own code, 2 for a user mistake, 1 for anything else, with the
-    reason on ONE stderr line (the job log's last line is what `ray job status/logs` users see first)."""
+    """Exit status of a `jobs/*.py` entrypoint: its own code; 2 with ONE stderr line `error: ...` for a user
+    mistake (UserError: the job log's last line is what `ray job status/logs` users see first); 130 on Ctrl-C.
+    Anything else is a bug: its traceback is printed in full and the status is 1."""
     import sys
+    import traceback
 
     try:
         return int(main(argv if argv is not None else sys.argv[1:]) or 0)
@@ -282,7 +289,7 @@ def run_job(main: Any, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
-    except Exception as exc:  # one line, not a traceback: the cause is in the stage's own message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first[:500]}", file=sys.stderr, flush=True)
+    except Exception:
+        traceback.print_exc()
+        sys.stderr.flush()
         return 1

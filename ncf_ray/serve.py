@@ -38,10 +38,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 from ray import serve
 
-from ncf_ray.config import ServeConfig
+from ncf_ray.config import ServeConfig, build_serve_config
 from ncf_ray.errors import UserError
 from ncf_ray.recommender import Recommender
-from ncf_ray.scoring import PRECISIONS, reuse_large_allocations
+from ncf_ray.scoring import reuse_large_allocations
 
 APP_NAME = "ncf"
 MAX_BODY_BYTES = 1 << 20
@@ -319,40 +319,15 @@ class NCFServer:
 
 # ------------------------------------------------------------------------------------------------ builders
 def serve_config_from_args(args: dict[str, Any]) -> ServeConfig:
-    """A ServeConfig from `serve run ... key=value` strings (or a YAML `args` mapping); unknown keys refused."""
-    known = {f.name: f for f in dataclasses.fields(ServeConfig)}
-    unknown = sorted(set(args) - set(known))
-    if unknown:
-        raise UserError(f"unknown serve arg(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    values: dict[str, Any] = {}
-    for name, raw in args.items():
-        default = getattr(ServeConfig(), name)
-        try:
-            if name == "replicas":
-                values[name] = "auto" if str(raw) == "auto" else int(raw)
-            elif isinstance(default, (int, float, str)) and not isinstance(default, bool):
-                values[name] = type(default)(raw)
-            else:
-                values[name] = raw
-        except ValueError:
-            raise UserError(f"serve arg {name}={raw!r} is not a valid {type(default).__name__}") from None
-    cfg = ServeConfig(**values)
-    _check(cfg)
-    return cfg
+    """A ServeConfig from `serve run ... key=value` strings (or a YAML `args` mapping); unknown keys refused.
+    The one builder is config.build_serve_config (the CLI's flags go through it too)."""
+    return build_serve_config(**args)
 
 
 def _check(cfg: ServeConfig) -> None:
+    """What a ServeConfig built in code may still lack (its fields validate themselves): a model dir."""
     if not cfg.model_dir:
         raise UserError("model_dir is required (the model artifact dir, e.g. RUN_DIR/model)")
-    if cfg.replicas != "auto" and (not isinstance(cfg.replicas, int) or cfg.replicas < 1):
-        raise UserError(f"replicas={cfg.replicas!r} must be a positive integer or 'auto'")
-    if not 1 <= cfg.max_batch_size <= cfg.max_ongoing_requests:
-        raise UserError(f"max_batch_size={cfg.max_batch_size} must be within 1..max_ongoing_requests "
-                        f"({cfg.max_ongoing_requests}) so batches can fill")
-    if cfg.precision not in PRECISIONS:
-        raise UserError(f"precision={cfg.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if not 0 <= cfg.batch_wait_timeout_s <= 1:
-        raise UserError(f"batch_wait_timeout_s={cfg.batch_wait_timeout_s} must be within 0..1 seconds")
 
 
 def deployment_options(cfg: ServeConfig) -> dict[str, Any]:

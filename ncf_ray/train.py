@@ -12,9 +12,12 @@ and compute test metrics on it — the only time test is read.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,8 @@ from ncf_ray.model import model_from_config, unwrap
 from ncf_ray.runtime import ensure_ray
 
 STATE_FILE = "state.pt"
-RAY_RUN_NAME = "ray_train"
+RAY_RUN_NAME = "ray_train"  # prefix of every run's Ray Train name (and the whole name of runs made before run.json)
+RUN_FILE = "run.json"  # RUN_DIR/run.json: the Ray Train run (name, storage) that --resume continues
 ROW_FMT = "{epoch:>5} {loss:>8.4f} {hr:>9.4f} {ndcg:>9.4f} {sps:>12,.0f} {secs:>7.1f}"
 HEADER = f"{'epoch':>5} {'loss':>8} {'valid_hr':>9} {'valid_ndcg':>9} {'samples/s':>12} {'sec':>7}"
 
@@ -216,25 +220,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver side
-def raise_user_error_from(exc: BaseException) -> None:
-    """Re-raise a UserError raised inside a worker (a diverged loss, a shard with no data) as one UserError on
-    the driver. Ray wraps worker exceptions in its own; their text still carries ours, so it is found there."""
-    seen: set[int] = set()
-    stack: list[BaseException] = [exc]
-    while stack:
-        e = stack.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, UserError):
-            raise UserError(str(e)) from None
-        stack.extend(x for x in (e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values(),
-                                 getattr(e, "error", None)) if isinstance(x, BaseException))
-    marker = "training loss became"
-    text = str(exc)
-    if marker in text:
-        line = next(ln for ln in text.splitlines() if marker in ln)
-        raise UserError(line[line.index(marker):].strip()) from None
+def raise_user_error_from(exc: BaseException | None) -> None:
+    """Re-raise, as one line on the driver, a UserError a worker raised (see `user_error_in`); else return."""
+    err = user_error_in(exc)
+    if err is not None:
+        raise UserError(str(err)) from None
 
 
 def training_positives(data: Dataset, refit: bool, device: torch.device | str = "cpu",
@@ -259,6 +249,72 @@ def read_train(dataset_dir: str, materialize: bool = True) -> Any:
 
     ds = ray.data.read_parquet(str(Path(dataset_dir) / S.TRAIN_DIR), columns=[S.USER_IDX, S.ITEM_IDX])
     return ds.materialize() if materialize else ds
+
+
+def check_fits_cluster(workers: int, gpu: bool, cpus_per_worker: float = 1.0, extra_cpus: float = 0.0) -> None:
+    """Refuse, with one line, a run the connected Ray cluster cannot place: Ray Train would otherwise wait for
+    its worker group until it times out. Each worker takes `cpus_per_worker` CPUs (Ray Train's default 1) and,
+    with `gpu`, one GPU; `extra_cpus` is what else the run holds (a Tune trial's driver). Checked against
+    `ray.cluster_resources()` now, so on an autoscaling cluster start the nodes first."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0))
+    if gpu and gpus < 1:
+        raise UserError(f"--gpu: the Ray cluster has no GPU ({cpus:g} CPUs, 0 GPUs)")
+    if gpu and workers > gpus:
+        raise UserError(f"--workers={workers} with --gpu needs {workers} GPUs but the Ray cluster has {gpus:g}")
+    need = workers * cpus_per_worker + extra_cpus
+    if need > cpus:
+        why = f"{workers} x {cpus_per_worker:g}" + (f" + {extra_cpus:g} for the trial" if extra_cpus else "")
+        raise UserError(f"--workers={workers} needs {need:g} CPUs ({why}) but the Ray cluster has {cpus:g}")
+
+
+def user_error_in(error: BaseException | None) -> UserError | None:
+    """The UserError a worker raised (a non-finite training loss, a shard with no data), recovered from the
+    failure Ray Train reports for the run: it wraps worker exceptions in its own, keeping their text (and, where
+    it can, the exception itself in the cause chain). None if it was not one."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack.extend(x for x in (e.__cause__, e.__context__, getattr(e, "error", None),
+                                 *getattr(e, "worker_failures", {}).values()) if isinstance(x, BaseException))
+    match = re.search(r"(?:[\w.]+\.)?(?:UserError|NonFiniteLoss): (.+)", str(error or ""))
+    return UserError(match.group(1).strip()) if match else None
+
+
+def fresh_run_name() -> str:
+    """A Ray Train run name no earlier run has: Train V2 restores any run with the same (storage, name), so a
+    reused name would silently continue (or re-export) an old run."""
+    return f"{RAY_RUN_NAME}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def resolve_run(out: Path, storage_path: str | None, resume: bool) -> tuple[str, str]:
+    """(Ray Train name, storage path) of the run in RUN_DIR `out`: a fresh name for a new run (`record_run`
+    writes it to RUN_DIR/run.json), the recorded one with `resume` (and the recorded storage when --storage is not
+    given again). A RUN_DIR that already holds a run is refused without `resume`, and `resume` without one."""
+    record, legacy = out / RUN_FILE, out / RAY_RUN_NAME
+    if resume:
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            return saved["name"], storage_path or saved.get("storage") or str(out)
+        if legacy.exists():  # a run from before run.json: its name was always RAY_RUN_NAME, under RUN_DIR
+            return RAY_RUN_NAME, storage_path or str(out)
+        raise UserError(f"--resume: no training run found in {out}")
+    if record.is_file() or legacy.exists():
+        raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    return fresh_run_name(), storage_path or str(out)
+
+
+def record_run(out: Path, name: str, storage: str) -> None:
+    """Write RUN_DIR/run.json, so `--resume` finds this run's Ray Train name and storage."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, {"name": name, "storage": storage})
 
 
 def build_trainer(
@@ -367,24 +423,23 @@ def run_training(
 ) -> dict[str, Any]:
     """Train on Ray, export RUN_DIR/model, write RUN_DIR/metrics.json; returns the metrics dict.
     `storage_path` (local dir or URI such as s3://...) holds checkpoints; it defaults to RUN_DIR so every node of
-    a cluster needs to see RUN_DIR (NFS) unless a URI is given."""
+    a cluster needs to see RUN_DIR (NFS) unless a URI is given. Each run has its own Ray Train name (see
+    `resolve_run`), so a second run on the same storage starts afresh unless `resume`."""
     from ray.train import Result
 
     meta = read_meta(dataset_dir)
     out = Path(out_dir).resolve()
-    storage = storage_path or str(out)
-    run_path = out / RAY_RUN_NAME if storage_path is None else None
-    if not resume and run_path is not None and run_path.exists():
-        raise UserError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-    if resume and run_path is not None and not run_path.exists():
-        raise UserError(f"--resume: no training run found in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
-          f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}", flush=True)
+    name, storage = resolve_run(out, storage_path, resume)
     ensure_ray()
+    check_fits_cluster(cfg.workers, cfg.gpu)  # before run.json, so a refused run leaves nothing to --resume
+    if not resume:
+        record_run(out, name, storage)
+    print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
+          f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}; run {name}", flush=True)
     t0 = time.time()
     try:
-        result: Result = build_trainer(dataset_dir, cfg, storage, placement_strategy=placement_strategy).fit()
+        result: Result = build_trainer(dataset_dir, cfg, storage, name=name,
+                                       placement_strategy=placement_strategy).fit()
     except Exception as exc:  # noqa: BLE001 - a user mistake inside a worker becomes one line, bugs re-raise
         raise_user_error_from(exc)
         raise
@@ -397,7 +452,7 @@ def run_training(
         state = load_state(ckpt_dir)
     metrics = finalize(dataset_dir, out / "model", out / "metrics.json", cfg, state, time.time() - t0, baselines)
     if refit:
-        metrics = refit_and_export(dataset_dir, out, cfg, metrics, storage, placement_strategy)
+        metrics = refit_and_export(dataset_dir, out, cfg, metrics, storage, placement_strategy, name + "-refit")
     return metrics
 
 

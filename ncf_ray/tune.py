@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ncf_ray.atomic import replacing
-from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig, TuneConfig, to_dict
+from ncf_ray.config import MODEL_FIELDS, MODEL_NAMES, TrainConfig, TuneConfig, build_train_config, to_dict
 from ncf_ray.errors import UserError
 
 METRIC_KEY = "valid_hr@{k}"
@@ -39,12 +39,13 @@ DEFAULT_SPACE: dict[str, Any] = {
     "weight_decay": {"loguniform": [1e-7, 1e-4]},
 }
 SPACE_KEYS = {"factors", "depth", "lr", "negatives", "weight_decay", "batch_size", "dropout"}
+# The ModelConfig fields a model-shaped space key changes; a model that reads none of them ignores the key.
+# factors sets the tower's width too (tower(factors, depth)), so it matters to mlp.
+SPACE_KEY_FIELDS = {"factors": {"factors", "layers"}, "depth": {"layers"}, "dropout": {"dropout"}}
+RANDOM_SAMPLES = 8  # --num-samples default for random/optuna search; grid runs each point once by default
 
 
 # ------------------------------------------------------------------------------------------- space
-def tower(factors: int, depth: int) -> tuple[int, ...]:
-    """MLP widths for `depth` hidden layers: input = user+item embeddings of `factors` each, then halving."""
-    return tuple(max(1, (2 * factors) >> j) for j in range(depth + 1))
 
 
 def _check_values(key: str, values: list[Any]) -> None:
@@ -119,15 +120,63 @@ def to_param_space(space: dict[str, Any], search: str) -> dict[str, Any]:
     return out
 
 
+def space_for_model(space: dict[str, Any], model: str) -> tuple[dict[str, Any], list[str]]:
+    """The space without the keys `model` ignores (gmf/mf have no MLP tower: depth and dropout would only repeat
+    identical trials), and the names of the keys dropped."""
+    uses = MODEL_FIELDS[model]
+    dropped = sorted(k for k in space if k in SPACE_KEY_FIELDS and not SPACE_KEY_FIELDS[k] & uses)
+    return {k: v for k, v in space.items() if k not in dropped}, dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """What a sweep will run, worked out before Ray starts: printed first, so a 32-trial surprise is visible."""
+
+    search: str
+    trials: int
+    grid_points: int  # 1 when nothing is a grid axis
+    samples: int  # per grid point under grid search, in all otherwise
+    searched: tuple[str, ...]  # keys that vary
+    fixed: dict[str, Any]  # keys with one value
+    dropped: tuple[str, ...]  # keys the model ignores, left out of the space
+
+    def describe(self) -> str:
+        if self.search == "grid":
+            how = f"{self.grid_points} grid point(s) x {self.samples} sample(s)"
+        else:
+            how = f"{self.samples} {self.search} sample(s)"
+        parts = [f"sweep plan: {self.trials} trial(s) = {how}; searching {', '.join(self.searched) or 'nothing'}"]
+        if self.fixed:
+            parts.append("fixed " + ", ".join(f"{k}={v}" for k, v in self.fixed.items()))
+        if self.dropped:
+            parts.append(f"ignored by the model: {', '.join(self.dropped)}")
+        return "; ".join(parts)
+
+
+def plan_sweep(space: dict[str, Any], tcfg: TuneConfig) -> tuple[SweepPlan, dict[str, Any]]:
+    """The plan of a sweep and the space it searches (validated, irrelevant keys dropped). `tcfg.num_samples`
+    None means RANDOM_SAMPLES for random/optuna and 1 per point for grid (where more repeats identical configs
+    unless the space has distributions)."""
+    space, dropped = space_for_model(validate_space(space), tcfg.model)
+    if not space:
+        raise UserError(f"the search space has no key that --model {tcfg.model} uses (dropped: {', '.join(dropped)})")
+    fixed = {k: (v[0] if isinstance(v, list) else v) for k, v in space.items()
+             if not isinstance(v, dict) and (not isinstance(v, list) or len(v) == 1)}
+    searched = tuple(k for k in space if k not in fixed)
+    grid_points = math.prod(len(v) for v in space.values() if isinstance(v, list)) if tcfg.search == "grid" else 1
+    samples = tcfg.num_samples if tcfg.num_samples is not None else (1 if tcfg.search == "grid" else RANDOM_SAMPLES)
+    plan = SweepPlan(search=tcfg.search, trials=grid_points * samples, grid_points=grid_points, samples=samples,
+                     searched=searched, fixed=fixed, dropped=tuple(dropped))
+    return plan, space
+
+
 def trial_train_config(base: TrainConfig, model_name: str, params: dict[str, Any]) -> TrainConfig:
-    """One trial's TrainConfig: the sweep's base settings with the sampled parameters applied."""
-    factors = int(params.get("factors", base.model.factors))
-    depth = int(params.get("depth", max(len(base.model.layers) - 1, 0)))
-    model = ModelConfig(name=model_name, factors=factors, layers=tower(factors, depth),
-                        dropout=float(params.get("dropout", base.model.dropout)))
-    fields: dict[str, Any] = {k: float(params[k]) for k in ("lr", "weight_decay") if k in params}
-    fields.update({k: int(params[k]) for k in ("negatives", "batch_size") if k in params})
-    return dataclasses.replace(base, model=model, **fields)
+    """One trial's TrainConfig: the sweep's base settings with the sampled parameters applied (through the one
+    builder). The MLP tower follows the sampled factors: without a sampled depth it keeps the base's depth."""
+    params = dict(params)
+    if "factors" in params and "depth" not in params and "layers" in MODEL_FIELDS[model_name]:
+        params["depth"] = max(len(base.model.layers) - 1, 0)
+    return build_train_config(base, model=model_name, **params)
 
 
 # ------------------------------------------------------------------------------------------- trial
@@ -136,10 +185,9 @@ def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ncf_ray.config import from_dict
-    from ncf_ray.train import build_trainer
+    from ncf_ray.train import build_trainer, user_error_in
 
-    base = from_dict(TrainConfig, config["__base__"])
+    base = build_train_config(None, **config["__base__"])
     params = {k: v for k, v in config.items() if not k.startswith("__")}
     cfg = trial_train_config(base, config["__model__"], params)
     trial_id = tune.get_context().get_trial_id()
@@ -147,7 +195,9 @@ def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
                             callbacks=[TuneReportCallback()], train_ds=train_ds)
     result = trainer.fit()
     if result.error is not None:
-        raise RuntimeError(f"trial {trial_id} failed: {result.error}")
+        # A worker's UserError (e.g. "non-finite training loss at epoch E (lr X)") errors the trial with its own
+        # one-line message, which results.csv shows; pick_best never selects an errored trial.
+        raise user_error_in(result.error) or RuntimeError(f"trial {trial_id} failed: {result.error}")
 
 
 TRIAL_DRIVER_CPU = 0.01  # the trial function only waits on its TorchTrainer; Tune refuses 0
@@ -182,15 +232,17 @@ def run_sweep(
 
     from ncf_ray.data.dataset import read_meta
     from ncf_ray.runtime import ensure_ray
+    from ncf_ray.train import check_fits_cluster, read_train
 
     if tcfg.model not in MODEL_NAMES:
         raise UserError(f"--model={tcfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
     if tcfg.search not in SEARCHES:
         raise UserError(f"--search={tcfg.search!r} is not one of {', '.join(SEARCHES)}")
     for name in ("num_samples", "max_epochs", "workers_per_trial", "grace_period", "reduction_factor"):
-        if getattr(tcfg, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')}={getattr(tcfg, name)} must be > 0")
-    space = validate_space(space if space is not None else dict(DEFAULT_SPACE))
+        value = getattr(tcfg, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')}={value} must be > 0")
+    plan, space = plan_sweep(space if space is not None else dict(DEFAULT_SPACE), tcfg)
     read_meta(dataset_dir)  # refuses a path that is not a dataset dir before Ray starts
     base = base or TrainConfig()
     base = dataclasses.replace(base, epochs=tcfg.max_epochs, workers=tcfg.workers_per_trial, seed=tcfg.seed)
@@ -201,13 +253,14 @@ def run_sweep(
         raise UserError(f"--resume: no sweep found in {out}")
     if not resume and exp_path.exists():
         raise UserError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    if not resume:  # a resumed sweep runs the plan it was started with
+        print(plan.describe(), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     ensure_ray()
+    check_fits_cluster(tcfg.workers_per_trial, base.gpu, extra_cpus=TRIAL_DRIVER_CPU)
 
     k = base.eval_k
     metric = METRIC_KEY.format(k=k)
-    from ncf_ray.train import read_train
-
     # Read the positives once for every trial, before trials hold the CPUs (see train.read_train).
     trainable = tune.with_parameters(_trial, train_ds=read_train(dataset_dir))
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
@@ -218,12 +271,8 @@ def run_sweep(
         param_space = to_param_space(space, tcfg.search)
         param_space.update({"__base__": to_dict(base), "__model__": tcfg.model,
                             "__dataset__": str(Path(dataset_dir).resolve()), "__storage__": str(out / "trials")})
-        search_alg = None
-        if tcfg.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = OptunaSearch(metric=metric, mode="max", seed=tcfg.seed)
         max_conc = tcfg.max_concurrent or default_max_concurrent(tcfg.workers_per_trial, base.gpu)
+        search_alg = _search_alg(tcfg, metric, max_conc)
         if max_conc > 1 and not base.gpu and base.threads_per_worker is None:
             # Concurrent trials each defaulting to every core of the node would oversubscribe it: one torch
             # thread per worker, matching the one CPU each worker reserves.
@@ -232,8 +281,9 @@ def run_sweep(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=metric, mode="max", num_samples=tcfg.num_samples, search_alg=search_alg,
-                max_concurrent_trials=max_conc,
+                metric=metric, mode="max", num_samples=plan.samples, search_alg=search_alg,
+                # Optuna is a Searcher that Tune wraps in a ConcurrencyLimiter; the variant generator got it above.
+                max_concurrent_trials=max_conc if tcfg.search == "optuna" else None,
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
                                         reduction_factor=tcfg.reduction_factor),
             ),
@@ -251,10 +301,7 @@ def run_sweep(
     _write_csv(out / "results.csv", rows)
     summary: dict[str, Any] = {"trials": len(rows), "seconds": seconds, "results_csv": str(out / "results.csv"),
                                "errors": sum(r["status"] == "ERROR" for r in rows)}
-    ok = [r for r in rows if r["best_valid_hr"] is not None and r["checkpoint_path"]]
-    if not ok:
-        raise UserError(f"no trial of the sweep in {out} produced a checkpoint; see results.csv")
-    best_row = max(ok, key=lambda r: r["best_valid_hr"])
+    best_row = pick_best(rows, out)
     best = _export_best(dataset_dir, out, best_row, base, tcfg.model)
     summary.update(best=best_row["trial_id"], best_dir=str(out / "best"), best_metrics=best)
     try:
@@ -262,6 +309,38 @@ def run_sweep(
     except Exception as exc:  # a missing plotting backend must not lose a finished sweep
         print(f"warning: plot.png not written: {exc}")
     return summary
+
+
+def _search_alg(tcfg: TuneConfig, metric: str, max_concurrent: int) -> Any:
+    """The searcher, seeded by --seed: Optuna's TPE, or Tune's variant generator for random and grid (whose
+    random draws — tune.choice, distributions — follow `random_state`, so a rerun samples the same trials)."""
+    if tcfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode="max", seed=tcfg.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=tcfg.seed)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def pick_best(rows: list[dict[str, Any]], where: Any = "the sweep") -> dict[str, Any]:
+    """The row with the highest valid HR among trials that finished (status TERMINATED, ASHA stops included), have
+    a finite valid score and a checkpoint. An errored trial (a worker raised, e.g. a non-finite training loss) is
+    never picked, even if it reported good epochs first; NaN never wins. None eligible: one line (UserError)."""
+    ok = [r for r in rows if r["status"] != "ERROR" and _finite(r["best_valid_hr"]) and r["checkpoint_path"]]
+    if ok:
+        return max(ok, key=lambda r: r["best_valid_hr"])
+    errors = [r for r in rows if r["status"] == "ERROR"]
+    if rows and len(errors) == len(rows):
+        first = errors[0]
+        raise UserError(f"all {len(rows)} trial(s) of {where} errored; first, trial {first['trial_id']}: "
+                        f"{first['error'] or 'no message'} (see results.csv)")
+    raise UserError(f"no trial of {where} finished with a finite valid score and a checkpoint "
+                    f"({len(errors)} of {len(rows)} errored); see results.csv")
 
 
 def _was_interrupted(handler_before: Any) -> bool:
@@ -304,7 +383,9 @@ def _result_rows(grid: Any) -> list[dict[str, Any]]:
             "error": str(res.error).splitlines()[0][:300] if res.error else "", "checkpoint_path": ckpt,
             "config": cfg,
         })
-    rows.sort(key=lambda r: -(r["best_valid_hr"] or -1))
+    # Best first; errored trials and those without a finite score last (NaN would make the sort order arbitrary).
+    rows.sort(key=lambda r: (r["status"] == "ERROR" or not _finite(r["best_valid_hr"]),
+                             -r["best_valid_hr"] if _finite(r["best_valid_hr"]) else 0.0))
     return rows
 
 

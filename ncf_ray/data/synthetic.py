@@ -217,3 +217,16 @@ def synthetic_dataset(spec: SyntheticSpec) -> Any:
     return ray.data.range(n, override_num_blocks=n).map_batches(
         _generate_batch, batch_size=1, batch_format="numpy", fn_kwargs={"spec": spec}
     )
+
+
+def synthetic_spec(source: str, users: int | None = None, items: int | None = None,
+                   interactions: int | None = None, seed: int = 0) -> SyntheticSpec | None:
+    """The one builder of a SyntheticSpec from flags (`ncf-ray prepare`, the pipeline). None sizes keep the
+    ML-1M-shaped defaults. For any other source it returns None, and refuses sizes, which would be ignored."""
+    sizes = {"users": users, "items": items, "interactions": interactions}
+    if source != "synthetic":
+        given = [f"--{k}" for k, v in sizes.items() if v is not None]
+        if given:
+            raise UserError(f"{'/'.join(given)} only apply to SOURCE=synthetic, not {source!r}")
+        return None
+    return SyntheticSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=seed)

@@ -1,5 +1,7 @@
-"""`ncf-ray tune` on local Ray: an invalid space is refused before launch; a 2x2 grid (embedding size x depth)
-interrupted after its first trial resumes and completes with 4 rows in results.csv, and best/ loads and evaluates."""
+"""`ncf-ray tune` on local Ray: an invalid space is refused before launch; ASHA stops a trial with a hopeless
+learning rate at its first rung while the others run on, and grid points run once by default; a 2x2 grid
+(embedding size x depth) interrupted after its first trial resumes and completes with 4 rows in results.csv, and
+best/ loads and evaluates."""
 
 from __future__ import annotations
 
@@ -40,6 +42,27 @@ def test_invalid_space_is_refused_before_any_trial(dataset, tmp_path, capsys):
     bad.write_text("factors: [8]\nembedding_size: [8]\n")
     assert main(["tune", dataset, "--out", str(tmp_path / "sweep"), "--space", str(bad)]) == 2
     assert "embedding_size" in capsys.readouterr().err
+
+
+def test_asha_stops_a_hopeless_trial(dataset, tmp_path):
+    # Grid order is list order: a good trial first sets rung 1's bar, the lr=1e-7 trial (barely moves from its
+    # random init) falls under it after epoch 1 and is stopped; trials that clear it may run all 3 epochs.
+    space = tmp_path / "space.yaml"
+    space.write_text("factors: [8]\ndepth: [1]\nlr: [0.05, 1.0e-7, 0.02]\nnegatives: 4\n")
+    out = tmp_path / "sweep"
+    run = subprocess.run(
+        [sys.executable, "-m", "ncf_ray.cli", "tune", dataset, "--out", str(out), "--space", str(space),
+         "--search", "grid", "--max-epochs", "3", "--grace-period", "1", "--reduction-factor", "2",
+         "--batch-size", "256", "--json"], capture_output=True, text=True, timeout=540)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "sweep plan: 3 trial(s) = 3 grid point(s) x 1 sample(s)" in run.stdout  # not 8 per point
+    with open(out / "results.csv") as f:
+        rows = {float(r["lr"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [1e-7, 0.02, 0.05] and all(r["status"] == "TERMINATED" for r in rows.values())
+    assert int(rows[1e-7]["epochs"]) == 1  # stopped by ASHA at the first rung
+    assert int(rows[0.05]["epochs"]) == 3  # the first trial has no bar to clear
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["best"] != rows[1e-7]["trial_id"]
 
 
 def _tune_cmd(dataset: str, out: Path, space: Path, *extra: str) -> list[str]:
