@@ -397,3 +397,70 @@ def _multi_hot(history: Tensor, n_items: int, dtype: torch.dtype) -> Tensor:
     x = torch.zeros((history.shape[0], n_items + 1), dtype=dtype, device=history.device)
     x.scatter_(1, history.long(), 1.0)
     return x[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------ as a run
+def fit_closed_form(dataset_dir: str, out_dir: str, cfg: Any, refit: bool = False,
+                    baselines: bool = True) -> dict[str, Any]:
+    """`ncf-ray train DS --model ease|pop`: fit in closed form (EASE's λ picked on valid unless cfg.model.lam
+    is set), score valid and test once with the same evaluation as every trained model, beside the baselines,
+    and export RUN_DIR/model and RUN_DIR/metrics.json like a trained run. `refit`: the exported weights are
+    refitted on every interaction (train, valid and test) with the chosen λ."""
+    import dataclasses
+    from pathlib import Path
+
+    from ncf_ray.atomic import write_json
+    from ncf_ray.config import to_dict
+    from ncf_ray.data.dataset import load_dataset
+    from ncf_ray.evaluation import evaluate_model
+    from ncf_ray.train import baseline_block, export_artifact, training_positives
+
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(dataset_dir)
+    k, name = cfg.eval_k, cfg.model.name
+    print(f"fitting {name} in closed form on {data.n_users} users x {data.n_items} items", flush=True)
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {}
+    if name == "ease":
+        lam = float(cfg.model.lam)
+        if lam <= 0:  # pick λ on valid
+            check_ease_fits(data.n_items)
+            gram = gram_matrix(_history_csr(data, "valid"), data.n_items)
+            lam, _, grid, _ = select_ease_lambda(data, DEFAULT_LAMBDAS, k, gram)
+            del gram
+            info["grid"] = grid
+        model: _ClosedFormModel = EASE(data.n_users, data.n_items, lam).fit(data.train_users, data.train_items)
+        info["lambda"] = lam
+    else:
+        model = Popularity(data.n_users, data.n_items).fit(data.item_counts)
+    fit_seconds = time.perf_counter() - t0
+    model.eval()
+    valid = evaluate_model(model, data, k, split="valid")
+    result: dict[str, Any] = {
+        "model": name, "closed_form": info,
+        "valid": {f"hr@{k}": valid[f"hr@{k}"], f"ndcg@{k}": valid[f"ndcg@{k}"]},
+        "test": evaluate_model(model, data, k),
+        "baselines": baseline_block(data, k, ease=baselines and name != "ease"),
+        "epochs": 0, "best_epoch": 0, "train_seconds": fit_seconds, "samples_per_second": 0.0, "history": [],
+        "config": to_dict(cfg), "dataset": data.meta.get("source"),
+        "exported": {"weights": "fitted on train"},
+    }
+    if name == "ease":  # the model is the EASE baseline: report it once, not fitted twice
+        result["baselines"]["ease"] = {"lambda": info["lambda"], "grid": info.get("grid", []), "valid": valid,
+                                       "test": result["test"], "fit_seconds": fit_seconds}
+    result["popularity"] = result["baselines"]["popularity"]
+    if refit:
+        users, items, _ = training_positives(data, refit=True)
+        if name == "ease":
+            model = EASE(data.n_users, data.n_items, info["lambda"]).fit(users.numpy(), items.numpy())
+        else:
+            model = Popularity(data.n_users, data.n_items).fit(
+                np.bincount(items.numpy(), minlength=data.n_items))
+        result["exported"] = {"weights": "refit", "note": "refitted on train + valid + test; valid/test figures "
+                                                          "are the train-only fit's"}
+    if name == "ease":  # the artifact records the λ it was fitted with, so it loads without re-selecting
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, lam=info["lambda"]))
+    result["model_version"] = export_artifact(out / "model", model.eval(), cfg, data, result)
+    write_json(out / "metrics.json", result)
+    return result

@@ -54,6 +54,8 @@ class ModelConfig:
     heads: int = 1
     head: str = "dot"
     use_user_id: bool = False
+    # ease only: the ridge penalty; 0 = pick it on valid from baselines.DEFAULT_LAMBDAS.
+    lam: float = 0.0
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_FIELDS:
@@ -95,6 +97,8 @@ MODEL_FIELDS: dict[str, frozenset[str]] = {
     "neumf": frozenset({"factors", "layers", "dropout"}),
     "mf": frozenset({"factors"}),
     "seq": frozenset({"factors", "layers", "dropout", "history_len", "blocks", "heads", "head", "use_user_id"}),
+    "ease": frozenset({"lam"}),
+    "pop": frozenset(),
 }
 MODEL_CHECKS: dict[str, tuple[Callable[[ModelConfig], None], ...]] = {
     "mlp": (_needs_mlp_tower,),

@@ -566,6 +566,18 @@ def _seq(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
                   a.get("dropout", 0.2), a.get("head", "dot"), a.get("layers", ()), a.get("use_user_id", False))
 
 
+def _ease(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    from ncf_ray.baselines import EASE  # closed-form families live with the baselines they are
+
+    return EASE(n_users, n_items, a.get("lam", 500.0) or 500.0)
+
+
+def _pop(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
+    from ncf_ray.baselines import Popularity
+
+    return Popularity(n_users, n_items)
+
+
 # name -> builder from flat args (a new family is one class and one line here).
 REGISTRY: dict[str, Callable[[int, int, dict[str, Any]], RecModel]] = {
     "gmf": _gmf,
@@ -573,7 +585,11 @@ REGISTRY: dict[str, Callable[[int, int, dict[str, Any]], RecModel]] = {
     "neumf": _neumf,
     "mf": _mf,
     "seq": _seq,
+    "ease": _ease,
+    "pop": _pop,
 }
+# Families fitted in closed form (ncf_ray/baselines.py) rather than by the engine's gradient steps.
+CLOSED_FORM = ("ease", "pop")
 
 
 def build_model(name: str, n_users: int, n_items: int, **args: Any) -> RecModel:

@@ -33,7 +33,7 @@ from ncf_ray.data.sampler import NegativeSampler
 from ncf_ray.errors import UserError
 from ncf_ray.evaluation import evaluate_model, train_histories
 from ncf_ray.metrics import build_csr
-from ncf_ray.model import model_from_config, unwrap
+from ncf_ray.model import CLOSED_FORM, model_from_config, unwrap
 from ncf_ray.runtime import ensure_ray
 
 STATE_FILE = "state.pt"
@@ -427,6 +427,10 @@ def run_training(
     `resolve_run`), so a second run on the same storage starts afresh unless `resume`."""
     from ray.train import Result
 
+    if cfg.model.name in CLOSED_FORM:  # ease, pop: no epochs to run, nothing for Ray Train to do
+        from ncf_ray.baselines import fit_closed_form
+
+        return fit_closed_form(dataset_dir, out_dir, cfg, refit, baselines)
     meta = read_meta(dataset_dir)
     out = Path(out_dir).resolve()
     name, storage = resolve_run(out, storage_path, resume)
@@ -515,6 +519,10 @@ def format_summary(m: dict[str, Any], k: int = 10) -> str:
     if seg:
         parts = [f"{name} {v['hr']:.3f} (n={v['n']})" for group in seg.values() for name, v in group.items()]
         lines.append(f"test HR@{k} by segment: {', '.join(parts)}")
-    lines.append(f"best epoch {m['best_epoch']} of {m['epochs']}, {m['train_seconds']:.1f} s, "
-                 f"{m['samples_per_second']:,.0f} samples/s")
+    if m.get("history"):
+        lines.append(f"best epoch {m['best_epoch']} of {m['epochs']}, {m['train_seconds']:.1f} s, "
+                     f"{m['samples_per_second']:,.0f} samples/s")
+    else:
+        lam = (m.get("closed_form") or {}).get("lambda")
+        lines.append(f"fitted in closed form in {m['train_seconds']:.1f} s" + (f" (lambda {lam:g})" if lam else ""))
     return "\n".join(lines)
