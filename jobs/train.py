@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
     args = cli.build_parser().parse_args(["train", *rest])  # exits 2 with one line on a bad flag
     cfg = cli.train_config_from_args(args)
     metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage,
-                           placement_strategy="SPREAD" if extra.spread else "PACK")
+                           placement_strategy="SPREAD" if extra.spread else "PACK", refit=args.refit,
+                           baselines=not args.no_baselines)
     print(format_summary(metrics, cfg.eval_k))
     print(f"model artifact: {Path(args.out).resolve() / 'model'}; checkpoints: {args.storage or Path(args.out).resolve()}")
     return 0

@@ -102,28 +102,47 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig
 
     d, m = TrainConfig(), ModelConfig()
-    p = sub.add_parser("train", help="train NCF data-parallel on Ray Train -> RUN_DIR/model")
+    p = sub.add_parser("train", help="train a model (NCF data-parallel on Ray Train; ease/pop in closed form)",
+                       description="Flags not given take the model family's defaults (config.MODEL_DEFAULTS, "
+                                   "chosen on real data), else the values shown.")
     p.add_argument("dataset_dir")
     p.add_argument("--out", required=True, help="run dir: checkpoints, model/ artifact, metrics.json")
     p.add_argument("--model", choices=MODEL_NAMES, default=m.name)
-    p.add_argument("--factors", type=int, default=m.factors, help="GMF/MF embedding size")
-    p.add_argument("--layers", type=_csv_ints, default=m.layers, help="MLP tower widths, e.g. 64,32,16")
-    p.add_argument("--dropout", type=float, default=m.dropout)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over workers)")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate at batch {d.base_batch_size}")
-    p.add_argument("--negatives", type=int, default=d.negatives, help="sampled negatives per positive")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--patience", type=int, default=d.patience, help="early stop after N epochs without gain")
-    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--factors", type=int, default=None, help=f"embedding size (default {m.factors})")
+    p.add_argument("--layers", type=_csv_ints, default=None,
+                   help=f"MLP tower widths (default {','.join(map(str, m.layers))}); seq --head neumf: its tower")
+    p.add_argument("--dropout", type=float, default=None, help=f"default {m.dropout}")
+    p.add_argument("--history-len", type=int, default=None, help="seq: items of each user's history it reads")
+    p.add_argument("--blocks", type=int, default=None, help="seq: causal self-attention blocks")
+    p.add_argument("--heads", type=int, default=None, help="seq: attention heads")
+    p.add_argument("--head", choices=("dot", "neumf"), default=None, help="seq: dot product or NeuMF's head")
+    p.add_argument("--use-user-id", action="store_true", default=None, help="seq: add the user-id embedding")
+    p.add_argument("--lam", type=float, default=None, help="ease: ridge penalty (default: picked on valid)")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"global batch in scored candidates, split over workers (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate at batch {d.base_batch_size} "
+                                                          f"(default {d.lr:g})")
+    p.add_argument("--negatives", type=int, default=None, help=f"sampled negatives per positive (default "
+                                                               f"{d.negatives})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"default {d.weight_decay:g}")
+    p.add_argument("--patience", type=int, default=None, help=f"early stop after N epochs without gain "
+                                                              f"(default {d.patience})")
+    p.add_argument("--workers", type=int, default=None, help=f"default {d.workers}")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    p.add_argument("--gpu", action="store_true")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on GPU")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--max-failures", type=int, default=d.max_failures, help="worker-group restarts")
+    p.add_argument("--gpu", action="store_true", default=None)
+    p.add_argument("--amp", action="store_true", default=None,
+                   help="bf16 autocast (GPU, or a CPU with bf16 units; otherwise ignored with a note)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--stream", action="store_true", help="stream positives per batch (logs larger than memory)")
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="stream positives per batch (logs larger than memory)")
     p.add_argument("--pretrain-from", default=None, help="GMF_DIR,MLP_DIR model artifacts to initialise NeuMF")
+    p.add_argument("--refit", action="store_true",
+                   help="after selection on valid, retrain for the best epoch count on all interactions and "
+                        "export that")
+    p.add_argument("--no-baselines", action="store_true", help="skip EASE beside the model (popularity stays)")
     p.add_argument("--storage", default=None, metavar="DIR_OR_URI",
                    help="checkpoint storage (RunConfig.storage_path): a dir every node sees or a pyarrow URI "
                         "(s3://, gs://); default --out")
@@ -134,22 +153,26 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 # `ncf-ray train` flag (argparse dest) -> TrainConfig key, for the flags whose names differ; every other flag of
 # _add_train that is a config key passes through under its own name.
 _TRAIN_FLAG_KEYS = {"threads": "threads_per_worker"}
-_TRAIN_NOT_CONFIG = ("command", "func", "dataset_dir", "out", "resume", "storage", "json")
+_TRAIN_NOT_CONFIG = ("command", "func", "dataset_dir", "out", "resume", "storage", "json", "refit", "no_baselines",
+                     "verbose")
 
 
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed `ncf-ray train` flags (jobs/train.py too), through config.build_train_config."""
-    from ncf_ray.config import build_train_config
+    """The TrainConfig of parsed `ncf-ray train` flags (jobs/train.py too), through config.build_train_config:
+    the flags given, over the model family's defaults (config.default_train_config)."""
+    from ncf_ray.config import build_train_config, default_train_config
 
-    values = {_TRAIN_FLAG_KEYS.get(k, k): v for k, v in vars(args).items() if k not in _TRAIN_NOT_CONFIG}
-    return build_train_config(None, **values)
+    values = {_TRAIN_FLAG_KEYS.get(k, k): v for k, v in vars(args).items()
+              if k not in _TRAIN_NOT_CONFIG and v is not None}
+    return build_train_config(default_train_config(values.pop("model")), **values)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ncf_ray.train import format_summary, run_training
 
     cfg = train_config_from_args(args)
-    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage)
+    metrics = run_training(args.dataset_dir, args.out, cfg, resume=args.resume, storage_path=args.storage,
+                           refit=args.refit, baselines=not args.no_baselines)
     print(format_summary(metrics, cfg.eval_k))
     print(f"model artifact: {Path(args.out) / 'model'}")
     if args.json:

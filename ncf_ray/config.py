@@ -290,6 +290,21 @@ def build_train_config(base: TrainConfig | None = None, **overrides: Any) -> Tra
     return dataclasses.replace(_replace(TrainConfig, base, values), model=model_cfg)
 
 
+# Defaults per family, chosen on the valid split of real MovieLens-1M (bench/RESULTS.md, "Defaults on real
+# data"): what `ncf-ray train --model X` uses for every flag not given. Keys are build_train_config's flat keys.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "seq": {"factors": 64, "layers": (), "history_len": 200, "blocks": 2, "heads": 1, "dropout": 0.2, "head": "dot",
+            "negatives": 4, "batch_size": 32768, "lr": 1e-3, "weight_decay": 0.0, "epochs": 40, "patience": 4},
+}
+
+
+def default_train_config(model: str) -> TrainConfig:
+    """TrainConfig() with `model`'s family defaults (MODEL_DEFAULTS) applied."""
+    if model not in MODEL_FIELDS:
+        raise UserError(f"model={model!r} is not one of {', '.join(MODEL_NAMES)}")
+    return build_train_config(None, model=model, **MODEL_DEFAULTS.get(model, {}))
+
+
 def build_serve_config(base: ServeConfig | None = None, **overrides: Any) -> ServeConfig:
     """The one ServeConfig builder (`ncf-ray serve` / jobs/deploy.py flags, `serve run key=value` args, a
     `serve deploy` YAML's `args`). Strings are coerced to each field's type; model_dir is required."""

@@ -83,10 +83,10 @@ def test_model_config_errors_carry_the_value(kwargs, needle):
 
 def test_gmf_has_no_mlp_rules_and_a_new_family_is_one_registry_line(monkeypatch):
     assert ModelConfig(name="gmf", layers=(63,)).layers == (63,)  # gmf ignores the tower: no evenness rule
-    with pytest.raises(UserError, match="'pop'"):
-        ModelConfig(name="pop")
-    monkeypatch.setitem(C.MODEL_FIELDS, "pop", frozenset())
-    assert build_train_config(model="pop").model.name == "pop"
+    with pytest.raises(UserError, match="'newfam'"):
+        ModelConfig(name="newfam")
+    monkeypatch.setitem(C.MODEL_FIELDS, "newfam", frozenset())
+    assert build_train_config(model="newfam").model.name == "newfam"
 
 
 def _args(*argv):
