@@ -162,12 +162,17 @@ class RawLog:
 
 
 def _ids_to_array(chunks: list[pa.Array]) -> Any:
-    """Concatenate one id column's chunks, ids kept exactly as given: int64 numpy when every chunk is int64
-    (each batch's ids were canonical integers), else one string array (int chunks written back as text, which is
-    lossless for canonical integers), so '0012' and '12' stay two different ids."""
+    """Concatenate one id column's chunks, ids kept exactly as given: int64 numpy when every chunk is int64 or
+    every id is a canonical integer written as text ('12', '-3'), else one string array (int chunks written
+    back as text, which is lossless), so '0012' and '12' stay two different ids."""
+    from ncf_ray.data.sources import canonical_ints
+
     if all(pa.types.is_integer(c.type) for c in chunks):
         return np.concatenate([c.to_numpy() for c in chunks]) if chunks else np.empty(0, np.int64)
-    return pa.chunked_array([pc.cast(c, pa.string()) for c in chunks], pa.string()).combine_chunks()
+    text = pa.chunked_array([pc.cast(c, pa.string()) for c in chunks], pa.string()).combine_chunks()
+    if canonical_ints(text).all():
+        return np.asarray(pc.cast(text, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return text
 
 
 # Ray Data logs a failed task's traceback at ERROR before raising it; collect() re-raises it (a bug keeps its

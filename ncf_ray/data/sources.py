@@ -7,9 +7,9 @@ filesystem URI (s3://, gs://, file://), or a named source: `synthetic`, `ncf:PAT
 Files are read one Ray task per file (`ray.data.from_items(paths).map_batches(read_file)`), streaming, and every
 batch goes through `normalise_batch`: columns are mapped to user_id/item_id/timestamp, timestamps become int
 seconds (ints or ISO strings), and each row gets a status: 0 ok, 1 bad (with the offending value in `_err`),
-2 below --min-rating. Ids are kept exactly as given: a batch whose ids are all canonical integers ("12", not "012"
-or "+12") carries them as int64, any other batch as strings, and the driver (prepare.collect) turns the whole
-column into strings when any batch is strings, so "0012" and "12" stay two ids.
+2 below --min-rating. Ids are kept exactly as given: integer columns as int64, text as text; the driver
+(prepare.collect) makes a text id column int64 only when every id in it is a canonical integer ("12", not "012"
+or "+12"), so "0012" and "12" stay two ids.
 
 Delimited text: a one-character separator is parsed by `pyarrow.csv` (quoted fields may hold the separator), each
 file with its own header line; a row with the wrong number of fields is a bad row (counted, not fatal). A longer
@@ -158,8 +158,9 @@ def canonical_ints(text: pa.Array) -> np.ndarray:
 
 def _ids(raw: pa.Array) -> tuple[pa.Array, np.ndarray]:
     """Ids of one batch, exactly as given, plus the bad-row mask (null or empty). Integer columns (and floats
-    holding whole numbers) become int64; string columns become int64 only when every id is a canonical integer,
-    else they stay strings untouched, so '0012' never turns into 12."""
+    holding whole numbers) become int64; strings stay strings, untouched: whether a whole column of strings is
+    really integers is decided once for all its batches by the driver (prepare.collect), since one task's
+    batches must share one schema and '0012' in a later batch makes every id of the column text."""
     t = raw.type
     if pa.types.is_integer(t):
         bad = _mask(raw.is_null())
@@ -170,8 +171,6 @@ def _ids(raw: pa.Array) -> tuple[pa.Array, np.ndarray]:
         return pa.array(np.where(bad, 0, vals).astype(np.int64)), bad
     text = pc.cast(raw, pa.string())
     bad = _mask(pc.fill_null(pc.equal(text, ""), True))
-    if (canonical_ints(text) | bad).all():
-        return pc.cast(pc.if_else(pa.array(bad), "0", text), pa.int64()), bad
     return pc.fill_null(text, ""), bad
 
 
@@ -728,15 +727,18 @@ def user_error_from(exc: BaseException) -> UserError | None:
     """The UserError behind an exception from a Ray Data task, or None (a bug: the caller re-raises it).
 
     Ray re-raises a task's exception as `RayTaskError(UserError)`, which is a UserError whose text is the whole
-    remote traceback; the original, with its one-line message, is its `.cause`."""
+    remote traceback; the original is its `.cause`, to whose message Ray Data appends lines of retry advice.
+    Our messages are one line by contract, so the first line is the message."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)
         if isinstance(cause, UserError):
-            return user_error_from(cause)
-        if isinstance(exc, UserError) and "\n" not in str(exc):
-            return exc if type(exc) is UserError else UserError(str(exc))
+            exc = cause
+            continue
+        if type(exc) is UserError:
+            text = str(exc).strip()
+            return UserError(text.splitlines()[0]) if "\n" in text else exc
         m = re.search(r"ncf_ray\.errors\.UserError: (.+)", str(exc))
         if m:  # only the remote traceback's text survived (a worker that could not pickle the exception)
             return UserError(m.group(1).strip())

@@ -104,8 +104,8 @@ def test_multi_char_separator_with_a_header_per_file(tmp_path):
     (tmp_path / "b.dat").write_text("item_id||timestamp||user_id\n7||8||9\n")
     fmt = FileFormat("delimited", sep="||")
     b = _read(tmp_path / "b.dat", fmt)
-    assert (_ok(b, "user_id"), _ok(b, "item_id"), _ok(b, "timestamp")) == ([9], [7], [8])
-    assert _ok(_read(tmp_path / "a.dat", fmt), "user_id") == [1]
+    assert (_ok(b, "user_id"), _ok(b, "item_id"), _ok(b, "timestamp")) == (["9"], ["7"], [8])
+    assert _ok(_read(tmp_path / "a.dat", fmt), "user_id") == ["1"]
 
 
 # ------------------------------------------------------------------------------------------- files that lie
@@ -141,8 +141,10 @@ def test_user_error_from_unwraps_a_task_error_and_leaves_bugs_alone():
             super().__init__("Traceback (most recent call last):\n  ...\nncf_ray.errors.UserError: x")
             self.cause = cause
 
-    err = user_error_from(RayTaskErrorLike(UserError("f.csv: broken")))
+    # Ray Data appends retry advice to the original's message.
+    err = user_error_from(RayTaskErrorLike(UserError("f.csv: broken\nFailed to apply UDF transform after 1/1")))
     assert type(err) is UserError and str(err) == "f.csv: broken"
+    assert str(user_error_from(RayTaskErrorLike(None))) == "x"  # only the traceback text is left
     assert user_error_from(ValueError("a bug")) is None
 
 
@@ -160,11 +162,13 @@ def test_canonical_integer_ids_stay_integers_and_mixed_batches_become_text(tmp_p
     f = tmp_path / "log.csv"
     f.write_text("user_id,item_id,timestamp\n12,-3,1\n0,5,2\n")
     t = _read(f)
-    assert t["user_id"].type == pa.int64() and t["item_id"].to_pylist() == [-3, 5]
+    users = _ids_to_array([t["user_id"].combine_chunks()])
+    assert isinstance(users, np.ndarray) and users.tolist() == [12, 0]
+    assert _ids_to_array([t["item_id"].combine_chunks()]).tolist() == [-3, 5]
     # One batch of canonical ints, another with '0012': the whole column is text and '12' stays '12'.
     mixed = _ids_to_array([pa.array([12, 5], pa.int64()), pa.array(["0012"])])
     assert mixed.to_pylist() == ["12", "5", "0012"]
-    assert isinstance(_ids_to_array([pa.array([1, 2], pa.int64())]), np.ndarray)
+    assert _ids_to_array([pa.array([1, 2], pa.int64()), pa.array(["3"])]).tolist() == [1, 2, 3]
     big = "123456789012345678901"  # does not fit int64: kept as text, not overflowed
     g = tmp_path / "big.csv"
     g.write_text(f"user_id,item_id,timestamp\n{big},+4,1\n")
@@ -200,7 +204,8 @@ def test_ncf_without_timestamps_carves_valid_from_the_last_train_line(tmp_path):
         path = f"{prefix}.{name}"
         t = _read(Path(path), ncf_layout(None, path), spec)
         assert t["_status"].to_pylist() == [OK] * t.num_rows
-        return RawLog(t["user_id"].to_numpy(), t["item_id"].to_numpy(), t["timestamp"].to_numpy(), rows=t.num_rows)
+        return RawLog(_ids_to_array([t["user_id"].combine_chunks()]), _ids_to_array([t["item_id"].combine_chunks()]),
+                      t["timestamp"].to_numpy(), rows=t.num_rows)
 
     neg = _parse_negative_lines(pa.table({"text": Path(f"{prefix}.test.negative").read_text().splitlines()}))
     b = build_ncf(log("train.rating"), log("test.rating"), neg, DataConfig(seed=0), timestamps=False)

@@ -13,6 +13,7 @@ import pytest
 from ncf_ray.config import DataConfig
 from ncf_ray.data.prepare import (
     RawLog,
+    _ids_to_array,
     build_loo,
     build_ncf,
     dedup_latest,
@@ -174,7 +175,8 @@ def test_ncf_build_keeps_paper_test_items_and_negatives():
     def log(lines):
         t = normalise_batch(split_fields(pa.array(lines), "\t", ("user_id", "item_id", "rating", "timestamp"))[0],
                             spec)
-        return RawLog(t["user_id"].to_numpy(), t["item_id"].to_numpy(), t["timestamp"].to_numpy(), rows=len(lines))
+        return RawLog(_ids_to_array([t["user_id"]]), _ids_to_array([t["item_id"]]), t["timestamp"].to_numpy(),
+                      rows=len(lines))
 
     neg_table = _parse_negative_lines(pa.table({"text": negs}))
     b = build_ncf(log(train), log(test), neg_table, DataConfig(seed=1))
