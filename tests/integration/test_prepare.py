@@ -240,15 +240,16 @@ def test_quoted_csv_and_a_directory_whose_files_have_their_own_headers(tmp_path,
 
 
 def test_ids_with_leading_zeros_are_kept_as_given(tmp_path, capsys, ray_local):
-    rows = [(u, i, t) for t, (u, i) in enumerate(
-        [(u, i) for u in ("0012", "12", "007", "7") for i in ("01", "1", "001", "2")])]
+    items = ("01", "1", "001", "2", "3")
+    pairs = [(u, items[(k + j) % 5]) for k, u in enumerate(("0012", "12", "007", "7")) for j in range(4)]
+    rows = [(u, i, t) for t, (u, i) in enumerate(pairs)]
     f = tmp_path / "log.csv"
     f.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
     out = tmp_path / "ds"
     rc, _, err = _run([str(f), "--out", str(out), "--eval-negatives", "1"], capsys)
     assert rc == 0, err
     assert sorted(pq.read_table(out / S.USERS_FILE)[S.USER_COL].to_pylist()) == ["0012", "007", "12", "7"]
-    assert sorted(pq.read_table(out / S.ITEMS_FILE)[S.ITEM_COL].to_pylist()) == ["001", "01", "1", "2"]
+    assert sorted(pq.read_table(out / S.ITEMS_FILE)[S.ITEM_COL].to_pylist()) == ["001", "01", "1", "2", "3"]
 
 
 def _prepare_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -316,7 +317,8 @@ def test_ncf_files_without_timestamps_load(tmp_path, capsys, ray_local):
 def test_movielens_1m_from_a_folder_with_part_of_the_ratings(tmp_path, capsys, ray_local):
     d = tmp_path / "ml-1m"
     d.mkdir()
-    lines = [f"{u}::{i}::{1 + (u * i) % 5}::{978300000 + u * 10 + i}" for u in range(1, 7) for i in range(1, 8)]
+    lines = [f"{u}::{i}::{1 + (u * i) % 5}::{978300000 + u * 10 + i}" for u in range(1, 7) for i in range(1, 8)
+             if i != u]  # 6 ratings per user, so every user has items left to draw negatives from
     (d / "ratings.dat").write_text("\n".join(lines[:30]) + "\n" + lines[30][:5])  # cut off mid-line, as `head -c`
     (d / "users.dat").write_text("1::F::1::10::48067\n")
     (d / "movies.dat").write_bytes("1::Am\xe9lie (2001)::Comedy\n".encode("latin-1"))
@@ -325,6 +327,5 @@ def test_movielens_1m_from_a_folder_with_part_of_the_ratings(tmp_path, capsys, r
                        "--max-bad-fraction", "0.05"], capsys)
     assert rc == 0, err
     meta = json.loads((out / S.META_FILE).read_text())
-    # Users 1-4 have all 7 ratings, user 5 only 2 of them (below --min-user-interactions 3), the cut line is bad.
-    assert meta["n_users"] == 4 and meta["n_interactions"] == 28
-    assert meta["dropped"]["bad_rows"] == 1 and meta["dropped"]["sparse_users"] == 1
+    # Users 1-5 have all their ratings in the part kept; user 6's first line is cut off: one bad row.
+    assert meta["n_users"] == 5 and meta["n_interactions"] == 30 and meta["dropped"]["bad_rows"] == 1
