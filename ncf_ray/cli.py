@@ -58,7 +58,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-col", default="timestamp")
     p.add_argument("--rating-col", default=None, help="rating column (default 'rating' when --min-rating is set)")
     p.add_argument("--min-rating", type=float, default=None, help="keep rows with rating >= this (implicit)")
-    p.add_argument("--sep", default=None, help="field separator for .txt/.dat (may be several chars, e.g. '::')")
+    p.add_argument("--sep", default=None, help="field separator: default ',' for .csv and tab for .tsv, required for .txt/.dat; one "
+                        "character is parsed as CSV (quoted fields may hold it), several (e.g. '::') split exactly")
     p.add_argument("--min-user-interactions", type=int, default=3)
     p.add_argument("--eval-negatives", type=int, default=99)
     p.add_argument("--max-bad-fraction", type=float, default=0.01)
@@ -76,9 +77,10 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from ncf_ray.config import DataConfig
-    from ncf_ray.data.prepare import format_summary, prepare
+    from ncf_ray.data.prepare import format_summary, local_out, prepare
     from ncf_ray.data.synthetic import synthetic_spec
 
+    local_out(args.out)  # refuses a URI --out before Ray starts
     sep = args.sep.encode().decode("unicode_escape") if args.sep else None  # so --sep '\t' means a tab
     cfg = DataConfig(source=args.source, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
                      rating_col=args.rating_col, min_rating=args.min_rating, sep=sep,

@@ -13,10 +13,13 @@ and never touch Ray, so unit tests run them directly.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +36,9 @@ from ncf_ray.errors import UserError
 
 PROTOCOL_LOO = "leave-one-out-by-time"
 PROTOCOL_NCF = "ncf-paper"
+# meta.json "valid_from": how the valid row of each user was chosen.
+VALID_LATEST_TRAIN = "latest train interaction per user (by time)"
+VALID_LAST_LINE = "last train line per user in file order (the files have no timestamps)"
 
 
 # ============================================================================================ pure steps
@@ -155,29 +161,53 @@ class RawLog:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _ids_to_array(chunks: list[pa.Array], col: str) -> tuple[Any, np.ndarray, str | None]:
-    """Concatenate id chunks. All int64 -> numpy. Mixed int/string: if most values are integers, the rest are
-    bad values of an integer column (mask returned); otherwise all are string ids."""
+def _ids_to_array(chunks: list[pa.Array]) -> Any:
+    """Concatenate one id column's chunks, ids kept exactly as given: int64 numpy when every chunk is int64 or
+    every id is a canonical integer written as text ('12', '-3'), else one string array (int chunks written
+    back as text, which is lossless), so '0012' and '12' stay two different ids."""
+    from ncf_ray.data.sources import canonical_ints
+
     if all(pa.types.is_integer(c.type) for c in chunks):
-        return (np.concatenate([c.to_numpy() for c in chunks]) if chunks else np.empty(0, np.int64)), \
-            np.zeros(sum(len(c) for c in chunks), bool), None
+        return np.concatenate([c.to_numpy() for c in chunks]) if chunks else np.empty(0, np.int64)
     text = pa.chunked_array([pc.cast(c, pa.string()) for c in chunks], pa.string()).combine_chunks()
-    is_int = np.asarray(pc.match_substring_regex(text, r"^[+-]?[0-9]+$").to_numpy(zero_copy_only=False))
-    if is_int.mean() > 0.5:
-        bad = ~is_int
-        example = f"{col}='{text[int(np.flatnonzero(bad)[0])].as_py()}'" if bad.any() else None
-        ints = pc.cast(pc.if_else(pa.array(is_int), text, "0"), pa.int64()).to_numpy()
-        return ints, bad, example
-    return text, np.zeros(len(text), bool), None
+    if canonical_ints(text).all():
+        return np.asarray(pc.cast(text, pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return text
+
+
+# Ray Data logs a failed task's traceback at ERROR before raising it; collect() re-raises it (a bug keeps its
+# traceback in the exception) or turns it into one line (a user's file), so the log record is only noise.
+_RAY_DATA_ERROR_LOGGERS = ("ray.data._internal.execution.streaming_executor_state", "ray.data.exceptions")
+
+
+@contextmanager
+def _task_errors_as_user_errors() -> Iterator[None]:
+    """Run a Ray Data execution; a UserError raised in one of its tasks comes out as that one-line UserError."""
+    from ncf_ray.data.sources import user_error_from
+
+    loggers = [logging.getLogger(name) for name in _RAY_DATA_ERROR_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except Exception as exc:
+        err = user_error_from(exc)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 def collect(ds: Any) -> RawLog:
     """Drain a normalised dataset (streaming, block by block) into arrays of its good rows."""
-    from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL, user_error_from
+    from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL
 
     users, items, times = [], [], []
     log = RawLog(None, None, np.empty(0, np.int64))
-    try:
+    with _task_errors_as_user_errors():
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             status = batch.column(STATUS_COL).to_numpy()
             log.rows += status.size
@@ -193,24 +223,8 @@ def collect(ds: Any) -> RawLog:
             users.append(batch.column(S.USER_COL).combine_chunks())
             items.append(batch.column(S.ITEM_COL).combine_chunks())
             times.append(batch.column(S.TIME_COL).to_numpy())
-    except Exception as exc:
-        err = user_error_from(exc)
-        if err is None:
-            raise
-        raise err from None
-    u, bad_u, ex_u = _ids_to_array(users, S.USER_COL)
-    i, bad_i, ex_i = _ids_to_array(items, S.ITEM_COL)
-    t = np.concatenate(times) if times else np.empty(0, np.int64)
-    bad = bad_u | bad_i
-    if bad.any():
-        # Non-integer values in a mostly integer id column: bad rows like any other.
-        log.bad += int(bad.sum())
-        log.example = log.example or ex_u or ex_i
-        keep = ~bad
-        u = u[keep] if isinstance(u, np.ndarray) else u.filter(pa.array(keep))
-        i = i[keep] if isinstance(i, np.ndarray) else i.filter(pa.array(keep))
-        t = t[keep]
-    log.users, log.items, log.times = u, i, t
+    log.users, log.items = _ids_to_array(users), _ids_to_array(items)
+    log.times = np.concatenate(times) if times else np.empty(0, np.int64)
     return log
 
 
@@ -239,6 +253,8 @@ class Built:
     dropped: dict[str, int]
     protocol: str
     n_interactions: int
+    valid_from: str = "latest remaining interaction per user (by time)"
+    timestamps: bool = True  # False: the source had none; times are line numbers in file order
 
 
 def build_loo(log: RawLog, cfg: DataConfig) -> Built:
@@ -276,9 +292,15 @@ def build_loo(log: RawLog, cfg: DataConfig) -> Built:
                   "sparse_users": sparse}, PROTOCOL_LOO, int(pos_keys.size))
 
 
-def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig) -> Built:
+def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig, timestamps: bool = True) -> Built:
     """The NCF paper's files as given: its ids are already 0-based indices, its test items and negatives are kept;
-    valid is carved from train (latest train interaction per user) and valid negatives are sampled."""
+    valid is carved from train and valid negatives are sampled.
+
+    Valid is each user's latest train interaction; for files without timestamps (`timestamps=False`: times are
+    then the rows' line numbers) that is the user's last train line in file order. A user with fewer than two
+    train rows would have no train row left once valid is carved: such users are dropped from the dataset (their
+    test row and negatives too) and counted in dropped['users_without_train']; the rest are re-indexed
+    contiguously in their original order, and users.parquet maps each index back to the file's user id."""
     arrays = [train.users, train.items, test.users, test.items]
     if not all(isinstance(a, np.ndarray) for a in arrays):
         raise UserError("ncf: user and item ids must be integers (0-based indices)")
@@ -303,29 +325,36 @@ def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig)
 
     keep = dedup_latest(train.users, train.items, train.times)
     u, i, t = train.users[keep], train.items[keep], train.times[keep]
-    counts = np.bincount(u, minlength=n_users)
-    if (counts < 2).any():
-        bad = int(np.flatnonzero(counts < 2)[0])
-        raise UserError(f"ncf: user {bad} has {counts[bad]} train interactions; carving valid needs >= 2")
+    user_ok = np.bincount(u, minlength=n_users) >= 2
+    if not user_ok.any():
+        raise UserError("ncf: no user has >= 2 train interactions; carving valid needs one left for train")
+    rows_ok = user_ok[u]
+    user_new = np.cumsum(user_ok) - 1
+    u, i, t = user_new[u[rows_ok]], i[rows_ok], t[rows_ok]
+    n_kept = int(user_ok.sum())
+    test_items = test.items[t_order][user_ok]
+    # Without timestamps the test row is simply "after train" for every user.
+    test_times = test.times[t_order][user_ok] if timestamps else np.full(n_kept, int(t.max()) + 1, np.int64)
     # split_leave_one_out on train alone: its "test" is the latest train row = our valid; its "valid" goes back.
-    inner = split_leave_one_out(u, i, t, n_users)
-    train_u = np.concatenate([inner.train_users, np.arange(n_users)])
+    inner = split_leave_one_out(u, i, t, n_kept)
+    train_u = np.concatenate([inner.train_users, np.arange(n_kept)])
     train_i = np.concatenate([inner.train_items, inner.valid_items])
     train_t = np.concatenate([inner.train_times, inner.valid_times])
     order = np.lexsort((train_i, train_t, train_u))
     split = Split(train_u[order], train_i[order], train_t[order], inner.test_items, inner.test_times,
-                  test.items[t_order], test.times[t_order])
+                  test_items, test_times)
 
     pos_keys = np.unique(np.concatenate([u * np.int64(n_items) + i,
-                                         np.arange(n_users) * np.int64(n_items) + split.test_items]))
+                                         np.arange(n_kept) * np.int64(n_items) + split.test_items]))
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
     width = int(widths[0])
-    valid_neg = sample_eval_negatives(pos_keys, n_users, n_items, width, rng)
-    test_neg = np.asarray(neg_lists.flatten().to_numpy(), dtype=np.int64).reshape(-1, width)[n_order]
-    ids = np.arange(max(n_users, n_items)).astype(str)
-    return Built(split, valid_neg, test_neg, ids[:n_users], ids[:n_items],
+    valid_neg = sample_eval_negatives(pos_keys, n_kept, n_items, width, rng)
+    test_neg = np.asarray(neg_lists.flatten().to_numpy(), dtype=np.int64).reshape(-1, width)[n_order][user_ok]
+    valid_from = VALID_LATEST_TRAIN if timestamps else VALID_LAST_LINE
+    return Built(split, valid_neg, test_neg, np.flatnonzero(user_ok).astype(str), np.arange(n_items).astype(str),
                  {"bad_rows": train.bad + test.bad, "duplicates": int(train.users.size - keep.size),
-                  "below_min_rating": 0, "sparse_users": 0}, PROTOCOL_NCF, int(u.size + n_users))
+                  "below_min_rating": 0, "sparse_users": 0, "users_without_train": int(n_users - n_kept)},
+                 PROTOCOL_NCF, int(u.size + n_kept), valid_from=valid_from, timestamps=timestamps)
 
 
 # ============================================================================================ writing
@@ -379,6 +408,20 @@ def _check_cfg(cfg: DataConfig) -> None:
         raise UserError(f"--max-bad-fraction={cfg.max_bad_fraction} must be in [0, 1]")
 
 
+def local_out(out: str | os.PathLike) -> Path:
+    """The dataset dir to write, as an absolute local path. Dataset dirs are local by contract (train, evaluate
+    and export read them with local file APIs, and the temp-dir-and-rename swap needs a local rename), so a URI
+    other than file:// is refused here, before anything is read or created: `--out s3://b/x` used to create a
+    directory named 's3:' in the working directory."""
+    text = os.fspath(out)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif "://" in text:
+        raise UserError(f"--out {text}: a dataset dir must be a local path (train and evaluate read it from "
+                        f"the local filesystem); on a cluster give a path on storage every node mounts")
+    return Path(text).expanduser().absolute()
+
+
 def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False, local_from: str | None = None,
             synthetic: Any = None) -> dict[str, Any]:
     """Run the whole stage; returns the summary (meta.json fields + out, density, rows_read, rows_per_s,
@@ -387,7 +430,7 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
 
     t0 = time.perf_counter()
     _check_cfg(cfg)
-    out = Path(out).expanduser().absolute()
+    out = local_out(out)
     if out.exists() and not overwrite:
         raise UserError(f"output {out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +448,7 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
             negatives = _collect_table(src.negatives)
             rows = train.rows + test.rows
             timings["read"] = time.perf_counter() - t0
-            built = build_ncf(train, test, negatives, cfg)
+            built = build_ncf(train, test, negatives, cfg, timestamps=src.timestamps)
         else:
             log = collect(src.dataset)
             _check_bad(log, cfg, src.name)
@@ -431,15 +474,8 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
 
 
 def _collect_table(ds: Any) -> pa.Table:
-    from ncf_ray.data.sources import user_error_from
-
-    try:
+    with _task_errors_as_user_errors():
         tables = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    except Exception as exc:
-        err = user_error_from(exc)
-        if err is None:
-            raise
-        raise err from None
     if not tables:
         raise UserError("ncf: test.negative is empty")
     return pa.concat_tables(tables)
@@ -458,6 +494,8 @@ def _meta(cfg: DataConfig, b: Built, source: str, seconds: float) -> dict[str, A
         "n_test": int(b.split.test_items.size),
         "eval_negatives": int(b.test_neg.shape[1]),
         "protocol": b.protocol,
+        "valid_from": b.valid_from,
+        "timestamps": b.timestamps,
         "dropped": b.dropped,
         "seconds": round(seconds, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -489,8 +527,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("density", f"{summary['density']:.4%}"),
         ("train / valid / test", f"{summary['n_train']:,} / {summary['n_valid']:,} / {summary['n_test']:,}"),
         ("eval negatives", str(summary["eval_negatives"])),
+        ("valid", summary.get("valid_from", "")),
         ("dropped", f"bad {d['bad_rows']:,}, duplicates {d['duplicates']:,}, below min rating "
-                    f"{d['below_min_rating']:,}, sparse users {d['sparse_users']:,}"),
+                    f"{d['below_min_rating']:,}, sparse users {d['sparse_users']:,}"
+                    + (f", users without train {d['users_without_train']:,}" if "users_without_train" in d else "")),
         ("rows read", f"{summary['rows_read']:,} ({summary['rows_per_s']:,.0f} rows/s)"),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("out", summary["out"]),

@@ -5,7 +5,6 @@ USER_COL = "user_id"
 ITEM_COL = "item_id"
 TIME_COL = "timestamp"
 RATING_COL = "rating"
-LABEL_COL = "label"
 
 # Dataset-dir columns.
 USER_IDX = "user_idx"

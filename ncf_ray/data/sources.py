@@ -4,12 +4,20 @@ SOURCE is a file, directory or glob of CSV/TSV/TXT(--sep)/Parquet/JSONL (optiona
 filesystem URI (s3://, gs://, file://), or a named source: `synthetic`, `ncf:PATH_PREFIX` (the NCF paper's files),
 `movielens-100k|1m|20m` (GroupLens download with checksum into ~/.cache/ncf_ray, or `--from LOCAL_ZIP_OR_DIR`).
 
-Every row goes through `normalise_batch` in Ray Data's map_batches (in parallel): columns are mapped to
-user_id/item_id/timestamp, ids become int64 (or stripped strings), timestamps int seconds (ints or ISO strings),
-and each row gets a status: 0 ok, 1 bad (with the offending value in `_err`), 2 below --min-rating.
-Delimited text is read with `ray.data.read_text` and split here (not pyarrow's CSV reader) so that malformed lines
-are counted as bad rows instead of failing the whole read; fields may be double-quoted but may not contain the
-separator.
+Files are read one Ray task per file (`ray.data.from_items(paths).map_batches(read_file)`), streaming, and every
+batch goes through `normalise_batch`: columns are mapped to user_id/item_id/timestamp, timestamps become int
+seconds (ints or ISO strings), and each row gets a status: 0 ok, 1 bad (with the offending value in `_err`),
+2 below --min-rating. Ids are kept exactly as given: integer columns as int64, text as text; the driver
+(prepare.collect) makes a text id column int64 only when every id in it is a canonical integer ("12", not "012"
+or "+12"), so "0012" and "12" stay two ids.
+
+Delimited text: a one-character separator is parsed by `pyarrow.csv` (quoted fields may hold the separator), each
+file with its own header line; a row with the wrong number of fields is a bad row (counted, not fatal). A longer
+separator (MovieLens' '::') is not something pyarrow.csv can parse, so those files are split line by line on the
+exact separator string (fields may be double-quoted but may not contain the separator).
+
+A file that cannot be read as its extension says (random bytes named .parquet, a JSON Lines file cut off mid-line)
+is a UserError naming the file; prepare.collect recovers it from Ray Data's task error.
 """
 
 from __future__ import annotations
@@ -17,13 +25,15 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +49,16 @@ STATUS_COL = "_status"
 ERR_COL = "_err"
 OK, BAD, BELOW_MIN = 0, 1, 2
 TEXT_COL = "text"  # read_text's column
+PATH_COL = "path"  # the one column of the per-file dataset that read_files maps over
 
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd"}
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "txt", ".dat": "txt", ".parquet": "parquet", ".pq": "parquet",
            ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
-_INT_RE = r"^[+-]?[0-9]+$"
+FORMAT_NAMES = {"delimited": "delimited text", "parquet": "Parquet", "jsonl": "JSON Lines", "json": "JSON"}
+# An id that survives int64 -> str unchanged: no sign but '-', no leading zeros, no '-0', fits int64.
+CANONICAL_INT_RE = r"^(0|-?[1-9][0-9]{0,17})$"
+READ_BATCH_ROWS = 1 << 18  # Parquet rows per batch
+READ_BLOCK_BYTES = 16 << 20  # CSV / line-split bytes per batch (~0.5M rows of a ratings log)
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
 
@@ -69,16 +84,33 @@ ML_COLUMNS = (USER_COL, ITEM_COL, RATING_COL, TIME_COL)
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """What `normalise_batch` needs: which input columns hold what, and how to split text lines."""
+    """What `normalise_batch` needs: which input columns hold what."""
 
     user_col: str = USER_COL
     item_col: str = ITEM_COL
     time_col: str = TIME_COL
     rating_col: str | None = None
     min_rating: float | None = None
-    sep: str | None = None  # set: input is read_text lines to split on sep into `names`
-    names: tuple[str, ...] = ()
-    header_line: str | None = None  # the header text to drop (each file of a directory repeats it)
+
+    def required(self) -> list[str]:
+        return [self.user_col, self.item_col, self.time_col] + ([self.rating_col] if self.rating_col else [])
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    """How `read_file` turns one file into tables of raw columns.
+
+    kind: 'delimited', 'parquet', 'jsonl' or 'json'. For delimited text, `sep` is the field separator and `names`
+    the column names; names=None means each file's own first line names its columns. `skip_header` drops a
+    first line when names are given (ml-20m). `line_order_time`: the file has no time column, so the time of a
+    row is its position among the file's rows (the NCF files published without timestamps)."""
+
+    kind: str
+    sep: str | None = None
+    names: tuple[str, ...] | None = None
+    skip_header: bool = False
+    compression: str | None = None
+    line_order_time: bool = False
 
 
 @dataclass
@@ -92,12 +124,13 @@ class LogSource:
 @dataclass
 class NcfSource:
     """The NCF paper's three files: train and test as normalised datasets, negatives as (user_id, item_id,
-    negatives) rows."""
+    negatives) rows. `timestamps` is False when the rating files carry none (valid is then the last train line)."""
 
     name: str
     train: Any
     test: Any
     negatives: Any
+    timestamps: bool = True
 
 
 # --------------------------------------------------------------------------------------------- normalising
@@ -114,22 +147,30 @@ def _describe(col: str, raw: pa.Array, bad: np.ndarray) -> pa.Array:
     return pc.if_else(pa.array(bad), shown, pa.scalar(None, pa.string()))
 
 
+def _mask(arr: pa.Array) -> np.ndarray:
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def canonical_ints(text: pa.Array) -> np.ndarray:
+    """Mask of strings that are integers written the way int64 -> str writes them back ('12', '-3', not '012')."""
+    return _mask(pc.fill_null(pc.match_substring_regex(text, CANONICAL_INT_RE), False))
+
+
 def _ids(raw: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """Ids as int64 when every good value is an integer, else as stripped strings; plus the bad-row mask."""
+    """Ids of one batch, exactly as given, plus the bad-row mask (null or empty). Integer columns (and floats
+    holding whole numbers) become int64; strings stay strings, untouched: whether a whole column of strings is
+    really integers is decided once for all its batches by the driver (prepare.collect), since one task's
+    batches must share one schema and '0012' in a later batch makes every id of the column text."""
     t = raw.type
     if pa.types.is_integer(t):
-        bad = np.asarray(raw.is_null().to_numpy(zero_copy_only=False))
+        bad = _mask(raw.is_null())
         return pc.cast(pc.fill_null(raw, 0), pa.int64()), bad
     if pa.types.is_floating(t):
         vals = pc.fill_null(raw, np.nan).to_numpy(zero_copy_only=False)
         bad = ~np.isfinite(vals) | (np.floor(vals) != vals)
         return pa.array(np.where(bad, 0, vals).astype(np.int64)), bad
-    text = _strip_quotes(pc.cast(raw, pa.string()))
-    bad = np.asarray(pc.fill_null(pc.equal(text, ""), True).to_numpy(zero_copy_only=False))
-    is_int = np.asarray(pc.fill_null(pc.match_substring_regex(text, _INT_RE), False).to_numpy(zero_copy_only=False))
-    if (is_int | bad).all():
-        filled = pc.if_else(pa.array(is_int), text, "0")
-        return pc.cast(filled, pa.int64()), bad
+    text = pc.cast(raw, pa.string())
+    bad = _mask(pc.fill_null(pc.equal(text, ""), True))
     return pc.fill_null(text, ""), bad
 
 
@@ -147,8 +188,7 @@ def _times(raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
     t = raw.type
     if pa.types.is_integer(t):
-        return pc.fill_null(raw, 0).to_numpy(zero_copy_only=False).astype(np.int64), np.asarray(
-            raw.is_null().to_numpy(zero_copy_only=False))
+        return pc.fill_null(raw, 0).to_numpy(zero_copy_only=False).astype(np.int64), _mask(raw.is_null())
     if pa.types.is_floating(t):
         vals = pc.fill_null(raw, np.nan).to_numpy(zero_copy_only=False)
         bad = ~np.isfinite(vals)
@@ -183,33 +223,23 @@ def _ratings(raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return vals, ~np.isfinite(vals)
 
 
-def _split_lines(batch: pa.Table, spec: ColumnSpec) -> tuple[pa.Table, np.ndarray, pa.Array | None]:
-    """read_text lines -> one string column per name; malformed lines (wrong field count) flagged bad."""
-    lines = pc.replace_substring_regex(batch.column(TEXT_COL).combine_chunks(), pattern=r"\r$", replacement="")
-    if spec.header_line is not None:
-        lines = lines.filter(pc.not_equal(lines, spec.header_line))
-    fields = pc.split_pattern(lines, pattern=spec.sep)
-    malformed = np.asarray(pc.not_equal(pc.list_value_length(fields), len(spec.names)).to_numpy(
-        zero_copy_only=False))
-    # Give malformed lines the right shape so list_element never fails; they are dropped as bad anyway.
-    pad = pa.array([[""] * len(spec.names)], pa.list_(pa.string()))[0]
-    fields = pc.if_else(pa.array(malformed), pad, fields) if malformed.any() else fields
-    cols = {name: pc.list_element(fields, i) for i, name in enumerate(spec.names)}
-    err = None
-    if malformed.any():
-        err = pc.if_else(pa.array(malformed), pc.binary_join_element_wise("line='", lines, "'", ""),
-                         pa.scalar(None, pa.string()))
-    return pa.table(cols), malformed, err
+def _malformed_rows(lines: Sequence[str]) -> pa.Table:
+    """Rows of the normalised layout for lines that could not be split into fields: status BAD, `line='...'`."""
+    n = len(lines)
+    return pa.table({
+        USER_COL: pa.array([""] * n, pa.string()),
+        ITEM_COL: pa.array([""] * n, pa.string()),
+        TIME_COL: pa.array(np.zeros(n, np.int64)),
+        STATUS_COL: pa.array(np.full(n, BAD, np.int8)),
+        ERR_COL: pa.array([f"line='{line}'" for line in lines], pa.string()),
+    })
 
 
-def normalise_batch(batch: pa.Table, spec: ColumnSpec) -> pa.Table:
-    """Map, parse and validate one batch (runs inside Ray Data map_batches). Never drops rows: bad ones are
-    flagged so the driver can count them and name an example."""
-    err = None
-    malformed = None
-    if spec.sep is not None:
-        batch, malformed, err = _split_lines(batch, spec)
-    required = [spec.user_col, spec.item_col, spec.time_col] + ([spec.rating_col] if spec.rating_col else [])
+def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] = ()) -> pa.Table:
+    """Map, parse and validate one batch (runs inside Ray Data tasks). Never drops rows: bad ones are flagged
+    so the driver can count them and name an example. `malformed` are lines of the same batch that could not
+    be split into fields; they come back as bad rows at the end."""
+    required = spec.required()
     missing = [c for c in required if c not in batch.column_names]
     if missing:
         raise UserError(f"missing required column {missing[0]!r}; columns found: {', '.join(batch.column_names)}")
@@ -226,29 +256,213 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec) -> pa.Table:
         bad |= bad_r
         if spec.min_rating is not None:
             below = ~bad & (rating < spec.min_rating)
-    if malformed is not None:
-        bad |= malformed
     status = np.where(bad, BAD, np.where(below, BELOW_MIN, OK)).astype(np.int8)
-    if bad.any() and err is None:
-        err = pa.nulls(n, pa.string())
+    err = pa.nulls(n, pa.string())
     if bad.any():
         # Name the first offending field of each bad row, most specific first.
         for col, mask in ((spec.time_col, bad_t), (spec.item_col, bad_i), (spec.user_col, bad_u),
                           (spec.rating_col, bad_r)):
             if col and mask.any():
                 err = pc.coalesce(err, _describe(col, raw[col], mask))
-    return pa.table({
+    out = pa.table({
         USER_COL: user,
         ITEM_COL: item,
         TIME_COL: pa.array(ts, pa.int64()),
         STATUS_COL: pa.array(status),
-        ERR_COL: err if err is not None else pa.nulls(n, pa.string()),
+        ERR_COL: err,
     })
+    if not malformed:
+        return out
+    extra = _malformed_rows(malformed)
+    if n == 0:
+        return extra
+    # Keep the ids' type: malformed rows are filtered out by status before anyone reads their ids.
+    extra = extra.set_column(0, USER_COL, pa.nulls(len(malformed), user.type)).set_column(
+        1, ITEM_COL, pa.nulls(len(malformed), item.type))
+    return pa.concat_tables([out, extra])
 
 
 def _normalised(ds: Any, spec: ColumnSpec) -> Any:
     # batch_size=None: whole blocks, so 20M rows are a few dozen calls, not 20k.
     return ds.map_batches(normalise_batch, batch_size=None, batch_format="pyarrow", fn_kwargs={"spec": spec})
+
+
+# --------------------------------------------------------------------------------------------- reading one file
+def _open(fs: Any, path: str, compression: str | None = None) -> Any:
+    import pyarrow.fs as pafs
+
+    return (fs or pafs.LocalFileSystem()).open_input_stream(path, compression=compression)
+
+
+def _check_file_columns(found: Sequence[str], required: Sequence[str], path: str) -> None:
+    for col in required:
+        if col not in found:
+            raise UserError(
+                f"missing required column {col!r} in {path}; columns found: {', '.join(found) or '(none)'}")
+
+
+def _file_required(spec: ColumnSpec, fmt: FileFormat) -> list[str]:
+    """The columns the file itself must have (the time column is made up when the file has none)."""
+    return [c for c in spec.required() if not (fmt.line_order_time and c == spec.time_col)]
+
+
+def split_fields(lines: pa.Array, sep: str, names: Sequence[str]) -> tuple[pa.Table, list[str]]:
+    """Lines split on the exact string `sep` into one trimmed, unquoted string column per name; lines with the
+    wrong field count are returned apart (as text) instead of failing."""
+    fields = pc.split_pattern(lines, pattern=sep)  # a literal pattern, not a regex: '::' or '|' mean themselves
+    ok = _mask(pc.equal(pc.list_value_length(fields), len(names)))
+    bad_lines = [] if ok.all() else lines.filter(pa.array(~ok)).to_pylist()
+    fields = fields.filter(pa.array(ok)) if not ok.all() else fields
+    return pa.table({name: _strip_quotes(pc.list_element(fields, i)) for i, name in enumerate(names)}), bad_lines
+
+
+def _line_chunks(fs: Any, path: str, compression: str | None) -> Iterator[list[str]]:
+    """The file's non-empty lines (without '\\r\\n'), a few MB at a time; decoding fails on invalid UTF-8."""
+    rest = b""
+    with _open(fs, path, compression) as fh:
+        while True:
+            chunk = fh.read(READ_BLOCK_BYTES)
+            if not chunk:
+                break
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            lines = [ln.rstrip("\r") for ln in data[:cut].decode("utf-8").split("\n")]
+            yield [ln for ln in lines if ln.strip()]
+    tail = rest.decode("utf-8").rstrip("\r")
+    if tail.strip():
+        yield [tail]
+
+
+def _split_on_string(fs: Any, path: str, fmt: FileFormat, spec: ColumnSpec) -> Iterator[tuple[pa.Table, list[str]]]:
+    """Delimited text with a separator of several characters (MovieLens '::'): split on the exact string."""
+    names, first = fmt.names, True
+    for lines in _line_chunks(fs, path, fmt.compression):
+        if first and lines and (names is None or fmt.skip_header):
+            header, lines = lines[0], lines[1:]
+            if names is None:
+                names = tuple(_strip_quotes(pa.array(header.split(fmt.sep))).to_pylist())
+                _check_file_columns(names, _file_required(spec, fmt), path)
+        first = False
+        if lines:
+            yield split_fields(pa.array(lines, pa.string()), fmt.sep, names)
+
+
+def _header_names(fs: Any, path: str, fmt: FileFormat) -> list[str]:
+    """The column names on a CSV file's first line, parsed as CSV (so quoted names work)."""
+    import pyarrow.csv as pacsv
+
+    with _open(fs, path, fmt.compression) as fh:
+        head = fh.read(1 << 16)
+    line = head.split(b"\n", 1)[0]
+    table = pacsv.read_csv(io.BytesIO(line + b"\n"), parse_options=pacsv.ParseOptions(delimiter=fmt.sep))
+    return [name.strip() for name in table.column_names]
+
+
+def _csv(fs: Any, path: str, fmt: FileFormat, spec: ColumnSpec) -> Iterator[tuple[pa.Table, list[str]]]:
+    """Delimited text with a one-character separator, through pyarrow.csv: quotes honoured, every column read
+    as text (ids stay as written), rows with the wrong field count handed back as bad lines."""
+    import pyarrow.csv as pacsv
+
+    names = list(fmt.names) if fmt.names is not None else _header_names(fs, path, fmt)
+    required = _file_required(spec, fmt)
+    _check_file_columns(names, required, path)
+    bad: list[str] = []
+
+    def on_invalid(row: Any) -> str:
+        bad.append(row.text)
+        return "skip"
+
+    skip = 1 if fmt.names is None or fmt.skip_header else 0
+    reader = pacsv.open_csv(
+        _open(fs, path, fmt.compression),
+        read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip, block_size=READ_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(delimiter=fmt.sep, invalid_row_handler=on_invalid),
+        convert_options=pacsv.ConvertOptions(include_columns=required,
+                                             column_types={c: pa.string() for c in required},
+                                             strings_can_be_null=False))
+    for batch in reader:
+        table = pa.Table.from_batches([batch])
+        # Hand-written CSVs often say "u1, 12": the space is layout, not part of the id.
+        table = pa.table({c: pc.utf8_trim_whitespace(table.column(c)) for c in table.column_names})
+        yield table, bad[:]
+        bad.clear()
+    if bad:
+        yield pa.table({c: pa.array([], pa.string()) for c in required}), bad[:]
+
+
+def _parquet(fs: Any, path: str, fmt: FileFormat, spec: ColumnSpec) -> Iterator[tuple[pa.Table, list[str]]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, filesystem=fs)
+    required = _file_required(spec, fmt)
+    _check_file_columns(pf.schema_arrow.names, required, path)
+    for batch in pf.iter_batches(batch_size=READ_BATCH_ROWS, columns=required):
+        yield pa.Table.from_batches([batch]), []
+
+
+def _json(fs: Any, path: str, fmt: FileFormat, spec: ColumnSpec) -> Iterator[tuple[pa.Table, list[str]]]:
+    """JSON Lines through pyarrow.json; a .json file may also be one array of objects."""
+    import pyarrow.json as pajson
+
+    with _open(fs, path, fmt.compression) as fh:
+        data = fh.read()
+    try:
+        table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=READ_BLOCK_BYTES))
+    except pa.ArrowInvalid:
+        if fmt.kind != "json":
+            raise
+        try:
+            rows = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot read as JSON: {exc}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise UserError(f"{path}: cannot read as JSON: expected objects, one per line, or one array of "
+                            f"objects") from None
+        table = pa.Table.from_pylist(rows)
+    _check_file_columns(table.column_names, _file_required(spec, fmt), path)
+    yield table, []
+
+
+def _raw_batches(fs: Any, path: str, fmt: FileFormat, spec: ColumnSpec) -> Iterator[tuple[pa.Table, list[str]]]:
+    if fmt.kind == "delimited":
+        return (_csv if len(fmt.sep or "") == 1 else _split_on_string)(fs, path, fmt, spec)
+    return {"parquet": _parquet, "jsonl": _json, "json": _json}[fmt.kind](fs, path, fmt, spec)
+
+
+def read_file(path: str, fs: Any, fmt: FileFormat, spec: ColumnSpec) -> Iterator[pa.Table]:
+    """One file -> normalised tables, streaming. A file that cannot be read as `fmt` says (a read error from
+    pyarrow, invalid UTF-8, a cut-off last line) is a UserError naming the file; errors in normalising are
+    not translated (they would be bugs of this module, and keep their traceback)."""
+    raw = _raw_batches(fs, path, fmt, spec)
+    row = 0
+    while True:
+        try:
+            table, malformed = next(raw)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path}: cannot read as {FORMAT_NAMES[fmt.kind]}: {first}") from None
+        if fmt.line_order_time:
+            table = table.append_column(spec.time_col, pa.array(np.arange(row, row + table.num_rows)))
+            row += table.num_rows
+        yield normalise_batch(table, spec, malformed)
+
+
+def _read_paths(batch: pa.Table, fs: Any, fmt: FileFormat, spec: ColumnSpec) -> Iterator[pa.Table]:
+    """map_batches body: the batch is a column of paths, each read by this task in full, in file order."""
+    for path in batch.column(PATH_COL).to_pylist():
+        yield from read_file(path, fs, fmt, spec)
+
+
+def files_dataset(files: Sequence[str], fs: Any, fmt: FileFormat, spec: ColumnSpec) -> Any:
+    """A Ray Dataset of normalised rows: one task per file (each file streams through pyarrow in its task)."""
+    import ray.data
+
+    paths = ray.data.from_items([{PATH_COL: p} for p in files], override_num_blocks=max(1, len(files)))
+    return paths.map_batches(_read_paths, batch_size=1, batch_format="pyarrow",
+                             fn_kwargs={"fs": fs, "fmt": fmt, "spec": spec})
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -304,10 +518,7 @@ def _list_files(source: str) -> tuple[Any, list[str]]:
 
 
 def _first_line(fs: Any, path: str, compression: str | None) -> str:
-    import pyarrow.fs as pafs
-
-    fs_ = fs or pafs.LocalFileSystem()
-    with fs_.open_input_stream(path, compression=compression) as fh:
+    with _open(fs, path, compression) as fh:
         head = fh.read(1 << 16).decode("utf-8", errors="replace")
     return head.split("\n", 1)[0].rstrip("\r")
 
@@ -318,18 +529,8 @@ def _sizes(fs: Any, files: list[str]) -> list[int]:
     return [i.size or 0 for i in (fs or pafs.LocalFileSystem()).get_file_info(files)]
 
 
-def _check_columns(found: list[str], spec: ColumnSpec, source: str) -> None:
-    required = [spec.user_col, spec.item_col, spec.time_col] + ([spec.rating_col] if spec.rating_col else [])
-    for col in required:
-        if col not in found:
-            raise UserError(
-                f"missing required column {col!r} in {source}; columns found: {', '.join(found) or '(none)'}")
-
-
 def read_files(source: str, cfg: DataConfig) -> LogSource:
     """A file/dir/glob/URI of CSV, TSV, TXT, Parquet or JSONL -> normalised Ray Dataset."""
-    import ray.data
-
     fs, files = _list_files(source)
     kinds = {_split_ext(f) for f in files}
     fmts = {k[0] for k in kinds}
@@ -343,46 +544,30 @@ def read_files(source: str, cfg: DataConfig) -> LogSource:
     files = [f for f, s in zip(files, sizes) if s > 0]
     if not files:
         raise UserError(f"empty input: {source} has no data")
-    fmt = fmts.pop()
-    compression = next(iter(kinds))[1]
+    ext = fmts.pop()
+    compressions = {k[1] for k in kinds}
+    if len(compressions) > 1:
+        raise UserError(f"mixed compression in {source}: {', '.join(sorted(map(str, compressions)))}")
     rating_col = cfg.rating_col or (RATING_COL if cfg.min_rating is not None else None)
     spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating)
-    open_args = {"compression": compression} if compression else None
-
-    if fmt in ("csv", "tsv", "txt"):
-        sep = cfg.sep or {"csv": ",", "tsv": "\t"}.get(fmt)
+    if ext in ("csv", "tsv", "txt"):
+        sep = cfg.sep or {"csv": ",", "tsv": "\t"}.get(ext)
         if sep is None:
             raise UserError(f"{files[0]}: .txt/.dat files need --sep (e.g. --sep '\\t' or --sep '::')")
-        header = _first_line(fs, files[0], compression)
-        names = tuple(_strip_quotes(pa.array(header.split(sep))).to_pylist())
-        _check_columns(list(names), spec, source)
-        spec = ColumnSpec(spec.user_col, spec.item_col, spec.time_col, spec.rating_col, spec.min_rating,
-                          sep=sep, names=names, header_line=header)
-        ds = ray.data.read_text(files, filesystem=fs, arrow_open_stream_args=open_args)
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        found = pq.read_schema(files[0], filesystem=fs).names
-        _check_columns(found, spec, source)
-        ds = ray.data.read_parquet(files, filesystem=fs, columns=sorted(set(
-            [spec.user_col, spec.item_col, spec.time_col] + ([rating_col] if rating_col else []))))
+        if sep in ("\n", "\r"):
+            raise UserError(f"--sep={sep!r} cannot be a line break")
+        fmt = FileFormat("delimited", sep=sep)
     else:
-        if fmt == "jsonl":
-            line = _first_line(fs, files[0], compression)
-            try:
-                found = list(json.loads(line)) if line.strip() else []
-            except (json.JSONDecodeError, TypeError):
-                raise UserError(f"{files[0]}: first line is not a JSON object: {line[:80]!r}") from None
-            _check_columns(found, spec, source)
-        ds = ray.data.read_json(files, filesystem=fs, lines=fmt == "jsonl", arrow_open_stream_args=open_args,
-                                file_extensions=None)
-    return LogSource(name=source, dataset=_normalised(ds, spec))
+        fmt = FileFormat(ext)
+    fmt = replace(fmt, compression=compressions.pop())
+    return LogSource(name=source, dataset=files_dataset(files, fs, fmt, spec))
 
 
 # --------------------------------------------------------------------------------------------- ncf paper files
 def _parse_negative_lines(batch: pa.Table) -> pa.Table:
     """'(user,item)\\tneg1\\tneg2...' lines -> user_id, item_id, negatives (list<int64>)."""
     lines = pc.utf8_trim_whitespace(batch.column(TEXT_COL).combine_chunks())
+    lines = lines.filter(pc.not_equal(lines, ""))
     fields = pc.split_pattern(lines, pattern="\t")
     head = pc.list_element(fields, 0)
     pair = pc.split_pattern(pc.replace_substring_regex(head, pattern=r"[()\s]", replacement=""), pattern=",")
@@ -395,8 +580,22 @@ def _parse_negative_lines(batch: pa.Table) -> pa.Table:
     return pa.table({USER_COL: user, ITEM_COL: item, "negatives": negs})
 
 
+NCF_COLUMNS = {4: ML_COLUMNS, 3: (USER_COL, ITEM_COL, RATING_COL)}  # fields per line -> names
+
+
+def ncf_layout(fs: Any, path: str) -> FileFormat:
+    """How an NCF rating file is laid out, from its first line: 'user\\titem\\trating\\ttimestamp' (the paper's
+    files) or 'user\\titem\\trating' (DeepCF's Amazon sets, no timestamps: time = line order)."""
+    line = _first_line(fs, path, None)
+    n = len(line.split("\t"))
+    if n not in NCF_COLUMNS:
+        raise UserError(f"{path}: expected 'user<TAB>item<TAB>rating[<TAB>timestamp]' lines, the first line has "
+                        f"{n} field(s): {line[:80]!r}")
+    return FileFormat("delimited", sep="\t", names=NCF_COLUMNS[n], line_order_time=n == 3)
+
+
 def read_ncf(prefix: str) -> NcfSource:
-    """`ncf:PREFIX`: PREFIX.train.rating / .test.rating (user\\titem\\trating\\ttimestamp, 0-based) and
+    """`ncf:PREFIX`: PREFIX.train.rating / .test.rating (user\\titem\\trating[\\ttimestamp], 0-based) and
     PREFIX.test.negative ('(user,item)' then the 99 negatives)."""
     import ray.data
 
@@ -407,15 +606,14 @@ def read_ncf(prefix: str) -> NcfSource:
         if not _exists(fs, fs_path):
             raise UserError(f"path not found: {p} (ncf:PREFIX needs PREFIX.train.rating, .test.rating, "
                             f".test.negative)")
-    spec = ColumnSpec(rating_col=RATING_COL, sep="\t", names=ML_COLUMNS)
-
-    def lines(p: str) -> Any:
-        return ray.data.read_text(_filesystem(p)[1], filesystem=fs)
-
-    negatives = lines(paths["test.negative"]).map_batches(_parse_negative_lines, batch_size=None,
-                                                          batch_format="pyarrow")
-    return NcfSource(name=f"ncf:{prefix}", train=_normalised(lines(paths["train.rating"]), spec),
-                     test=_normalised(lines(paths["test.rating"]), spec), negatives=negatives)
+    spec = ColumnSpec(rating_col=RATING_COL)
+    train_path, test_path = (_filesystem(paths[k])[1] for k in ("train.rating", "test.rating"))
+    train_fmt = ncf_layout(fs, train_path)
+    negatives = ray.data.read_text(_filesystem(paths["test.negative"])[1], filesystem=fs).map_batches(
+        _parse_negative_lines, batch_size=None, batch_format="pyarrow")
+    return NcfSource(name=f"ncf:{prefix}", train=files_dataset([train_path], fs, train_fmt, spec),
+                     test=files_dataset([test_path], fs, ncf_layout(fs, test_path), spec), negatives=negatives,
+                     timestamps=not train_fmt.line_order_time)
 
 
 def _exists(fs: Any, path: str) -> bool:
@@ -465,14 +663,18 @@ def _download(ml: MovieLens) -> Path:
 
 
 def _ratings_file(ml: MovieLens, local: Path, workdir: Path) -> Path:
-    """The ratings member of a zip (extracted into workdir) or found under a directory."""
+    """The ratings member of a zip (extracted into workdir), found under a directory, or the ratings file
+    itself. A local copy is never checksummed: it may hold only part of the ratings (a subset for a quick
+    benchmark), and users.dat / movies.dat are not needed."""
     if local.is_dir():
-        found = sorted(local.rglob(ml.member))
+        found = sorted(local.rglob(ml.member), key=lambda p: (len(p.parts), str(p)))  # the shallowest copy
         if not found:
             raise UserError(f"--from {local}: no {ml.member} found under it")
         return found[0]
     if not local.is_file():
         raise UserError(f"path not found: --from {local}")
+    if local.name == ml.member:
+        return local
     try:
         with zipfile.ZipFile(local) as zf:
             names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == ml.member]
@@ -483,22 +685,19 @@ def _ratings_file(ml: MovieLens, local: Path, workdir: Path) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
             return target
     except zipfile.BadZipFile:
-        raise UserError(f"--from {local}: not a zip archive") from None
+        raise UserError(f"--from {local}: not a zip archive (nor a folder holding {ml.member})") from None
 
 
 def read_movielens(name: str, cfg: DataConfig, local_from: str | None, workdir: Path) -> LogSource:
     """`movielens-*`: every rating is an implicit positive (as in the NCF paper) unless --min-rating is set."""
-    import ray.data
-
     ml = MOVIELENS[name]
     local = Path(local_from).expanduser() if local_from else _download(ml)
     ratings = _ratings_file(ml, local, workdir)
     if ratings.stat().st_size == 0:
         raise UserError(f"empty input: {ratings}")
-    header = _first_line(None, str(ratings), None) if ml.header else None
-    spec = ColumnSpec(rating_col=RATING_COL, min_rating=cfg.min_rating, sep=ml.sep, names=ML_COLUMNS,
-                      header_line=header)
-    return LogSource(name=name, dataset=_normalised(ray.data.read_text(str(ratings)), spec))
+    spec = ColumnSpec(rating_col=RATING_COL, min_rating=cfg.min_rating)
+    fmt = FileFormat("delimited", sep=ml.sep, names=ML_COLUMNS, skip_header=ml.header)
+    return LogSource(name=name, dataset=files_dataset([str(ratings)], None, fmt, spec))
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -525,15 +724,23 @@ def open_source(cfg: DataConfig, *, local_from: str | None = None, synthetic: An
 
 
 def user_error_from(exc: BaseException) -> UserError | None:
-    """Ray wraps exceptions raised inside map_batches; recover a UserError (or a pyarrow read error, which is the
-    user's file) from the wrapped text so the CLI can print one line."""
-    if isinstance(exc, UserError):
-        return exc
-    text = str(exc)
-    m = re.search(r"ncf_ray\.errors\.UserError: (.+)", text)
-    if m:
-        return UserError(m.group(1).strip())
-    m = re.search(r"(?:pyarrow\.lib\.)?(?:ArrowInvalid|ArrowTypeError|JSONDecodeError): (.+)", text)
-    if m:
-        return UserError(f"cannot read input: {m.group(1).strip()}")
+    """The UserError behind an exception from a Ray Data task, or None (a bug: the caller re-raises it).
+
+    Ray re-raises a task's exception as `RayTaskError(UserError)`, which is a UserError whose text is the whole
+    remote traceback; the original is its `.cause`, to whose message Ray Data appends lines of retry advice.
+    Our messages are one line by contract, so the first line is the message."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            exc = cause
+            continue
+        if type(exc) is UserError:
+            text = str(exc).strip()
+            return UserError(text.splitlines()[0]) if "\n" in text else exc
+        m = re.search(r"ncf_ray\.errors\.UserError: (.+)", str(exc))
+        if m:  # only the remote traceback's text survived (a worker that could not pickle the exception)
+            return UserError(m.group(1).strip())
+        exc = exc.__cause__ or exc.__context__
     return None

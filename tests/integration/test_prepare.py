@@ -220,3 +220,112 @@ def test_cli_subprocess_on_synthetic(tmp_path):
     users = pq.read_table(out / S.USERS_FILE)
     assert users.schema.field(S.USER_COL).type == "string" and users.num_rows == 200
     assert pq.read_table(out / S.VALID_NEG_FILE)[S.NEGATIVES_COL].to_pylist()[0].__len__() == 20
+
+
+# ------------------------------------------------------------------------------------------- review defects
+def test_quoted_csv_and_a_directory_whose_files_have_their_own_headers(tmp_path, capsys, ray_local):
+    d = tmp_path / "logs"
+    d.mkdir()
+    df = _log(n_users=12)
+    df = df.assign(item_id=[f"Movie {i}, The" for i in df.item_id])  # quoted, holds the separator
+    df.iloc[:40].to_csv(d / "a.csv", index=False)
+    df.iloc[40:][["timestamp", "item_id", "user_id"]].to_csv(d / "b.csv", index=False)  # other column order
+    out = tmp_path / "ds"
+    rc, _, err = _run([str(d), "--out", str(out), "--eval-negatives", "3"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / S.META_FILE).read_text())
+    assert meta["dropped"]["bad_rows"] == 0 and meta["n_users"] == 12
+    items = set(pq.read_table(out / S.ITEMS_FILE)[S.ITEM_COL].to_pylist())
+    assert items == set(df.item_id)
+
+
+def test_ids_with_leading_zeros_are_kept_as_given(tmp_path, capsys, ray_local):
+    items = ("01", "1", "001", "2", "3")
+    pairs = [(u, items[(k + j) % 5]) for k, u in enumerate(("0012", "12", "007", "7")) for j in range(4)]
+    rows = [(u, i, t) for t, (u, i) in enumerate(pairs)]
+    f = tmp_path / "log.csv"
+    f.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    out = tmp_path / "ds"
+    rc, _, err = _run([str(f), "--out", str(out), "--eval-negatives", "1"], capsys)
+    assert rc == 0, err
+    assert sorted(pq.read_table(out / S.USERS_FILE)[S.USER_COL].to_pylist()) == ["0012", "007", "12", "7"]
+    assert sorted(pq.read_table(out / S.ITEMS_FILE)[S.ITEM_COL].to_pylist()) == ["001", "01", "1", "2", "3"]
+
+
+def _prepare_subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).parents[2])}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "ncf_ray.cli", "prepare", *args], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=cwd)
+
+
+def test_random_bytes_named_parquet_is_one_line_exit_2_in_a_real_cli_run(tmp_path):
+    f = tmp_path / "log.parquet"
+    f.write_bytes(np.random.default_rng(0).bytes(10_000))
+    proc = _prepare_subprocess([str(f), "--out", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # Ray Data's start-up notice about progress bars belongs to the console work (runtime.ensure_ray), not here.
+    lines = [ln for ln in proc.stderr.splitlines() if "Progress bars disabled" not in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {f}: cannot read as Parquet"), proc.stderr[-3000:]
+    assert _leftovers(tmp_path) == []
+
+
+def test_jsonl_cut_off_mid_line_is_one_line_exit_2(tmp_path, capfd, ray_local):
+    f = tmp_path / "log.jsonl"
+    _log(n_users=10).to_json(f, orient="records", lines=True)
+    f.write_text(f.read_text() + '{"user_id": 5, "item_')
+    capfd.readouterr()
+    rc = main(["prepare", str(f), "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err  # fd-level: Ray Data's own log lines would show up here too
+    assert rc == 2 and err.count("\n") == 1, err[-3000:]
+    assert err.startswith(f"error: {f}: cannot read as JSON Lines")
+    assert _leftovers(tmp_path) == []
+
+
+def test_ncf_files_without_timestamps_load(tmp_path, capsys, ray_local):
+    rng = np.random.default_rng(1)
+    n_users, n_items = 10, 30
+    train, test, negs = [], [], []
+    for u in range(n_users):
+        items = rng.choice(n_items, 6, replace=False)
+        n_train = 1 if u == 4 else 5  # user 4: a single train line, nothing left for train once valid is carved
+        train += [f"{u}\t{i}\t1" for i in items[:n_train]]
+        test.append(f"{u}\t{items[5]}\t1")
+        free = np.setdiff1d(np.arange(n_items), items)
+        negs.append(f"({u},{items[5]})\t" + "\t".join(str(x) for x in rng.choice(free, 8, replace=False)))
+    rng.shuffle(train)  # file order is not user order: "last line" must mean last in the file
+    last = [int(next(line.split("\t")[1] for line in reversed(train) if line.startswith(f"{u}\t")))
+            for u in range(n_users)]
+    prefix = tmp_path / "Amazon_Music"
+    Path(f"{prefix}.train.rating").write_text("\n".join(train) + "\n")
+    Path(f"{prefix}.test.rating").write_text("\n".join(test) + "\n")
+    Path(f"{prefix}.test.negative").write_text("\n".join(negs) + "\n")
+    out = tmp_path / "ds"
+    rc, stdout, err = _run([f"ncf:{prefix}", "--out", str(out)], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / S.META_FILE).read_text())
+    assert meta["timestamps"] is False and "file order" in meta["valid_from"]
+    assert meta["dropped"]["users_without_train"] == 1 and meta["n_users"] == n_users - 1
+    kept = [u for u in range(n_users) if u != 4]
+    assert pq.read_table(out / S.USERS_FILE)[S.USER_COL].to_pylist() == [str(u) for u in kept]
+    assert pq.read_table(out / S.VALID_FILE)[S.ITEM_IDX].to_pylist() == [last[u] for u in kept]
+    assert pq.read_table(out / S.TEST_FILE)[S.ITEM_IDX].to_pylist() == [int(test[u].split("\t")[1]) for u in kept]
+    assert pq.read_table(out / S.TRAIN_DIR).num_rows == 4 * len(kept)
+    assert "users without train 1" in stdout
+
+
+def test_movielens_1m_from_a_folder_with_part_of_the_ratings(tmp_path, capsys, ray_local):
+    d = tmp_path / "ml-1m"
+    d.mkdir()
+    lines = [f"{u}::{i}::{1 + (u * i) % 5}::{978300000 + u * 10 + i}" for u in range(1, 7) for i in range(1, 8)
+             if i != u]  # 6 ratings per user, so every user has items left to draw negatives from
+    (d / "ratings.dat").write_text("\n".join(lines[:30]) + "\n" + lines[30][:5])  # cut off mid-line, as `head -c`
+    (d / "users.dat").write_text("1::F::1::10::48067\n")
+    (d / "movies.dat").write_bytes("1::Am\xe9lie (2001)::Comedy\n".encode("latin-1"))
+    out = tmp_path / "ds"
+    rc, _, err = _run(["movielens-1m", "--from", str(d), "--out", str(out), "--eval-negatives", "2",
+                       "--max-bad-fraction", "0.05"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / S.META_FILE).read_text())
+    # Users 1-5 have all their ratings in the part kept; user 6's first line is cut off: one bad row.
+    assert meta["n_users"] == 5 and meta["n_interactions"] == 30 and meta["dropped"]["bad_rows"] == 1

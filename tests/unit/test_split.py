@@ -13,6 +13,7 @@ import pytest
 from ncf_ray.config import DataConfig
 from ncf_ray.data.prepare import (
     RawLog,
+    _ids_to_array,
     build_loo,
     build_ncf,
     dedup_latest,
@@ -20,7 +21,15 @@ from ncf_ray.data.prepare import (
     sample_eval_negatives,
     split_leave_one_out,
 )
-from ncf_ray.data.sources import BAD, BELOW_MIN, OK, ColumnSpec, _parse_negative_lines, normalise_batch
+from ncf_ray.data.sources import (
+    BAD,
+    BELOW_MIN,
+    OK,
+    ColumnSpec,
+    _parse_negative_lines,
+    normalise_batch,
+    split_fields,
+)
 from ncf_ray.data.synthetic import SyntheticSpec, generate_block, iter_synthetic
 from ncf_ray.errors import UserError
 
@@ -128,16 +137,17 @@ def test_eval_negatives_distinct_and_with_repeats_when_few_items():
 
 
 def test_normalise_counts_bad_rows_and_parses_iso_times():
-    lines = ["user_id,item_id,timestamp", "u1,10,100", "u2,11,2021-01-01T00:00:00Z", "u3,12,yesterday",
-             "u4,,5", "broken line", "u5,13,2021-01-02 00:00:00"]
-    spec = ColumnSpec(sep=",", names=("user_id", "item_id", "timestamp"), header_line=lines[0])
-    out = normalise_batch(pa.table({"text": lines}), spec)
+    lines = ["u1::10::100", "u2::11::2021-01-01T00:00:00Z", "u3::12::yesterday", "u4::::5", "broken line",
+             "u5::13::2021-01-02 00:00:00"]
+    table, malformed = split_fields(pa.array(lines), "::", ("user_id", "item_id", "timestamp"))
+    assert malformed == ["broken line"]
+    out = normalise_batch(table, ColumnSpec(), malformed)
     assert out.num_rows == 6
-    assert out["_status"].to_pylist() == [OK, OK, BAD, BAD, BAD, OK]
+    assert out["_status"].to_pylist() == [OK, OK, BAD, BAD, OK, BAD]  # malformed lines come last
     assert out["timestamp"].to_pylist()[:2] == [100, 1609459200]
-    assert out["timestamp"].to_pylist()[5] == 1609545600
+    assert out["timestamp"].to_pylist()[4] == 1609545600
     assert out["_err"].to_pylist()[2] == "timestamp='yesterday'"
-    assert out["_err"].to_pylist()[4] == "line='broken line'"
+    assert out["_err"].to_pylist()[5] == "line='broken line'"
 
 
 def test_normalise_min_rating_and_missing_column():
@@ -160,11 +170,13 @@ def _ncf_fixture():
 
 def test_ncf_build_keeps_paper_test_items_and_negatives():
     train, test, negs = _ncf_fixture()
-    spec = ColumnSpec(rating_col="rating", sep="\t", names=("user_id", "item_id", "rating", "timestamp"))
+    spec = ColumnSpec(rating_col="rating")
 
     def log(lines):
-        t = normalise_batch(pa.table({"text": lines}), spec)
-        return RawLog(t["user_id"].to_numpy(), t["item_id"].to_numpy(), t["timestamp"].to_numpy(), rows=len(lines))
+        t = normalise_batch(split_fields(pa.array(lines), "\t", ("user_id", "item_id", "rating", "timestamp"))[0],
+                            spec)
+        return RawLog(_ids_to_array([t["user_id"]]), _ids_to_array([t["item_id"]]), t["timestamp"].to_numpy(),
+                      rows=len(lines))
 
     neg_table = _parse_negative_lines(pa.table({"text": negs}))
     b = build_ncf(log(train), log(test), neg_table, DataConfig(seed=1))
