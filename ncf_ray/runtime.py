@@ -48,3 +48,73 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
     ctx.print_on_execution_start = False
     data_log.setLevel(logging.WARNING)
     return started
+
+
+# ------------------------------------------------------------------------------------------- CPU allotment
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us` /
+    `cpu.cfs_period_us`), or None when unlimited or unreadable. A container started with `--cpus 2` on a 64-core
+    host reports 64 in os.cpu_count() but may run only 2 cores' worth."""
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            quota, period = v2.read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        q1, p1 = root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"
+        if q1.is_file() and p1.is_file():
+            quota_us, period_us = int(q1.read_text()), int(p1.read_text())
+            return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def usable_cpus(affinity: int | None = None, quota: float | None = None, ray_node_cpus: float | None = None) -> int:
+    """Cores this process may use: the smallest of its CPU affinity mask, its cgroup quota (rounded down, at
+    least 1) and, inside a Ray cluster, the CPU resource Ray gives this node. Arguments left None are read from
+    the system (so tests pass them explicitly)."""
+    if affinity is None:
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limits = [affinity]
+    quota = quota if quota is not None else cgroup_cpu_limit()
+    if quota is not None:
+        limits.append(max(1, int(quota)))
+    ray_node_cpus = ray_node_cpus if ray_node_cpus is not None else _ray_node_cpus()
+    if ray_node_cpus:
+        limits.append(max(1, int(ray_node_cpus)))
+    return max(1, min(limits))
+
+
+def _ray_node_cpus() -> float | None:
+    """Ray's CPU resource of the node this process runs on, or None outside Ray."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        node = ray.get_runtime_context().get_node_id()
+        for n in ray.nodes():
+            if n.get("NodeID") == node and n.get("Alive", True):
+                return float(n.get("Resources", {}).get("CPU", 0)) or None
+    except Exception:  # an answer about threads must never fail a run
+        return None
+    return None
+
+
+def assigned_cpus() -> float | None:
+    """CPUs Ray reserved for the current task or actor (a Ray Train worker: 1 unless resources_per_worker says
+    otherwise), or None outside a Ray worker."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        ctx = ray.get_runtime_context()
+        if ctx.worker.mode != ray.WORKER_MODE:  # the driver has no reservation
+            return None
+        return float(ctx.get_assigned_resources().get("CPU", 0)) or None
+    except Exception:
+        return None

@@ -105,13 +105,25 @@ def load_state(checkpoint_dir: str) -> dict[str, Any]:
     return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def default_threads(local_world_size: int, cpus: int | None = None) -> int:
-    """Torch threads per worker when --threads is not given: the node's cores less one for Ray's own processes
-    (raylet, GCS, the Train controller and its health checks), split between the workers of this node. With
-    every core in a worker's OpenMP team, each wake-up of those processes stalls a barrier (measured on 2 cores,
-    1 worker, paper NeuMF at batch 4,096: 0.9M samples/s on 2 threads, 1.4M on 1)."""
-    cpus = cpus or os.cpu_count() or 1
-    return max(1, (cpus - 1) // max(1, local_world_size))
+def default_threads(local_world_size: int, cpus: int | None = None, assigned: float | None = None) -> int:
+    """Torch threads per worker when --threads is not given.
+
+    `cpus`: the cores this node offers (default `runtime.usable_cpus()`: the CPU affinity mask, a cgroup quota
+    and Ray's CPU resource for the node, whichever is smallest; never `os.cpu_count()`, which counts the host's
+    cores even inside a 2-CPU container). `assigned`: the CPUs Ray reserved for this worker (default
+    `runtime.assigned_cpus()`, None outside a Ray worker).
+    The share is the node's cores less one for Ray's own processes (raylet, GCS, the Train controller and its
+    health checks), split between this node's workers: with every core in a worker's OpenMP team, each wake-up
+    of those processes stalls a barrier. A larger reservation (resources_per_worker) raises the share to it;
+    the result never exceeds `cpus` and is at least 1."""
+    from ncf_ray.runtime import assigned_cpus, usable_cpus
+
+    cpus = cpus if cpus is not None else usable_cpus()
+    assigned = assigned if assigned is not None else assigned_cpus()
+    share = (max(1, cpus) - 1) // max(1, local_world_size)
+    if assigned:
+        share = max(share, int(assigned))
+    return max(1, min(share, cpus))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
