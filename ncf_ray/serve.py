@@ -169,6 +169,24 @@ def _load_recommender(model_dir: str, precision: str) -> Recommender:
     return rec
 
 
+def _is_path(text: str) -> bool:
+    """An absolute local path (POSIX or Windows) or a URI: what a server must not reveal about its disks."""
+    return text.startswith(("/", "~", "\\\\")) or "://" in text or (len(text) > 2 and text[1:3] in (":\\", ":/"))
+
+
+def public_paths(obj: Any) -> Any:
+    """`obj` with every string that is an absolute path or URI cut to its last component (recursively through
+    dicts and lists), for bodies that echo the artifact's metadata: its dataset `source` and training config may
+    name files on the machine that trained it."""
+    if isinstance(obj, dict):
+        return {k: public_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_paths(v) for v in obj]
+    if isinstance(obj, str) and _is_path(obj):
+        return obj.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return obj
+
+
 def _json(obj: Any) -> Response:
     """A JSON response encoded with orjson (the hot endpoints' bodies are up to ~0.5 MB of ids and floats)."""
     return Response(orjson.dumps(obj), media_type="application/json")
@@ -274,9 +292,9 @@ class NCFServer:
         """The served model: version, architecture, vocabulary sizes, dataset meta and training metrics."""
         rec = self._current()
         art = rec.artifact
-        return {
+        return public_paths({
             "model_version": art.model_version,
-            "model_dir": self._loaded[0],
+            "model_dir": Path(self._loaded[0]).name,  # the artifact's name, never where it lies on the server
             "scoring": {"precision": rec.scorer.precision, "note": rec.scorer.note},
             "created": art.created,
             "model": dataclasses.asdict(art.model_cfg),
@@ -284,7 +302,7 @@ class NCFServer:
             "n_items": art.n_items,
             "dataset_meta": art.dataset_meta,
             "metrics": art.metrics,
-        }
+        })
 
 
 # ------------------------------------------------------------------------------------------------ builders
