@@ -20,23 +20,34 @@ from pathlib import Path
 
 def ensure_ray(log_to_driver: bool = True) -> bool:
     """Join RAY_ADDRESS or start a local Ray, with Ray Data's progress output off. Returns True when this call
-    started a local Ray (the caller may shut it down)."""
+    started a local Ray (the caller may shut it down).
+
+    Inside a console session (ncf_ray/console.py) Ray's output goes to the session's log file: workers' and
+    actors' forwarded output included (log_to_driver is then on, whatever the argument, and routed to the file),
+    and Ray's loggers at INFO. Outside one, `log_to_driver` decides and Ray's loggers print errors only."""
     import ray
+
+    from ncf_ray import console
 
     # Read by every Ray Data context, trial actors' included (a local Ray's workers inherit this environment).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    routed = console.active() is not None and console.can_route_worker_logs()
+    if routed:
+        log_to_driver = True
+    # Outside a session, ERROR: init-time notices (auth token, etc.) would break the "one line on failure" promise.
+    level = logging.INFO if console.active() is not None else logging.ERROR
+    console.reroute()
     started = False
     if not ray.is_initialized():
-        # ERROR: init-time notices (auth token, etc.) would break the "one line on failure" promise.
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, logging_level=logging.ERROR)
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver, logging_level=level)
         else:
             tmp = tempfile.mkdtemp(prefix="ncfray", dir="/tmp" if os.path.isdir("/tmp") else None)  # short sockets
             os.environ["RAY_TMPDIR"] = tmp
             atexit.register(shutil.rmtree, tmp, True)  # registered before ray.init: runs after Ray's shutdown
             # The dashboard stays on: the PlacementGroupCleaner asks its state API whether a run is alive, and a
             # sweep hung waiting for a trial's CPUs when it was off (seen here).
-            ray.init(address="local", log_to_driver=log_to_driver, logging_level=logging.ERROR)
+            ray.init(address="local", log_to_driver=log_to_driver, logging_level=level)
             Path(tmp, "ray", "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
             started = True
     import ray.data
@@ -47,6 +58,10 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
     ctx.enable_progress_bars = False  # per-block bars drown the epoch table
     ctx.print_on_execution_start = False
     data_log.setLevel(logging.WARNING)
+    if routed:
+        console.attach_worker_logs()
+    console.reroute()  # Ray Data adds console handlers of its own on import
+    console.announce_log()
     return started
 
 

@@ -430,8 +430,11 @@ def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -
     import ray
 
     _check(cfg)
+    from ncf_ray import console
+
     owns_ray = start_ray(ha_proxy)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    console.reroute()  # Serve's driver-side logger gets its console handler at start
     serve.run(bind_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
     if blocking:

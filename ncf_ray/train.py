@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncf_ray import engine
+from ncf_ray import console, engine
 from ncf_ray.atomic import write_json
 from ncf_ray.config import TrainConfig, from_dict, to_dict
 from ncf_ray.data import schema as S
@@ -378,11 +378,22 @@ def run_training(
     if resume and run_path is not None and not run_path.exists():
         raise UserError(f"--resume: no training run found in {out}")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
-          f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}", flush=True)
-    ensure_ray()
-    t0 = time.time()
-    result: Result = build_trainer(dataset_dir, cfg, storage, placement_strategy=placement_strategy).fit()
+    with console.session(out / "logs", "train"):  # a no-op under the CLI's or the pipeline's own session
+        print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
+              f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}", flush=True)
+        ensure_ray()
+        t0 = time.time()
+        # The workers report each epoch; the table prints them on this console, once (see console.epoch_feed).
+        table = console.EpochTable(cfg.epochs, cfg.eval_k, cfg.patience)
+        with console.epoch_feed(table) as feed:
+            trainer = build_trainer(dataset_dir, cfg, storage, placement_strategy=placement_strategy,
+                                    callbacks=[feed])
+            result: Result = trainer.fit()
+        return _finish(result, dataset_dir, out, cfg, t0)
+
+
+def _finish(result: Any, dataset_dir: str, out: Path, cfg: TrainConfig, t0: float) -> dict[str, Any]:
+    """Export and test a finished Ray Train run (see finalize), or say why there is nothing to export."""
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}")
     if result.checkpoint is None:
