@@ -15,8 +15,9 @@ the old model.
 
 Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
 the replica's own HTTP server answers directly (about 10x the default Python proxy's throughput on 2 cores; see
-bench_serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise (HAProxy's stats/metrics
-ports, 8404 and 9101, bind all interfaces: Ray's template, not ours). Nothing runs at import.
+bench_serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise; HAProxy's stats and
+metrics ports (8404, 9101) bind the same address (loopback when the API binds every interface), see
+`install_haproxy_wrapper`. Nothing runs at import.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real request model classes in the route
@@ -412,9 +413,78 @@ def emit_config(cfg: ServeConfig) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False)
 
 
-def start_ray(ha_proxy: bool) -> bool:
+# ------------------------------------------------------------------------------------------------ HAProxy admin ports
+# Ray 2.60's HAProxy template binds its stats page (`listen stats`, `bind *:8404`) and Prometheus exporter
+# (`frontend prometheus`, `bind :9101`) on every interface, and no setting changes the interface (the ports are
+# RAY_SERVE_HAPROXY_STATS_PORT / RAY_SERVE_HAPROXY_METRICS_PORT). Serve does let us name the HAProxy binary
+# (RAY_SERVE_HAPROXY_BINARY_PATH): a local Ray started here gets a wrapper that copies each config Serve hands to
+# HAProxy with those two binds narrowed to one address, then execs the real binary. A cluster joined through
+# RAY_ADDRESS keeps what its operator set up.
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+HAPROXY_ADMIN_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+_WRAPPER = """#!{python}
+# Written by ncf_ray.serve: HAProxy with its stats/metrics binds narrowed to {host} (see serve.py).
+import os, re, sys
+args = sys.argv[1:]
+if "-f" in args[:-1]:
+    i = args.index("-f") + 1
+    with open(args[i]) as f:
+        text = f.read()
+    text = re.sub(r"^(\\s*bind\\s+)\\*?:({ports})\\b", r"\\g<1>{host}:\\g<2>", text, flags=re.M)
+    narrowed = args[i] + ".local"
+    with open(narrowed + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(narrowed + ".tmp", narrowed)
+    args[i] = narrowed
+os.execv({real!r}, [{real!r}, *args])
+"""
+
+
+def admin_host(serve_host: str) -> str:
+    """Where HAProxy's stats and metrics ports bind: the serve host when it is one address, else loopback (the
+    stats page has no authentication; binding the API to every interface need not publish it too)."""
+    return "127.0.0.1" if serve_host in ("", "0.0.0.0", "::", "*") else serve_host
+
+
+def haproxy_wrapper(real_binary: str, host: str, ports: list[int]) -> str:
+    """The source of the wrapper script (see the comment above)."""
+    import sys
+
+    return _WRAPPER.format(python=sys.executable, host=host, ports="|".join(str(p) for p in ports), real=real_binary)
+
+
+def install_haproxy_wrapper(serve_host: str, directory: str | None = None) -> str | None:
+    """Write the wrapper (executable) and point RAY_SERVE_HAPROXY_BINARY_PATH at it; returns its path, or None
+    when the variable is already set (an operator's choice) or no HAProxy binary is found."""
+    import stat
+    import tempfile
+
+    if os.environ.get(HAPROXY_BINARY_ENV):
+        return None
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        real = get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        return None
+    ports = [int(os.environ.get(k, v)) for k, v in HAPROXY_ADMIN_PORTS.items()]
+    if directory is None:
+        import atexit
+        import shutil
+
+        directory = tempfile.mkdtemp(prefix="ncfray-haproxy-")
+        atexit.register(shutil.rmtree, directory, True)
+    path = Path(directory) / "haproxy"
+    path.write_text(haproxy_wrapper(real, admin_host(serve_host), ports))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.environ[HAPROXY_BINARY_ENV] = str(path)
+    return str(path)
+
+
+def start_ray(ha_proxy: bool, host: str = "127.0.0.1") -> bool:
     """Start or join Ray with the ingress choice in the environment every Serve process inherits (Serve reads
     RAY_SERVE_ENABLE_HA_PROXY at import in each of its actors; a cluster joined via RAY_ADDRESS keeps its own).
+    With HAProxy, its stats/metrics ports bind `admin_host(host)` (install_haproxy_wrapper).
     Returns True when this call started a local Ray that the caller should shut down."""
     import ray
 
@@ -422,6 +492,8 @@ def start_ray(ha_proxy: bool) -> bool:
 
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         os.environ[HA_PROXY_ENV] = "1" if ha_proxy else "0"
+        if ha_proxy:
+            install_haproxy_wrapper(host)
     return ensure_ray(log_to_driver=False)
 
 
@@ -432,7 +504,7 @@ def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -
     _check(cfg)
     from ncf_ray import console
 
-    owns_ray = start_ray(ha_proxy)
+    owns_ray = start_ray(ha_proxy, cfg.host)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     console.reroute()  # Serve's driver-side logger gets its console handler at start
     serve.run(bind_app(cfg), name=APP_NAME, route_prefix="/")
