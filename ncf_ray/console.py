@@ -30,7 +30,7 @@ from typing import Any
 
 EPOCH_HEADER = f"{'epoch':>5} {'loss':>8} {'valid_hr':>9} {'valid_ndcg':>10} {'samples/s':>12} {'sec':>7}"
 EPOCH_ROW = "{epoch:>5} {loss:>8.4f} {hr:>9.4f} {ndcg:>10.4f} {sps:>12,.0f} {secs:>7.1f}"
-TRIAL_HEADER = (f"{'trial':<10} {'factors':>7} {'depth':>5} {'lr':>9} {'neg':>4} {'valid_hr':>9} {'ndcg':>7} "
+TRIAL_HEADER = (f"{'trial':<12} {'factors':>7} {'depth':>5} {'lr':>9} {'neg':>4} {'valid_hr':>9} {'ndcg':>7} "
                 f"{'ep':>3} status")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_LOGGER = "ncf_ray.ray_output"  # lines Ray forwards from workers and actors, written to the log file
@@ -155,10 +155,12 @@ def can_route_worker_logs() -> bool:
 
 
 def attach_worker_logs() -> bool:
-    """Send the worker/actor output that Ray forwards to the driver (log_to_driver=True) to the session's log
-    file instead of the console (both with verbose). Outside a session at the time a line arrives, Ray's own
+    """Send what Ray prints on the driver for other processes to the session's log file instead of the console
+    (both with verbose): the workers' and actors' forwarded stdout/stderr (log_to_driver=True) and the error
+    notices the raylet pushes to the driver ("(raylet) Task ... failed ..."). Both go through
+    ray._private.worker.print_to_stdstream, which this wraps. Outside a session when a line arrives, Ray's own
     printer runs, so a Ray that outlives the session prints as usual. Returns False when there is nothing to
-    attach to (log_to_driver off, or a Ray without the hook)."""
+    attach to (log_to_driver off, or a Ray without these internals)."""
     if not can_route_worker_logs():
         return False
     from ray._private import worker as ray_worker
@@ -166,25 +168,26 @@ def attach_worker_logs() -> bool:
 
     if not any(n == "ray_print_logs" for n, _ in dispatcher.handlers):
         return False
-    if any(getattr(h, "_ncf_ray", False) for _, h in dispatcher.handlers):
-        return True
-    ray_printer = functools.partial(ray_worker.print_to_stdstream,
-                                    ignore_prefix=ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker))
-    out = logging.getLogger(WORKER_LOGGER)
+    routed = ray_worker.print_to_stdstream
+    if not getattr(routed, "_ncf_ray", False):
+        ray_print = routed
+        out = logging.getLogger(WORKER_LOGGER)
 
-    def handle(data: dict[str, Any]) -> None:
-        s = _SESSION
-        if s is None or s.verbose:
-            ray_printer(data)
-        if s is not None:
-            who = data.get("actor_name") or data.get("task_name") or ""
-            prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}, ip={data.get('ip')})"
-            for line in data.get("lines", ()):
-                out.log(logging.WARNING if data.get("is_err") else logging.INFO, "%s %s", prefix, line)
+        def routed(data: dict[str, Any], ignore_prefix: bool) -> None:
+            s = _SESSION
+            if s is None or s.verbose:
+                ray_print(data, ignore_prefix)
+            if s is not None:
+                who = data.get("actor_name") or data.get("task_name") or ""
+                prefix = f"({who + ' ' if who else ''}pid={data.get('pid')}, ip={data.get('ip')})"
+                for line in data.get("lines", ()):
+                    out.log(logging.WARNING if data.get("is_err") else logging.INFO, "%s %s", prefix, line)
 
-    handle._ncf_ray = True  # type: ignore[attr-defined]
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("ray_print_logs", handle)  # the name Ray removes at disconnect
+        routed._ncf_ray = True  # type: ignore[attr-defined]
+        ray_worker.print_to_stdstream = routed  # looked up at call time by the raylet-error listener
+    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+    dispatcher.remove_handler("ray_print_logs")  # under the same name, which Ray removes at disconnect
+    dispatcher.add_handler("ray_print_logs", functools.partial(routed, ignore_prefix=ignore_prefix))
     return True
 
 
@@ -324,7 +327,7 @@ def format_trial_row(trial_id: str, config: dict[str, Any], result: dict[str, An
 
     epochs = int(result.get("epoch", 0) or 0)
     status = "error" if error else ("done" if epochs >= max_epochs else "stopped early (ASHA)")
-    return (f"{trial_id:<10} {str(config.get('factors', '-')):>7} {str(config.get('depth', '-')):>5} "
+    return (f"{trial_id:<12} {str(config.get('factors', '-')):>7} {str(config.get('depth', '-')):>5} "
             f"{num(config.get('lr'), '9.2e')} {str(config.get('negatives', '-')):>4} "
             f"{num(result.get('best_valid_hr'), '9.4f')} {num(result.get('best_valid_ndcg'), '7.4f')} "
             f"{epochs:>3} {status}")

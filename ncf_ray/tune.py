@@ -262,6 +262,10 @@ def run_sweep(
             run_config=tune.RunConfig(name=exp_name, storage_path=str(out), callbacks=[TBXLoggerCallback(), printer],
                                       verbose=0),
         )
+    if not console.verbose():
+        # Tune's own output (an experiment box, results and TensorBoard paths) prints even at verbose=0 with
+        # its new output engine; the legacy one is silent at 0. The trial rows above say what a reader needs.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     handler_before = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     seconds = time.time() - t0
