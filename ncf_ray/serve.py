@@ -436,6 +436,8 @@ if "-f" in args[:-1]:
         f.write(text)
     os.replace(narrowed + ".tmp", narrowed)
     args[i] = narrowed
+if os.path.realpath({real!r}) == os.path.realpath(__file__):
+    sys.exit("ncf_ray haproxy wrapper: the real binary is this wrapper itself")
 os.execv({real!r}, [{real!r}, *args])
 """
 

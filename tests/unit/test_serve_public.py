@@ -51,7 +51,8 @@ def test_wrapper_narrows_the_admin_binds_and_haproxy_accepts_the_config(tmp_path
     from ncf_ray.serve import HAPROXY_BINARY_ENV, admin_host, install_haproxy_wrapper
 
     real = _real_haproxy()
-    monkeypatch.setenv(HAPROXY_BINARY_ENV, "")  # unset for install; restored (to absent) after the test
+    monkeypatch.setenv(HAPROXY_BINARY_ENV, "x")  # recorded, so the variable is restored after the test
+    monkeypatch.delenv(HAPROXY_BINARY_ENV)
     wrapper = install_haproxy_wrapper("0.0.0.0", str(tmp_path))
     assert wrapper and os.environ[HAPROXY_BINARY_ENV] == wrapper and admin_host("10.1.2.3") == "10.1.2.3"
     cfg = tmp_path / "haproxy.cfg"
