@@ -490,8 +490,10 @@ def start_ray(ha_proxy: bool, host: str = "127.0.0.1") -> bool:
     Returns True when this call started a local Ray that the caller should shut down."""
     import ray
 
+    from ncf_ray import console
     from ncf_ray.runtime import ensure_ray
 
+    console.reroute()  # `from ray import serve` gave Serve's logger a console handler after the session began
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         os.environ[HA_PROXY_ENV] = "1" if ha_proxy else "0"
         if ha_proxy:
