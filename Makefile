@@ -2,19 +2,36 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The CPU wheel of torch is pinned here, not in pyproject.toml: an open range would pull a multi-GB CUDA build.
-# GPU users: install your CUDA torch into .venv first; pip then keeps it (it satisfies the project's range).
-TORCH  ?= torch==2.13.0
-STAMP  := $(VENV)/.installed
+# torch is pinned here, not in pyproject.toml (any torch >= 2.3 works there). On Linux PyPI's torch wheel is the
+# multi-GB CUDA build, so the CPU build is taken from TORCH_INDEX, PyTorch's CPU wheel index: it is passed as an
+# *extra* index for the torch step only, and pip prefers its `2.13.0+cpu` to PyPI's `2.13.0` (a local version sorts
+# above the plain one). When TORCH_INDEX cannot be reached (offline, a proxy) the step says so and installs from
+# your configured indexes alone: a local wheel if pip's config has one, else PyPI's build (CUDA on Linux).
+#   GPU users: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu126` (or TORCH_INDEX= for PyPI's
+#   default), or install your CUDA torch into .venv first: pip keeps an installed torch that matches TORCH.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP       := $(VENV)/.installed
+PIP         := $(PY) -m pip install --quiet --disable-pip-version-check
 
 .PHONY: install demo test test-unit test-integration lint bench clean
 
+# One line per step; pip prints only warnings and errors.
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev,tune]"
-	touch $(STAMP)
+	@test -x $(PY) || { echo "install: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@echo "install: upgrading pip"
+	@$(PIP) --upgrade pip
+	@if [ -n "$(TORCH_INDEX)" ] && $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$(TORCH_INDEX)" 2>/dev/null; then \
+	    echo "install: $(TORCH) (CPU build preferred, from $(TORCH_INDEX))"; \
+	    $(PIP) "$(TORCH)" --extra-index-url "$(TORCH_INDEX)"; \
+	else \
+	    echo "install: $(TORCH) from pip's configured indexes$(if $(TORCH_INDEX), ($(TORCH_INDEX) unreachable),)"; \
+	    $(PIP) "$(TORCH)"; \
+	fi
+	@echo "install: ncf_ray[dev,tune] (editable) and its dependencies"
+	@$(PIP) -e ".[dev,tune]"
+	@$(PY) -c "import sys, torch; print(f'install: done (torch {torch.__version__} in {sys.prefix})')"
+	@touch $(STAMP)
 
 install: $(STAMP)
 

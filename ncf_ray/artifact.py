@@ -17,7 +17,9 @@ Layout of an artifact dir (RUN_DIR/model/, written by `ncf-ray train`, read by `
 
 Writes go to a temp dir beside the target and are renamed into place. Loading verifies the manifest first (every
 listed file present with its size and sha256, no unlisted file) and refuses anything else with a UserError naming
-the file. model_version is the first 12 hex digits of the weights' sha256.
+the file. model_version is the first 12 hex digits of the weights' sha256. The manifest is a list of checksums,
+not a signature: it catches corrupted, truncated or edited files, not someone who rewrites the manifest too
+(hence "does not match its manifest", never "tampered"). Its paths must stay inside the artifact dir.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -248,21 +250,17 @@ def save_artifact(
     return model_version
 
 
-def update_metrics(path: str | Path, metrics: dict[str, Any]) -> None:
-    """Replace metrics.json of a verified artifact and re-sign the manifest (each file swapped with os.replace)."""
-    root = Path(path)
-    manifest = verify_manifest(root)
-    tmp_metrics = root / f".{METRICS_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    _write_json(tmp_metrics, metrics)
-    manifest["files"][METRICS_FILE] = sha256_file(tmp_metrics)
-    manifest.setdefault("sizes", {})[METRICS_FILE] = tmp_metrics.stat().st_size
-    tmp_manifest = root / f".{MANIFEST_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    _write_json(tmp_manifest, manifest)
-    os.replace(tmp_metrics, root / METRICS_FILE)
-    os.replace(tmp_manifest, root / MANIFEST_FILE)
-
-
 # ------------------------------------------------------------------------------------------------ load
+def _check_manifest_path(mpath: Path, rel: Any) -> None:
+    """A manifest entry must name a file inside the artifact: a relative POSIX path with no `..`, no drive and
+    no leading `/`. Otherwise verification itself would hash (and a loader later read) files outside the dir."""
+    if not isinstance(rel, str) or not rel:
+        raise UserError(f"{mpath} lists a file name that is not a non-empty string: {rel!r}")
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or "\\" in rel or ".." in pure.parts or (len(rel) > 1 and rel[1] == ":"):
+        raise UserError(f"{mpath} lists {rel!r}: manifest paths must be relative and stay inside the artifact")
+
+
 def verify_manifest(path: str | Path) -> dict[str, Any]:
     """Check every file against manifest.json: present, same size, same sha256, and nothing unlisted.
     Returns the manifest; raises UserError naming the first bad file."""
@@ -282,6 +280,8 @@ def verify_manifest(path: str | Path) -> dict[str, Any]:
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{mpath} is not a valid manifest (expected {{'files': {{path: sha256}}}})") from None
     sizes = manifest.get("sizes") or {}
+    for rel in files:
+        _check_manifest_path(mpath, rel)
     for required in REQUIRED_FILES:
         if required not in files:
             raise UserError(f"{mpath} does not list required file {required}")
@@ -295,9 +295,9 @@ def verify_manifest(path: str | Path) -> dict[str, Any]:
             raise UserError(f"model artifact {root} is missing {rel} (listed in {MANIFEST_FILE})")
         size = fpath.stat().st_size
         if rel in sizes and size != sizes[rel]:
-            raise UserError(f"{fpath} is {size} bytes, manifest says {sizes[rel]}: truncated or modified")
+            raise UserError(f"{fpath} is {size} bytes, manifest says {sizes[rel]}: truncated or changed")
         if sha256_file(fpath) != digest:
-            raise UserError(f"{fpath} does not match its sha256 in {MANIFEST_FILE}: tampered or corrupted")
+            raise UserError(f"{fpath} does not match its manifest (sha256 in {MANIFEST_FILE}): changed or corrupted")
     return manifest
 
 

@@ -14,6 +14,7 @@ A user mistake prints one line `error: ...` and exits 2; nothing half-written is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -423,18 +424,42 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+VERBOSE_HELP = "also print Ray's own output (always written to the command's logs/ file)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ncf-ray", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for add in ADDERS:
         add(sub)
+    for p in sub.choices.values():  # `ncf-ray train ... --verbose` too; SUPPRESS keeps a flag given before it
+        p.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
+def log_dir_for(args: argparse.Namespace) -> Path | None:
+    """Where a command's log file goes: beside what it writes. train/tune: OUT/logs; prepare: logs/ beside the
+    dataset dir (the dataset dir itself is replaced atomically); serve: logs/ beside the artifact (RUN_DIR/logs
+    for RUN_DIR/model). None for commands that do not start Ray."""
+    if args.command in ("train", "tune"):
+        return Path(args.out) / "logs"
+    if args.command == "prepare":
+        return Path(args.out).resolve().parent / "logs"
+    if args.command == "serve":
+        return Path(args.model_dir).resolve().parent / "logs"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from ncf_ray import console
+
     args = build_parser().parse_args(argv)
+    log_dir = log_dir_for(args)
     try:
-        return int(args.func(args) or 0)
+        with (console.session(log_dir, args.command, verbose=args.verbose) if log_dir is not None
+              else contextlib.nullcontext()):
+            return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -5,14 +5,16 @@
 Prepares the synthetic log, runs a 4-trial sweep of a few epochs (Ray Tune + ASHA), trains the best config at
 full length (Ray Train), serves it (Ray Serve), queries it over HTTP, prints the results, shuts Serve down and
 exits 0. Under ~10 minutes on 2 cores; --quick uses tiny sizes (a few minutes). Results stay in --out
-(default ./demo, replaced on each run). The stages are `ncf_ray.pipeline`'s, shared with jobs/pipeline.py.
+(default ./demo, replaced on each run); Ray's own output goes to OUT/logs/ (--verbose: here too). The stages are `ncf_ray.pipeline`'s, shared with jobs/pipeline.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from ncf_ray import console
 from ncf_ray.pipeline import format_report, preset, run_job, run_pipeline
 
 
@@ -23,17 +25,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="tiny data and sweep: a few minutes")
     p.add_argument("--out", default="demo", help="results dir (replaced)")
     p.add_argument("--port", type=int, default=8000, help="Serve HTTP port on 127.0.0.1")
+    p.add_argument("--verbose", "-v", action="store_true", help="also print Ray's own output (always in OUT/logs/)")
     a: argparse.Namespace = p.parse_args(argv)
     cfg = preset("quick" if a.quick else "demo", out=a.out, port=a.port, keep_serving=False, overwrite=True)
     data = (f"{cfg.users} users x {cfg.items} items, {cfg.interactions:,} interactions" if cfg.users
             else "the ML-1M-shaped synthetic default")
     print(f"ncf_ray demo: {data}; a grid sweep of {cfg.sweep_epochs}-epoch trials, then {cfg.epochs} epochs of the "
           f"best config, served and queried over HTTP", flush=True)
-    summary = run_pipeline(cfg)
-    print(format_report(summary), flush=True)
-    import ray
+    with console.session(Path(a.out) / "logs", "demo", verbose=a.verbose):
+        summary = run_pipeline(cfg)
+        print(format_report(summary), flush=True)
+        import ray
 
-    ray.shutdown()
+        ray.shutdown()  # inside the session: what Ray says while it stops goes to the log too
     return 0
 
 

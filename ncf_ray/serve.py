@@ -15,8 +15,9 @@ the old model.
 
 Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
 the replica's own HTTP server answers directly (about 10x the default Python proxy's throughput on 2 cores; see
-ncf_ray/bench/serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise (HAProxy's stats/metrics
-ports, 8404 and 9101, bind all interfaces: Ray's template, not ours). Nothing runs at import.
+ncf_ray/bench/serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise; HAProxy's stats
+and metrics ports (8404, 9101) bind the same address (loopback when the API binds every interface), see
+`install_haproxy_wrapper`. Nothing runs at import.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real request model classes in the route
@@ -190,6 +191,24 @@ def _load_recommender(model_dir: str, precision: str) -> Recommender:
     return rec
 
 
+def _is_path(text: str) -> bool:
+    """An absolute local path (POSIX or Windows) or a URI: what a server must not reveal about its disks."""
+    return text.startswith(("/", "~", "\\\\")) or "://" in text or (len(text) > 2 and text[1:3] in (":\\", ":/"))
+
+
+def public_paths(obj: Any) -> Any:
+    """`obj` with every string that is an absolute path or URI cut to its last component (recursively through
+    dicts and lists), for bodies that echo the artifact's metadata: its dataset `source` and training config may
+    name files on the machine that trained it."""
+    if isinstance(obj, dict):
+        return {k: public_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [public_paths(v) for v in obj]
+    if isinstance(obj, str) and _is_path(obj):
+        return obj.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return obj
+
+
 def _json(obj: Any) -> Response:
     """A JSON response encoded with orjson (the hot endpoints' bodies are up to ~0.5 MB of ids and floats)."""
     return Response(orjson.dumps(obj), media_type="application/json")
@@ -304,9 +323,9 @@ class NCFServer:
         """The served model: version, architecture, vocabulary sizes, dataset meta and training metrics."""
         rec = self._current()
         art = rec.artifact
-        return {
+        return public_paths({
             "model_version": art.model_version,
-            "model_dir": self._loaded[0],
+            "model_dir": Path(self._loaded[0]).name,  # the artifact's name, never where it lies on the server
             "scoring": {"precision": rec.scorer.precision, "note": rec.scorer.note},
             "created": art.created,
             "model": dataclasses.asdict(art.model_cfg),
@@ -314,7 +333,7 @@ class NCFServer:
             "n_items": art.n_items,
             "dataset_meta": art.dataset_meta,
             "metrics": art.metrics,
-        }
+        })
 
 
 # ------------------------------------------------------------------------------------------------ builders
@@ -399,16 +418,91 @@ def emit_config(cfg: ServeConfig) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False)
 
 
-def start_ray(ha_proxy: bool) -> bool:
+# ------------------------------------------------------------------------------------------------ HAProxy admin ports
+# Ray 2.60's HAProxy template binds its stats page (`listen stats`, `bind *:8404`) and Prometheus exporter
+# (`frontend prometheus`, `bind :9101`) on every interface, and no setting changes the interface (the ports are
+# RAY_SERVE_HAPROXY_STATS_PORT / RAY_SERVE_HAPROXY_METRICS_PORT). Serve does let us name the HAProxy binary
+# (RAY_SERVE_HAPROXY_BINARY_PATH): a local Ray started here gets a wrapper that copies each config Serve hands to
+# HAProxy with those two binds narrowed to one address, then execs the real binary. A cluster joined through
+# RAY_ADDRESS keeps what its operator set up.
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
+HAPROXY_ADMIN_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+_WRAPPER = """#!{python}
+# Written by ncf_ray.serve: HAProxy with its stats/metrics binds narrowed to {host} (see serve.py).
+import os, re, sys
+args = sys.argv[1:]
+if "-f" in args[:-1]:
+    i = args.index("-f") + 1
+    with open(args[i]) as f:
+        text = f.read()
+    text = re.sub(r"^(\\s*bind\\s+)\\*?:({ports})\\b", r"\\g<1>{host}:\\g<2>", text, flags=re.M)
+    narrowed = args[i] + ".local"
+    with open(narrowed + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(narrowed + ".tmp", narrowed)
+    args[i] = narrowed
+if os.path.realpath({real!r}) == os.path.realpath(__file__):
+    sys.exit("ncf_ray haproxy wrapper: the real binary is this wrapper itself")
+os.execv({real!r}, [{real!r}, *args])
+"""
+
+
+def admin_host(serve_host: str) -> str:
+    """Where HAProxy's stats and metrics ports bind: the serve host when it is one address, else loopback (the
+    stats page has no authentication; binding the API to every interface need not publish it too)."""
+    return "127.0.0.1" if serve_host in ("", "0.0.0.0", "::", "*") else serve_host
+
+
+def haproxy_wrapper(real_binary: str, host: str, ports: list[int]) -> str:
+    """The source of the wrapper script (see the comment above)."""
+    import sys
+
+    return _WRAPPER.format(python=sys.executable, host=host, ports="|".join(str(p) for p in ports), real=real_binary)
+
+
+def install_haproxy_wrapper(serve_host: str, directory: str | None = None) -> str | None:
+    """Write the wrapper (executable) and point RAY_SERVE_HAPROXY_BINARY_PATH at it; returns its path, or None
+    when the variable is already set (an operator's choice) or no HAProxy binary is found."""
+    import stat
+    import tempfile
+
+    if os.environ.get(HAPROXY_BINARY_ENV):
+        return None
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+
+        real = get_haproxy_binary()
+    except (ImportError, FileNotFoundError):
+        return None
+    ports = [int(os.environ.get(k, v)) for k, v in HAPROXY_ADMIN_PORTS.items()]
+    if directory is None:
+        import atexit
+        import shutil
+
+        directory = tempfile.mkdtemp(prefix="ncfray-haproxy-")
+        atexit.register(shutil.rmtree, directory, True)
+    path = Path(directory) / "haproxy"
+    path.write_text(haproxy_wrapper(real, admin_host(serve_host), ports))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    os.environ[HAPROXY_BINARY_ENV] = str(path)
+    return str(path)
+
+
+def start_ray(ha_proxy: bool, host: str = "127.0.0.1") -> bool:
     """Start or join Ray with the ingress choice in the environment every Serve process inherits (Serve reads
     RAY_SERVE_ENABLE_HA_PROXY at import in each of its actors; a cluster joined via RAY_ADDRESS keeps its own).
+    With HAProxy, its stats/metrics ports bind `admin_host(host)` (install_haproxy_wrapper).
     Returns True when this call started a local Ray that the caller should shut down."""
     import ray
 
+    from ncf_ray import console
     from ncf_ray.runtime import ensure_ray
 
+    console.reroute()  # `from ray import serve` gave Serve's logger a console handler after the session began
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         os.environ[HA_PROXY_ENV] = "1" if ha_proxy else "0"
+        if ha_proxy:
+            install_haproxy_wrapper(host)
     return ensure_ray(log_to_driver=False)
 
 
@@ -417,8 +511,11 @@ def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -
     import ray
 
     _check(cfg)
-    owns_ray = start_ray(ha_proxy)
+    from ncf_ray import console
+
+    owns_ray = start_ray(ha_proxy, cfg.host)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    console.reroute()  # Serve's driver-side logger gets its console handler at start
     serve.run(bind_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
     if blocking:

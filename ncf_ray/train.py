@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ncf_ray import engine
+from ncf_ray import console, engine
 from ncf_ray.atomic import write_json
 from ncf_ray.config import TrainConfig, from_dict, to_dict
 from ncf_ray.data import schema as S
@@ -39,8 +39,6 @@ from ncf_ray.runtime import ensure_ray
 STATE_FILE = "state.pt"
 RAY_RUN_NAME = "ray_train"  # prefix of every run's Ray Train name (and the whole name of runs made before run.json)
 RUN_FILE = "run.json"  # RUN_DIR/run.json: the Ray Train run (name, storage) that --resume continues
-ROW_FMT = "{epoch:>5} {loss:>8.4f} {hr:>9.4f} {ndcg:>9.4f} {sps:>12,.0f} {secs:>7.1f}"
-HEADER = f"{'epoch':>5} {'loss':>8} {'valid_hr':>9} {'valid_ndcg':>9} {'samples/s':>12} {'sec':>7}"
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -99,13 +97,25 @@ def load_state(checkpoint_dir: str) -> dict[str, Any]:
     return torch.load(os.path.join(checkpoint_dir, STATE_FILE), map_location="cpu", weights_only=True)
 
 
-def default_threads(local_world_size: int, cpus: int | None = None) -> int:
-    """Torch threads per worker when --threads is not given: the node's cores less one for Ray's own processes
-    (raylet, GCS, the Train controller and its health checks), split between the workers of this node. With
-    every core in a worker's OpenMP team, each wake-up of those processes stalls a barrier (measured on 2 cores,
-    1 worker, paper NeuMF at batch 4,096: 0.9M samples/s on 2 threads, 1.4M on 1)."""
-    cpus = cpus or os.cpu_count() or 1
-    return max(1, (cpus - 1) // max(1, local_world_size))
+def default_threads(local_world_size: int, cpus: int | None = None, assigned: float | None = None) -> int:
+    """Torch threads per worker when --threads is not given.
+
+    `cpus`: the cores this node offers (default `runtime.usable_cpus()`: the CPU affinity mask, a cgroup quota
+    and Ray's CPU resource for the node, whichever is smallest; never `os.cpu_count()`, which counts the host's
+    cores even inside a 2-CPU container). `assigned`: the CPUs Ray reserved for this worker (default
+    `runtime.assigned_cpus()`, None outside a Ray worker).
+    The share is the node's cores less one for Ray's own processes (raylet, GCS, the Train controller and its
+    health checks), split between this node's workers: with every core in a worker's OpenMP team, each wake-up
+    of those processes stalls a barrier. A larger reservation (resources_per_worker) raises the share to it;
+    the result never exceeds `cpus` and is at least 1."""
+    from ncf_ray.runtime import assigned_cpus, usable_cpus
+
+    cpus = cpus if cpus is not None else usable_cpus()
+    assigned = assigned if assigned is not None else assigned_cpus()
+    share = (max(1, cpus) - 1) // max(1, local_world_size)
+    if assigned:
+        share = max(share, int(assigned))
+    return max(1, min(share, cpus))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -425,7 +435,6 @@ def run_training(
     `storage_path` (local dir or URI such as s3://...) holds checkpoints; it defaults to RUN_DIR so every node of
     a cluster needs to see RUN_DIR (NFS) unless a URI is given. Each run has its own Ray Train name (see
     `resolve_run`), so a second run on the same storage starts afresh unless `resume`."""
-    from ray.train import Result
 
     if cfg.model.name in CLOSED_FORM:  # ease, pop: no epochs to run, nothing for Ray Train to do
         from ncf_ray.baselines import fit_closed_form
@@ -434,16 +443,32 @@ def run_training(
     meta = read_meta(dataset_dir)
     out = Path(out_dir).resolve()
     name, storage = resolve_run(out, storage_path, resume)
-    ensure_ray()
-    check_fits_cluster(cfg.workers, cfg.gpu)  # before run.json, so a refused run leaves nothing to --resume
-    if not resume:
-        record_run(out, name, storage)
-    print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
-          f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}; run {name}", flush=True)
-    t0 = time.time()
+    with console.session(out / "logs", "train"):  # a no-op under the CLI's or the pipeline's own session
+        ensure_ray()
+        check_fits_cluster(cfg.workers, cfg.gpu)  # before run.json, so a refused run leaves nothing to --resume
+        if not resume:
+            record_run(out, name, storage)
+        print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
+              f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}; run {name}", flush=True)
+        t0 = time.time()
+        state = fit_run(dataset_dir, cfg, storage, name, placement_strategy)
+        metrics = finalize(dataset_dir, out / "model", out / "metrics.json", cfg, state, time.time() - t0,
+                           baselines)
+        if refit:
+            metrics = refit_and_export(dataset_dir, out, cfg, metrics, storage, placement_strategy, name + "-refit")
+        return metrics
+
+
+def fit_run(dataset_dir: str, cfg: TrainConfig, storage: str, name: str, placement_strategy: str = "PACK",
+            refit: bool = False) -> dict[str, Any]:
+    """Fit one Ray Train run, printing its epoch table on this console (console.epoch_feed), and return the
+    state of its last checkpoint. A worker's UserError comes back as one line; anything else keeps its trace."""
+    table = console.EpochTable(cfg.epochs, cfg.eval_k, cfg.patience)
     try:
-        result: Result = build_trainer(dataset_dir, cfg, storage, name=name,
-                                       placement_strategy=placement_strategy).fit()
+        with console.epoch_feed(table) as feed:
+            trainer = build_trainer(dataset_dir, cfg, storage, name=name, placement_strategy=placement_strategy,
+                                    callbacks=[feed], refit=refit)
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - a user mistake inside a worker becomes one line, bugs re-raise
         raise_user_error_from(exc)
         raise
@@ -453,11 +478,7 @@ def run_training(
     if result.checkpoint is None:
         raise UserError(f"training reported no checkpoint (epochs={cfg.epochs})")
     with result.checkpoint.as_directory() as ckpt_dir:
-        state = load_state(ckpt_dir)
-    metrics = finalize(dataset_dir, out / "model", out / "metrics.json", cfg, state, time.time() - t0, baselines)
-    if refit:
-        metrics = refit_and_export(dataset_dir, out, cfg, metrics, storage, placement_strategy, name + "-refit")
-    return metrics
+        return load_state(ckpt_dir)
 
 
 def refit_and_export(dataset_dir: str, out: Path, cfg: TrainConfig, metrics: dict[str, Any], storage: str,
@@ -471,17 +492,7 @@ def refit_and_export(dataset_dir: str, out: Path, cfg: TrainConfig, metrics: dic
     refit_cfg = dataclasses.replace(cfg, epochs=epochs, patience=epochs + 1)
     print(f"refit: {cfg.model.name} for {epochs} epoch(s) on all interactions", flush=True)
     t0 = time.time()
-    try:
-        result = build_trainer(dataset_dir, refit_cfg, storage, name=name, refit=True,
-                               placement_strategy=placement_strategy).fit()
-    except Exception as exc:  # noqa: BLE001 - a user mistake inside a worker becomes one line, bugs re-raise
-        raise_user_error_from(exc)
-        raise
-    if result.error is not None:
-        raise_user_error_from(result.error)
-        raise RuntimeError(f"refit failed: {result.error}")
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = load_state(ckpt_dir)
+    state = fit_run(dataset_dir, refit_cfg, storage, name, placement_strategy, refit=True)
     data = load_dataset(dataset_dir)
     model = model_from_config(cfg.model, data.n_users, data.n_items)
     model.load_state_dict(state["best_model"])

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ncf_ray import console
 from ncf_ray.atomic import replacing
 from ncf_ray.config import MODEL_FIELDS, MODEL_NAMES, TrainConfig, TuneConfig, build_train_config, to_dict
 from ncf_ray.errors import UserError
@@ -179,6 +180,23 @@ def trial_train_config(base: TrainConfig, model_name: str, params: dict[str, Any
     return build_train_config(base, model=model_name, **params)
 
 
+def sweep_plan(space: dict[str, Any], search: str, num_samples: int) -> tuple[int | None, dict[str, Any], dict[str, Any]]:
+    """(trials the sweep will run, {key: values or distribution} that vary, {key: value} that are fixed).
+    Grid search runs every grid point `num_samples` times; random and optuna run `num_samples` trials."""
+    varied, fixed = {}, {}
+    for key, spec in space.items():
+        if isinstance(spec, list) and len(spec) == 1:
+            fixed[key] = spec[0]
+        elif isinstance(spec, (list, dict)):
+            varied[key] = spec
+        else:
+            fixed[key] = spec
+    if search == "grid":
+        points = math.prod(len(v) for v in varied.values() if isinstance(v, list))
+        return points * num_samples, varied, fixed
+    return num_samples, varied, fixed
+
+
 # ------------------------------------------------------------------------------------------- trial
 def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
     """Function trainable: build and fit one Ray Train run; its reports reach Tune through the callback."""
@@ -265,6 +283,10 @@ def run_sweep(
     trainable = tune.with_parameters(_trial, train_ds=read_train(dataset_dir))
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
     t0 = time.time()
+    n_trials, varied, fixed = sweep_plan(space, tcfg.search, tcfg.num_samples)
+    print(console.format_plan(None if resume else n_trials, tcfg.search, varied,
+                              fixed | {"model": tcfg.model, "epochs": tcfg.max_epochs}), flush=True)
+    printer = console.trial_printer(None if resume else n_trials, tcfg.max_epochs)  # one row per finished trial
     if resume:
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -287,9 +309,13 @@ def run_sweep(
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
                                         reduction_factor=tcfg.reduction_factor),
             ),
-            run_config=tune.RunConfig(name=exp_name, storage_path=str(out), callbacks=[TBXLoggerCallback()],
+            run_config=tune.RunConfig(name=exp_name, storage_path=str(out), callbacks=[TBXLoggerCallback(), printer],
                                       verbose=0),
         )
+    if not console.verbose():
+        # Tune's own output (an experiment box, results and TensorBoard paths) prints even at verbose=0 with
+        # its new output engine; the legacy one is silent at 0. The trial rows above say what a reader needs.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     handler_before = signal.getsignal(signal.SIGINT)
     grid = tuner.fit()
     seconds = time.time() - t0

@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -201,6 +202,8 @@ def test_health_model_and_docs(server):
     meta = httpx.get(url + "/model").json()
     assert meta["model_version"] == _artifact(v1).model_version
     assert meta["n_items"] == N_ITEMS and meta["dataset_meta"]["seed"] == 1 and "loss" in meta["metrics"]
+    # No server path in the body: the artifact dir by name only (v1 is an absolute tmp path).
+    assert meta["model_dir"] == Path(v1).name and str(Path(v1).parent) not in httpx.get(url + "/model").text
     import torch
 
     from ncf_ray.scoring import bf16_is_fast

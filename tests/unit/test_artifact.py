@@ -18,7 +18,6 @@ from ncf_ray.artifact import (
     load_artifact,
     save_artifact,
     sha256_file,
-    update_metrics,
 )
 from ncf_ray.config import ModelConfig
 from ncf_ray.errors import UserError
@@ -145,14 +144,39 @@ def test_no_pickle_on_load(tmp_path, monkeypatch):
         np.load(out / name, allow_pickle=False)  # plain arrays, loadable without pickle
 
 
-def test_update_metrics_resigns_manifest(tmp_path):
+def test_changed_file_message_says_manifest_not_tampered(tmp_path):
     out = tmp_path / "model"
     _save(out)
-    update_metrics(out, {"test": {"hr@10": 0.75}})
-    assert load_artifact(out).metrics == {"test": {"hr@10": 0.75}}
-    (out / METRICS_FILE).write_text("{}")
-    with pytest.raises(UserError, match="metrics.json"):
+    (out / METRICS_FILE).write_text(json.dumps({"test": {"hr@10": 0.99}}) + " " * 100)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["sizes"].pop(METRICS_FILE)  # same-size edits are caught by the sha256 alone
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as exc:
         load_artifact(out)
+    msg = str(exc.value)
+    assert "metrics.json does not match its manifest" in msg and "tamper" not in msg
+
+
+@pytest.mark.parametrize("bad", ["../outside.json", "/etc/hostname", "vocab/../../outside.json", "..",
+                                 "C:/x.json", "vocab\\..\\..\\x.json", ""])
+def test_manifest_paths_outside_the_artifact_refused(tmp_path, bad):
+    out = tmp_path / "model"
+    _save(out)
+    (tmp_path / "outside.json").write_text("{}")
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["files"][bad] = sha256_file(tmp_path / "outside.json")
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="manifest paths must be relative|not a non-empty string") as exc:
+        load_artifact(out)
+    assert len(str(exc.value).splitlines()) == 1
+
+
+def test_manifest_relative_subdir_paths_still_load(tmp_path):
+    out = tmp_path / "model"
+    _save(out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert any("/" in rel for rel in manifest["files"])  # vocab/users.parquet: a nested path is fine
+    load_artifact(out)
 
 
 def test_save_refuses_inconsistent_inputs(tmp_path):
