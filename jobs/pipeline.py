@@ -1,4 +1,4 @@
-"""Ray job: prepare -> tune (small sweep) -> train the best config at full length -> deploy on Serve -> query.
+"""Ray job: prepare -> tune (every family, small sweeps) -> train the best by valid, refit -> deploy on Serve -> query.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/pipeline.py --out /mnt/shared/ncf --storage s3://BUCKET/ncf [--preset full] [--gpu]
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int)
     p.add_argument("--items", type=int)
     p.add_argument("--interactions", type=int)
+    p.add_argument("--model", default=None, help="a family (mf, neumf, seq, ...) or auto (default): sweep every "
+                                                 "family and serve the best by valid")
+    p.add_argument("--no-refit", action="store_true", help="serve the valid-selected weights, not a refit on all "
+                                                          "interactions")
     p.add_argument("--num-samples", type=int, help="sweep trials")
     p.add_argument("--sweep-epochs", type=int, help="epochs per trial")
     p.add_argument("--epochs", type=int, help="epochs of the final full-length run")
@@ -48,7 +52,8 @@ def main(argv: list[str]) -> int:
     cfg = preset("quick" if a.quick else a.preset, out=a.out, storage=a.storage, source=a.source, users=a.users,
                  items=a.items, interactions=a.interactions, num_samples=a.num_samples,
                  sweep_epochs=a.sweep_epochs, epochs=a.epochs, workers=a.workers, gpu=a.gpu or None, seed=a.seed,
-                 host=a.host, port=a.port, keep_serving=not a.stop_serve, overwrite=a.overwrite or None)
+                 host=a.host, port=a.port, keep_serving=not a.stop_serve, overwrite=a.overwrite or None,
+                 model=a.model, refit=False if a.no_refit else None)
     print(format_report(run_pipeline(cfg)), flush=True)
     return 0
 

@@ -102,7 +102,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from ncf_ray.config import MODEL_NAMES, ModelConfig, TrainConfig
+    from ncf_ray.config import DEFAULT_MODEL, MODEL_NAMES, ModelConfig, TrainConfig
 
     d, m = TrainConfig(), ModelConfig()
     p = sub.add_parser("train", help="train a model (NCF data-parallel on Ray Train; ease/pop in closed form)",
@@ -110,7 +110,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "chosen on real data), else the values shown.")
     p.add_argument("dataset_dir")
     p.add_argument("--out", required=True, help="run dir: checkpoints, model/ artifact, metrics.json")
-    p.add_argument("--model", choices=MODEL_NAMES, default=m.name)
+    p.add_argument("--model", choices=MODEL_NAMES, default=DEFAULT_MODEL)
     p.add_argument("--factors", type=int, default=None, help=f"embedding size (default {m.factors})")
     p.add_argument("--layers", type=_csv_ints, default=None,
                    help=f"MLP tower widths (default {','.join(map(str, m.layers))}); seq --head neumf: its tower")
@@ -254,13 +254,16 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="Ray Tune sweep (embedding size x MLP depth, ASHA) -> SWEEP_DIR/best")
     p.add_argument("dataset_dir")
     p.add_argument("--out", required=True, help="sweep dir: results.csv, plot.png, best/, TensorBoard logs")
-    p.add_argument("--model", choices=MODEL_NAMES, default=d.model)
+    p.add_argument("--model", choices=(*(m for m in MODEL_NAMES if m not in ("ease", "pop")), "auto"),
+                   default=d.model, help="a family, or auto: sweep mf, neumf and seq, fit EASE, export the best "
+                                         "by valid")
     p.add_argument("--num-samples", type=int, default=d.num_samples,
                    help="trials (default 8); with --search grid: runs of each grid point (default 1)")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs)
     p.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial)
     p.add_argument("--max-concurrent", type=int, default=None, help="default: what the cluster's CPUs/GPUs fit")
-    p.add_argument("--space", default=None, help="search space YAML (default: ncf_ray.tune.DEFAULT_SPACE)")
+    p.add_argument("--space", default=None,
+                   help="search space YAML (default: ncf_ray.tune.DEFAULT_SPACE, SEQ_SPACE for seq)")
     p.add_argument("--search", choices=("random", "grid", "optuna"), default=d.search)
     p.add_argument("--grace-period", type=int, default=d.grace_period, help="ASHA: epochs before a trial can stop")
     p.add_argument("--reduction-factor", type=int, default=d.reduction_factor, help="ASHA reduction factor")
@@ -273,21 +276,29 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ncf_ray.config import TuneConfig, build_train_config
-    from ncf_ray.tune import format_table, load_space, run_sweep
+    from ncf_ray.config import TuneConfig, build_train_config, default_train_config
+    from ncf_ray.tune import format_auto, format_table, load_space, run_auto_sweep, run_sweep
 
     tcfg = TuneConfig(model=args.model, num_samples=args.num_samples, max_epochs=args.max_epochs,
                       workers_per_trial=args.workers_per_trial, max_concurrent=args.max_concurrent,
                       search=args.search, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                       seed=args.seed)
-    base = build_train_config(gpu=args.gpu, **({"batch_size": args.batch_size} if args.batch_size else {}))
-    space = load_space(args.space)  # refused here, before Ray starts, if invalid
-    summary = run_sweep(args.dataset_dir, args.out, tcfg, base=base, space=space, resume=args.resume)
-    print(format_table(summary["results_csv"]))
+    overrides = {"gpu": args.gpu, **({"batch_size": args.batch_size} if args.batch_size else {})}
+    if args.model == "auto":
+        if args.space:
+            raise UserError("--space applies to one family; --model auto uses each family's default space")
+        summary = run_auto_sweep(args.dataset_dir, args.out, tcfg, overrides, resume=args.resume)
+        print(format_auto(summary))
+    else:
+        base = build_train_config(default_train_config(args.model), **overrides)
+        space = load_space(args.space, args.model)  # refused here, before Ray starts, if invalid
+        summary = run_sweep(args.dataset_dir, args.out, tcfg, base=base, space=space, resume=args.resume)
+        print(format_table(summary["results_csv"]))
     b = summary["best_metrics"]
-    print(f"best trial {summary['best']}: valid HR@10 {b['valid']['hr@10']:.4f}, test HR@10 {b['test']['hr@10']:.4f} "
-          f"NDCG@10 {b['test']['ndcg@10']:.4f} (popularity {b['popularity']['test']['hr@10']:.4f}); "
-          f"{summary['trials']} trials in {summary['seconds']:.0f} s -> {summary['best_dir']}")
+    print(f"best {summary.get('best_family', 'trial ' + str(summary.get('best')))}: valid HR@10 "
+          f"{b['valid']['hr@10']:.4f}, test HR@10 {b['test']['hr@10']:.4f} NDCG@10 {b['test']['ndcg@10']:.4f} "
+          f"(popularity {b['popularity']['test']['hr@10']:.4f}); {summary['trials']} trials in "
+          f"{summary['seconds']:.0f} s -> {summary['best_dir']}")
     if args.json:
         _print_json_last({k: v for k, v in summary.items() if k != "best_metrics"}
                          | {"best_metrics": {k: v for k, v in b.items() if k != "history"}})

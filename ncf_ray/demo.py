@@ -2,9 +2,9 @@
 
     python -m ncf_ray.demo [--quick] [--out demo] [--port 8000]
 
-Prepares the synthetic log, runs a 4-trial sweep of a few epochs (Ray Tune + ASHA), trains the best config at
-full length (Ray Train), serves it (Ray Serve), queries it over HTTP, prints the results, shuts Serve down and
-exits 0. Under ~10 minutes on 2 cores; --quick uses tiny sizes (a few minutes). Results stay in --out
+Prepares the synthetic log, sweeps every family on a small grid (`ncf-ray tune --model auto`: mf, neumf, seq on
+Ray Tune + ASHA, EASE in closed form), trains the best by valid (Ray Train), refits it on every interaction,
+serves it (Ray Serve), queries it over HTTP, prints the results, shuts Serve down and exits 0. Under ~10 minutes on 2 cores; --quick uses tiny sizes (a few minutes). Results stay in --out
 (default ./demo, replaced on each run); Ray's own output goes to OUT/logs/ (--verbose: here too). The stages are `ncf_ray.pipeline`'s, shared with jobs/pipeline.py.
 """
 
@@ -30,8 +30,9 @@ def main(argv: list[str]) -> int:
     cfg = preset("quick" if a.quick else "demo", out=a.out, port=a.port, keep_serving=False, overwrite=True)
     data = (f"{cfg.users} users x {cfg.items} items, {cfg.interactions:,} interactions" if cfg.users
             else "the ML-1M-shaped synthetic default")
-    print(f"ncf_ray demo: {data}; a grid sweep of {cfg.sweep_epochs}-epoch trials, then {cfg.epochs} epochs of the "
-          f"best config, served and queried over HTTP", flush=True)
+    print(f"ncf_ray demo: {data}; small sweeps of every family ({cfg.sweep_epochs}-epoch trials) and EASE, then "
+          f"the best by valid trained (up to {cfg.epochs} epochs), refitted on all interactions, served and queried "
+          f"over HTTP", flush=True)
     with console.session(Path(a.out) / "logs", "demo", verbose=a.verbose):
         summary = run_pipeline(cfg)
         print(format_report(summary), flush=True)

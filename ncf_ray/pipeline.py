@@ -31,15 +31,20 @@ from ncf_ray.runtime import ensure_ray
 # quick: tiny data, a few minutes on 2 CPUs (tests, reviewers). demo: `make demo`, the ML-1M-shaped data with a
 # 4-trial sweep of 3 epochs, < ~10 min on 2 cores. full: the same data with a real sweep (a cluster's worth).
 PRESETS: dict[str, dict[str, Any]] = {
-    # quick and demo search a grid (every point once), so the table always compares different embedding sizes.
+    # quick and demo sweep every family (`--model auto`: mf, neumf, seq, and EASE in closed form) on small grids,
+    # so the table compares families and the demo serves whichever wins on valid.
     "quick": {"users": 300, "items": 200, "interactions": 9_000, "search": "grid", "num_samples": 1,
               "sweep_epochs": 2, "epochs": 3, "batch_size": 1024,
-              "space": {"factors": [8, 16], "depth": [1], "lr": [3e-3], "negatives": [4]}},
-    "demo": {"users": None, "items": None, "interactions": None, "search": "grid", "num_samples": 1,
-             "sweep_epochs": 3, "epochs": 8, "batch_size": None,
-             "space": {"factors": [8, 32], "depth": [1, 2], "lr": [3e-3], "negatives": [4]}},
+              "spaces": {"mf": {"factors": [16], "lr": [3e-3]},
+                         "neumf": {"factors": [8], "depth": [1], "lr": [3e-3]},
+                         "seq": {"history_len": [20], "blocks": [1], "factors": [16], "lr": [3e-3]}}},
+    "demo": {"users": 3000, "items": 2000, "interactions": 300_000, "search": "grid", "num_samples": 1,
+             "sweep_epochs": 3, "epochs": 5, "batch_size": None,
+             "spaces": {"mf": {"factors": [32, 64]},
+                        "neumf": {"factors": [32], "depth": [1]},
+                        "seq": {"history_len": [50], "blocks": [1], "factors": [32], "batch_size": [8192]}}},
     "full": {"users": None, "items": None, "interactions": None, "search": "random", "num_samples": 16,
-             "sweep_epochs": 10, "epochs": 20, "batch_size": None, "space": None},
+             "sweep_epochs": 10, "epochs": 20, "batch_size": None, "spaces": None},
 }
 
 
@@ -53,12 +58,14 @@ class PipelineConfig:
     users: int | None = None
     items: int | None = None
     interactions: int | None = None
+    model: str = "auto"  # a family, or auto: every family swept, the best by valid trained and served
     search: str = "random"  # random | grid | optuna (grid: num_samples per grid point)
     num_samples: int = 4
     sweep_epochs: int = 3
     epochs: int = 10
     batch_size: int | None = None
-    space: dict[str, Any] | None = None
+    spaces: dict[str, Any] | None = None  # family -> search space (None: each family's default space)
+    refit: bool = True  # the served weights are refitted on every interaction after selection on valid
     workers: int = 1
     gpu: bool = False
     max_failures: int = 3
@@ -112,12 +119,17 @@ def stage_prepare(cfg: PipelineConfig, dataset_dir: Path) -> dict[str, Any]:
 
 
 def stage_tune(cfg: PipelineConfig, dataset_dir: Path, sweep_dir: Path) -> dict[str, Any]:
-    from ncf_ray.tune import run_sweep
+    from ncf_ray.config import default_train_config
+    from ncf_ray.tune import run_auto_sweep, run_sweep
 
-    tcfg = TuneConfig(num_samples=cfg.num_samples, max_epochs=cfg.sweep_epochs, workers_per_trial=cfg.workers,
-                      grace_period=max(1, min(2, cfg.sweep_epochs)), seed=cfg.seed, search=cfg.search)
-    base = build_train_config(gpu=cfg.gpu, **({"batch_size": cfg.batch_size} if cfg.batch_size else {}))
-    return run_sweep(str(dataset_dir), str(sweep_dir), tcfg, base=base, space=cfg.space)
+    tcfg = TuneConfig(model=cfg.model, num_samples=cfg.num_samples, max_epochs=cfg.sweep_epochs,
+                      workers_per_trial=cfg.workers, grace_period=max(1, min(2, cfg.sweep_epochs)), seed=cfg.seed,
+                      search=cfg.search)
+    overrides = {"gpu": cfg.gpu, **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
+    if cfg.model == "auto":
+        return run_auto_sweep(str(dataset_dir), str(sweep_dir), tcfg, overrides, spaces=cfg.spaces)
+    base = build_train_config(default_train_config(cfg.model), **overrides)
+    return run_sweep(str(dataset_dir), str(sweep_dir), tcfg, base=base, space=(cfg.spaces or {}).get(cfg.model))
 
 
 def best_train_config(sweep: dict[str, Any], cfg: PipelineConfig) -> TrainConfig:
@@ -130,7 +142,8 @@ def best_train_config(sweep: dict[str, Any], cfg: PipelineConfig) -> TrainConfig
 def stage_train(cfg: PipelineConfig, dataset_dir: Path, run_dir: Path, tcfg: TrainConfig) -> dict[str, Any]:
     from ncf_ray.train import run_training
 
-    return run_training(str(dataset_dir), str(run_dir), tcfg, storage_path=_sub(cfg.storage, "train"))
+    return run_training(str(dataset_dir), str(run_dir), tcfg, storage_path=_sub(cfg.storage, "train"),
+                        refit=cfg.refit)
 
 
 def stage_deploy(cfg: PipelineConfig, model_dir: Path) -> str:
@@ -212,11 +225,13 @@ def run_pipeline(cfg: PipelineConfig, log: Any = print) -> dict[str, Any]:
     summary = {
         "out": str(out),
         "dataset": {k: data.get(k) for k in ("n_users", "n_items", "n_interactions")},
-        "sweep": {"results_csv": sweep["results_csv"], "best_trial": sweep["best"], "trials": sweep["trials"],
-                  "best_dir": sweep["best_dir"]},
+        "sweep": {"results_csv": sweep.get("results_csv"), "best_trial": sweep.get("best"),
+                  "best_family": sweep.get("best_family", tcfg.model.name), "families": sweep.get("families"),
+                  "trials": sweep["trials"], "best_dir": sweep["best_dir"]},
         "best_config": {"model": dataclasses.asdict(tcfg.model), "lr": tcfg.lr, "negatives": tcfg.negatives,
                         "weight_decay": tcfg.weight_decay, "epochs": tcfg.epochs},
         "valid": metrics["valid"], "test": metrics["test"], "popularity": metrics["popularity"],
+        "ease": metrics["baselines"].get("ease", {}), "exported": metrics.get("exported"),
         "model_dir": str(model_dir), "model_version": metrics["model_version"],
         "checkpoints": _sub(cfg.storage, "train") or str(run_dir),
         "serve_url": url,
@@ -247,20 +262,25 @@ def publish_file(path: Path, storage: str) -> None:
 
 def format_report(summary: dict[str, Any], k: int = 10) -> str:
     """Human-readable report: metrics beside popularity, the sweep table, where everything is."""
-    from ncf_ray.tune import format_table
+    from ncf_ray.tune import format_auto, format_table
 
-    v, t, p = summary["valid"], summary["test"], summary["popularity"]
+    v, t, p, e = summary["valid"], summary["test"], summary["popularity"], summary.get("ease") or {}
+    sweep = summary["sweep"]
+    table = (format_auto({"families": sweep["families"], "best_family": sweep["best_family"]}, k)
+             if sweep.get("families") else format_table(sweep["results_csv"]))
+    model = summary["best_config"]["model"]
     lines = [
         "",
-        f"sweep ({summary['sweep']['trials']} trials; best {summary['sweep']['best_trial']}):",
-        format_table(summary["sweep"]["results_csv"]),
+        f"sweep ({sweep['trials']} trials; best by valid: {sweep['best_family']}):",
+        table,
         "",
-        f"best config trained for {summary['best_config']['epochs']} epochs: {summary['best_config']['model']}",
+        f"best config ({model['name']}) trained for up to {summary['best_config']['epochs']} epochs, selected on "
+        f"valid; served weights: {(summary.get('exported') or {}).get('weights', 'best-by-valid')}",
         f"{'':<12} {'HR@' + str(k):>8} {'NDCG@' + str(k):>8}",
         f"{'valid':<12} {v[f'hr@{k}']:>8.4f} {v[f'ndcg@{k}']:>8.4f}",
-        f"{'  popularity':<12} {p['valid'][f'hr@{k}']:>8.4f} {p['valid'][f'ndcg@{k}']:>8.4f}",
         f"{'test':<12} {t[f'hr@{k}']:>8.4f} {t[f'ndcg@{k}']:>8.4f}",
         f"{'  popularity':<12} {p['test'][f'hr@{k}']:>8.4f} {p['test'][f'ndcg@{k}']:>8.4f}",
+        *([f"{'  EASE':<12} {e['test'][f'hr@{k}']:>8.4f} {e['test'][f'ndcg@{k}']:>8.4f}"] if "test" in e else []),
         "",
         f"smoke query: POST {summary['query']['url']} user {summary['query']['user_id']} -> "
         f"{', '.join(summary['query']['items'][:5])} ...{'' if summary['serve_url'] else '  (Serve now shut down)'}",

@@ -27,6 +27,7 @@ from ncf_ray import console
 from ncf_ray.atomic import replacing
 from ncf_ray.config import MODEL_FIELDS, MODEL_NAMES, TrainConfig, TuneConfig, build_train_config, to_dict
 from ncf_ray.errors import UserError
+from ncf_ray.model import CLOSED_FORM
 
 METRIC_KEY = "valid_hr@{k}"
 SEARCHES = ("random", "grid", "optuna")
@@ -39,10 +40,22 @@ DEFAULT_SPACE: dict[str, Any] = {
     "negatives": [2, 3, 4, 6, 8],
     "weight_decay": {"loguniform": [1e-7, 1e-4]},
 }
-SPACE_KEYS = {"factors", "depth", "lr", "negatives", "weight_decay", "batch_size", "dropout"}
+# The sequence model's space (issue: history length, blocks, width, dropout, lr).
+SEQ_SPACE: dict[str, Any] = {
+    "history_len": [20, 50, 100, 200],
+    "blocks": [1, 2, 3],
+    "factors": [32, 64, 128],
+    "dropout": {"uniform": [0.1, 0.4]},
+    "lr": {"loguniform": [3e-4, 3e-3]},
+}
+SPACE_KEYS = {"factors", "depth", "lr", "negatives", "weight_decay", "batch_size", "dropout", "history_len", "blocks"}
 # The ModelConfig fields a model-shaped space key changes; a model that reads none of them ignores the key.
 # factors sets the tower's width too (tower(factors, depth)), so it matters to mlp.
-SPACE_KEY_FIELDS = {"factors": {"factors", "layers"}, "depth": {"layers"}, "dropout": {"dropout"}}
+SPACE_KEY_FIELDS = {"factors": {"factors", "layers"}, "depth": {"layers"}, "dropout": {"dropout"},
+                    "history_len": {"history_len"}, "blocks": {"blocks"}}
+# `--model auto`: these families are swept one after the other (EASE, closed form, is fitted once beside them)
+# and the best by valid is exported.
+AUTO_FAMILIES = ("mf", "neumf", "seq")
 RANDOM_SAMPLES = 8  # --num-samples default for random/optuna search; grid runs each point once by default
 
 
@@ -57,7 +70,7 @@ def _check_values(key: str, values: list[Any]) -> None:
             raise UserError(f"search space {key}={v!r} must be a number")
         if key == "depth" and (v < 0 or v != int(v)):
             raise UserError(f"search space depth={v} must be an integer >= 0")
-        if key in ("factors", "negatives", "batch_size") and (v <= 0 or v != int(v)):
+        if key in ("factors", "negatives", "batch_size", "history_len", "blocks") and (v <= 0 or v != int(v)):
             raise UserError(f"search space {key}={v} must be an integer > 0")
         if key in ("lr",) and v <= 0:
             raise UserError(f"search space lr={v} must be > 0")
@@ -83,16 +96,21 @@ def validate_space(space: dict[str, Any]) -> dict[str, Any]:
             _check_values(key, bounds)
             if not bounds[0] < bounds[1]:
                 raise UserError(f"search space {key}.{kind}: low={bounds[0]} must be < high={bounds[1]}")
-            if key in ("factors", "depth", "negatives", "batch_size"):
+            if key in ("factors", "depth", "negatives", "batch_size", "history_len", "blocks"):
                 raise UserError(f"search space {key} takes a list of integers, not a distribution")
         else:
             _check_values(key, spec if isinstance(spec, list) else [spec])
     return space
 
 
-def load_space(path: str | None) -> dict[str, Any]:
+def default_space(model: str) -> dict[str, Any]:
+    """The space a sweep of `model` searches without --space."""
+    return dict(SEQ_SPACE if model == "seq" else DEFAULT_SPACE)
+
+
+def load_space(path: str | None, model: str = "neumf") -> dict[str, Any]:
     if path is None:
-        return dict(DEFAULT_SPACE)
+        return default_space(model)
     import yaml
 
     p = Path(path)
@@ -254,13 +272,16 @@ def run_sweep(
 
     if tcfg.model not in MODEL_NAMES:
         raise UserError(f"--model={tcfg.model!r} is not one of {', '.join(MODEL_NAMES)}")
+    if tcfg.model in CLOSED_FORM:
+        raise UserError(f"--model {tcfg.model} is fitted in closed form (EASE picks its lambda on valid): "
+                        f"use `ncf-ray train --model {tcfg.model}`, or `ncf-ray tune --model auto` to compare it")
     if tcfg.search not in SEARCHES:
         raise UserError(f"--search={tcfg.search!r} is not one of {', '.join(SEARCHES)}")
     for name in ("num_samples", "max_epochs", "workers_per_trial", "grace_period", "reduction_factor"):
         value = getattr(tcfg, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')}={value} must be > 0")
-    plan, space = plan_sweep(space if space is not None else dict(DEFAULT_SPACE), tcfg)
+    plan, space = plan_sweep(space if space is not None else default_space(tcfg.model), tcfg)
     read_meta(dataset_dir)  # refuses a path that is not a dataset dir before Ray starts
     base = base or TrainConfig()
     base = dataclasses.replace(base, epochs=tcfg.max_epochs, workers=tcfg.workers_per_trial, seed=tcfg.seed)
@@ -279,8 +300,10 @@ def run_sweep(
 
     k = base.eval_k
     metric = METRIC_KEY.format(k=k)
-    # Read the positives once for every trial, before trials hold the CPUs (see train.read_train).
-    trainable = tune.with_parameters(_trial, train_ds=read_train(dataset_dir))
+    # Streaming trials read their positives through Ray Data: once for every trial, before trials hold the CPUs
+    # (see train.read_train). The fast path reads each worker's users from the dataset dir itself.
+    trainable = tune.with_parameters(_trial, train_ds=read_train(dataset_dir, materialize=False) if base.stream
+                                     else None)
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
     t0 = time.time()
     n_trials, varied, fixed = sweep_plan(space, tcfg.search, tcfg.num_samples)
@@ -335,6 +358,74 @@ def run_sweep(
     except Exception as exc:  # a missing plotting backend must not lose a finished sweep
         print(f"warning: plot.png not written: {exc}")
     return summary
+
+
+def run_auto_sweep(
+    dataset_dir: str, out_dir: str, tcfg: TuneConfig, overrides: dict[str, Any] | None = None,
+    resume: bool = False, families: tuple[str, ...] = AUTO_FAMILIES, spaces: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`ncf-ray tune --model auto`: a sweep of each family in `families` (SWEEP_DIR/<family>/, each from its
+    family defaults plus `overrides` and its default space or spaces[family], same budget), EASE fitted once in
+    closed form
+    (SWEEP_DIR/ease/), and the best of all by valid HR exported to SWEEP_DIR/best (test read once per family,
+    by that family's own export, never for the choice)."""
+    import shutil
+
+    from ncf_ray.atomic import write_json
+    from ncf_ray.baselines import check_ease_fits, fit_closed_form
+    from ncf_ray.config import default_train_config
+    from ncf_ray.data.dataset import read_meta
+
+    meta = read_meta(dataset_dir)
+    out = Path(out_dir).resolve()
+    if (out / "best").exists() and not resume:
+        raise UserError(f"{out} already holds a sweep; pass --resume to finish it or choose another --out")
+    overrides = dict(overrides or {})
+    t0 = time.time()
+    candidates: dict[str, dict[str, Any]] = {}
+    k = 10
+    for family in families:
+        print(f"== {family}", flush=True)
+        sub = dataclasses.replace(tcfg, model=family)
+        base = build_train_config(default_train_config(family), **overrides)
+        k = base.eval_k
+        fam_resume = resume and (out / family / "sweep").exists()
+        space = (spaces or {}).get(family) or default_space(family)
+        summary = run_sweep(dataset_dir, str(out / family), sub, base=base, space=space, resume=fam_resume)
+        candidates[family] = {"dir": out / family / "best", "metrics": summary["best_metrics"],
+                              "trials": summary["trials"], "best_trial": summary["best"]}
+    try:
+        check_ease_fits(int(meta["n_items"]))
+        print("== ease (closed form)", flush=True)
+        ease = fit_closed_form(dataset_dir, str(out / "ease"), default_train_config("ease"))
+        candidates["ease"] = {"dir": out / "ease" / "model", "metrics": ease, "trials": 1, "best_trial": "ease"}
+    except UserError as exc:  # a catalogue too large for EASE: the sweep goes on without it
+        print(f"ease skipped: {exc}", flush=True)
+    best = max(candidates, key=lambda f: candidates[f]["metrics"]["valid"][f"hr@{k}"])
+    chosen = candidates[best]
+    tmp = out / ".best.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(chosen["dir"], tmp)
+    shutil.rmtree(out / "best", ignore_errors=True)
+    os.replace(tmp, out / "best")
+    table = {f: {"valid": c["metrics"]["valid"], "test": {m: c["metrics"]["test"][m] for m in
+                                                           (f"hr@{k}", f"ndcg@{k}")},
+                 "trials": c["trials"], "best_trial": c["best_trial"]} for f, c in candidates.items()}
+    write_json(out / "best_metrics.json", chosen["metrics"] | {"auto": {"chosen": best, "families": table}})
+    return {"best_family": best, "families": table, "best_dir": str(out / "best"),
+            "best_metrics": chosen["metrics"], "seconds": time.time() - t0,
+            "trials": sum(c["trials"] for c in candidates.values())}
+
+
+def format_auto(summary: dict[str, Any], k: int = 10) -> str:
+    """One row per family of an auto sweep: valid (what chose) and test (reported once), best marked."""
+    lines = [f"{'family':<8} {'trials':>6} {'valid HR@' + str(k):>12} {'NDCG':>7} {'test HR@' + str(k):>11} "
+             f"{'NDCG':>7}"]
+    for fam, row in summary["families"].items():
+        mark = "  <- best by valid" if fam == summary["best_family"] else ""
+        lines.append(f"{fam:<8} {row['trials']:>6} {row['valid'][f'hr@{k}']:>12.4f} {row['valid'][f'ndcg@{k}']:>7.4f} "
+                     f"{row['test'][f'hr@{k}']:>11.4f} {row['test'][f'ndcg@{k}']:>7.4f}{mark}")
+    return "\n".join(lines)
 
 
 def _search_alg(tcfg: TuneConfig, metric: str, max_concurrent: int) -> Any:

@@ -62,7 +62,8 @@ def test_prepare_prints_its_summary_and_the_log_path(dataset):
 def test_train_prints_one_row_per_epoch_and_ray_goes_to_the_log(dataset, tmp_path):
     out, _ = dataset
     epochs = 2
-    text = _cli("train", str(out), "--out", str(tmp_path / "run"), "--epochs", str(epochs), "--batch-size", "512",
+    text = _cli("train", str(out), "--out", str(tmp_path / "run"), "--model", "neumf", "--epochs", str(epochs),
+                "--batch-size", "512",
                 "--factors", "8", "--layers", "16,8", "--patience", "5")
     _assert_clean(text)
     lines = text.splitlines()

@@ -23,7 +23,7 @@ def dataset(tmp_path_factory, ray_local) -> str:
 
 
 def _train(dataset: str, out: Path, *extra: str) -> dict:
-    rc = main(["train", dataset, "--out", str(out), "--batch-size", "1024", "--factors", "16",
+    rc = main(["train", dataset, "--out", str(out), "--model", "neumf", "--batch-size", "1024", "--factors", "16",
                "--layers", "32,16", "--json", *extra])
     assert rc == 0
     return json.loads((out / "metrics.json").read_text())
@@ -94,7 +94,7 @@ def test_resume_continues_from_the_saved_epoch(dataset, tmp_path, capsys):
     out = tmp_path / "resume"
     first = _train(dataset, out, "--epochs", "1")
     assert first["epochs"] == 1
-    assert main(["train", dataset, "--out", str(out), "--epochs", "1"]) == 2  # refuses to clobber a run
+    assert main(["train", dataset, "--out", str(out), "--model", "neumf", "--epochs", "1"]) == 2  # refuses to clobber a run
     assert "--resume" in capsys.readouterr().err
     second = _train(dataset, out, "--epochs", "3", "--resume")
     assert second["epochs"] == 3

@@ -23,7 +23,8 @@ def dataset(tmp_path_factory, ray_local) -> str:
 
 
 def _train(dataset: str, out: Path, *extra: str) -> int:
-    return main(["train", dataset, "--out", str(out), "--batch-size", "512", "--factors", "8", "--layers", "16,8",
+    return main(["train", dataset, "--out", str(out), "--model", "neumf", "--batch-size", "512", "--factors", "8",
+                 "--layers", "16,8",
                  "--threads", "1", "--json", *extra])
 
 

@@ -97,10 +97,13 @@ def test_train_flags_go_through_the_builder():
     args = _args("train", "DS", "--out", "RUN", "--model", "gmf", "--factors", "8", "--threads", "2",
                  "--pretrain-from", "g,m", "--epochs", "4", "--gpu", "--storage", "s3://b/p")
     cfg = train_config_from_args(args)
-    assert cfg == build_train_config(model="gmf", factors=8, threads_per_worker=2, pretrain_from=("g", "m"),
-                                     epochs=4, gpu=True)
-    # Every flag left at its default gives the default config: the flags' defaults come from the dataclasses.
-    assert train_config_from_args(_args("train", "DS", "--out", "RUN")) == TrainConfig()
+    assert cfg == build_train_config(C.default_train_config("gmf"), factors=8, threads_per_worker=2,
+                                     pretrain_from=("g", "m"), epochs=4, gpu=True)
+    # Flags not given take the family's defaults (chosen on real data), given ones override them.
+    assert cfg.negatives == C.MODEL_DEFAULTS["gmf"]["negatives"] and cfg.model.factors == 8
+    # No flags at all: the default family with its defaults.
+    assert train_config_from_args(_args("train", "DS", "--out", "RUN")) == C.default_train_config(C.DEFAULT_MODEL)
+    assert C.default_train_config("mlp") == build_train_config(model="mlp")  # no defaults of its own
 
 
 def test_serve_flags_and_key_value_args_build_the_same_config(tmp_path):
