@@ -146,3 +146,36 @@ def test_a_workers_user_error_becomes_the_trials_one_line_error():
     assert str(user_error_in(wrapped)) == "non-finite training loss at epoch 3 (lr 1000000.0)"
     assert user_error_in(RuntimeError("CUDA error: device-side assert")) is None
     assert user_error_in(None) is None
+
+
+def test_seq_sweeps_its_own_space_and_trials_build_seq_configs():
+    from ncf_ray.config import default_train_config
+    from ncf_ray.tune import SEQ_SPACE, default_space
+
+    assert default_space("seq") == SEQ_SPACE and default_space("mf") == DEFAULT_SPACE
+    plan, space = plan_sweep(default_space("seq"), TuneConfig(model="seq"))
+    assert set(plan.searched) == {"history_len", "blocks", "factors", "dropout", "lr"} and not plan.dropped
+    cfg = trial_train_config(default_train_config("seq"), "seq", {"history_len": 20, "blocks": 3, "factors": 32})
+    assert (cfg.model.name, cfg.model.history_len, cfg.model.blocks, cfg.model.factors) == ("seq", 20, 3, 32)
+    # The rest stays the family's default (batch, negatives), not NeuMF's.
+    assert cfg.batch_size == default_train_config("seq").batch_size
+    # A history length is an integer list, never a distribution.
+    with pytest.raises(UserError, match="history_len"):
+        validate_space({"history_len": {"uniform": [10, 50]}})
+
+
+def test_closed_form_families_are_not_swept(tmp_path):
+    from ncf_ray.tune import run_sweep
+
+    with pytest.raises(UserError, match="closed form"):
+        run_sweep(str(tmp_path), str(tmp_path / "s"), TuneConfig(model="ease"))
+
+
+def test_auto_table_marks_the_family_chosen_on_valid():
+    from ncf_ray.tune import format_auto
+
+    fam = {f: {"valid": {"hr@10": v, "ndcg@10": v / 2}, "test": {"hr@10": v - 0.1, "ndcg@10": 0.1}, "trials": 1,
+               "best_trial": f} for f, v in (("mf", 0.5), ("seq", 0.7), ("ease", 0.6))}
+    lines = format_auto({"families": fam, "best_family": "seq"}).splitlines()
+    assert len(lines) == 4 and "<- best by valid" in next(line for line in lines if line.startswith("seq"))
+    assert not any("<-" in line for line in lines if not line.startswith("seq"))
