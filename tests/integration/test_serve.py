@@ -23,13 +23,17 @@ N_USERS, N_ITEMS = 40, 30
 DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
-def _train_artifact(out_dir: str, seed: int, steps: int = 40) -> str:
-    """Train a tiny NeuMF on a random log for a few steps and save it as an artifact; returns model_version."""
+def _train_artifact(out_dir: str, seed: int, steps: int = 40, seq: bool = False) -> str:
+    """Train a tiny NeuMF (or, with `seq`, a sequence model over each user's last 6 items) on a random log for a
+    few steps and save it as an artifact with the users' histories; returns model_version."""
     import pandas as pd
     import torch
 
+    from ncf_ray import engine
     from ncf_ray.artifact import save_artifact
+    from ncf_ray.batch import Batch, Histories
     from ncf_ray.config import ModelConfig
+    from ncf_ray.data.sampler import NegativeSampler
     from ncf_ray.metrics import build_csr
     from ncf_ray.model import model_from_config
 
@@ -37,15 +41,21 @@ def _train_artifact(out_dir: str, seed: int, steps: int = 40) -> str:
     torch.manual_seed(seed)
     users = np.repeat(np.arange(N_USERS), 6)
     items = (users * 7 + rng.integers(0, 8, len(users))) % N_ITEMS  # each user likes a neighbourhood
-    cfg = ModelConfig(name="neumf", factors=8, layers=(16, 8))
+    cfg = ModelConfig(name="seq", factors=8, layers=(), history_len=6, blocks=1, dropout=0.0) if seq else \
+        ModelConfig(name="neumf", factors=8, layers=(16, 8))
     model = model_from_config(cfg, N_USERS, N_ITEMS)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     u, i = torch.as_tensor(users), torch.as_tensor(items)
+    hist = Histories.from_arrays(users, items, np.arange(len(users)), N_USERS)  # file order is time order
     for _ in range(steps):
-        neg = torch.randint(0, N_ITEMS, (len(u),))
-        logits = model(torch.cat([u, u]), torch.cat([i, neg]))
-        labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u))])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        if seq:
+            ex = engine.sequence_examples(hist, torch.arange(N_USERS), 6, NegativeSampler(u, i, N_ITEMS), 1)
+            loss = engine.batch_loss(model, ex.batch(0, len(ex)))
+        else:
+            neg = torch.randint(0, N_ITEMS, (len(u),))
+            logits = model(Batch(user=torch.cat([u, u]), item=torch.cat([i, neg])))
+            labels = torch.cat([torch.ones(len(u)), torch.zeros(len(u))])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -56,7 +66,8 @@ def _train_artifact(out_dir: str, seed: int, steps: int = 40) -> str:
     vocab_i = pd.DataFrame({"item_idx": np.arange(N_ITEMS, dtype=np.int32),
                             "item_id": [f"i{k}" for k in range(N_ITEMS)], "count": counts})
     return save_artifact(out_dir, model.eval(), cfg, N_USERS, N_ITEMS, vocab_u, vocab_i, indptr, indices,
-                         counts.astype(np.float64), {"loss": float(loss.detach())}, {"source": "test", "seed": seed})
+                         counts.astype(np.float64), {"loss": float(loss.detach())}, {"source": "test", "seed": seed},
+                         histories=hist)
 
 
 def _free_port() -> int:
@@ -74,9 +85,10 @@ def server(tmp_path_factory):
     from ncf_ray.serve import APP_NAME, HA_PROXY_ENV, build_app
 
     root = tmp_path_factory.mktemp("serve")
-    v1, v2 = str(root / "v1"), str(root / "v2")
+    v1, v2, v3 = str(root / "v1"), str(root / "v2"), str(root / "seq")
     _train_artifact(v1, seed=1)
     _train_artifact(v2, seed=2)
+    _train_artifact(v3, seed=3, seq=True)
     # Set in the environment Ray's processes inherit. A replica behind HAProxy stays reachable for a
     # deregistration window (30 s by default) when it stops; 1 s keeps app deletion and shutdown quick here.
     env = {HA_PROXY_ENV: "1", DRAIN_ENV: "1"}
@@ -89,7 +101,7 @@ def server(tmp_path_factory):
         serve.run(build_app({"model_dir": v1}), name=APP_NAME, route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         _wait_ok(url)
-        yield url, v1, v2
+        yield url, v1, v2, v3
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -129,7 +141,7 @@ def _seen(art, user: str) -> set[str]:
 
 # ------------------------------------------------------------------------------------------------ round trips
 def test_recommend_round_trip_never_returns_seen_items(server):
-    url, v1, _ = server
+    url, v1, *_ = server
     art = _artifact(v1)
     for user in ("u0", "u7", "u39"):
         r = _post(url, "/recommend", {"user_id": user, "k": N_ITEMS})
@@ -150,7 +162,7 @@ def test_recommend_round_trip_never_returns_seen_items(server):
 
 
 def test_concurrent_requests_match_single_answers(server):
-    url, _, _ = server
+    url, *_ = server
     users = [f"u{k}" for k in range(N_USERS)]
     expected = {u: _post(url, "/recommend", {"user_id": u, "k": 5}).json()["items"] for u in users[:8]}
     results: dict[str, list] = {}
@@ -168,7 +180,7 @@ def test_concurrent_requests_match_single_answers(server):
 
 
 def test_batch_and_score_round_trip(server):
-    url, v1, _ = server
+    url, v1, *_ = server
     art = _artifact(v1)
     r = _post(url, "/recommend/batch", {"user_ids": ["u1", "u2", "stranger", 5], "k": 4})
     assert r.status_code == 200, r.text
@@ -188,7 +200,7 @@ def test_batch_and_score_round_trip(server):
 
 
 def test_unknown_user_gets_popular_items_cold_start(server):
-    url, v1, _ = server
+    url, v1, *_ = server
     art = _artifact(v1)
     body = _post(url, "/recommend", {"user_id": "never-seen", "k": 3}).json()
     assert body["cold_start"] is True
@@ -197,7 +209,7 @@ def test_unknown_user_gets_popular_items_cold_start(server):
 
 
 def test_health_model_and_docs(server):
-    url, v1, _ = server
+    url, v1, *_ = server
     assert httpx.get(url + "/healthz").json()["status"] == "ok"
     meta = httpx.get(url + "/model").json()
     assert meta["model_version"] == _artifact(v1).model_version
@@ -235,7 +247,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("name,path,body,status", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
 def test_bad_input_gets_json_4xx_and_server_keeps_serving(server, name, path, body, status):
-    url, _, _ = server
+    url, *_ = server
     r = httpx.post(url + path, content=body, headers=JSON, timeout=10)
     assert r.status_code == status, (name, r.status_code, r.text[:300])
     assert "error" in r.json()
@@ -243,7 +255,7 @@ def test_bad_input_gets_json_4xx_and_server_keeps_serving(server, name, path, bo
 
 
 def test_chunked_body_over_limit_is_cut_off(server):
-    url, _, _ = server
+    url, *_ = server
 
     def chunks():
         yield b'{"user_id": "'
@@ -262,7 +274,7 @@ def test_hot_swap_under_load_drops_nothing(server):
 
     from ncf_ray.serve import APP_NAME, build_app
 
-    url, v1, v2 = server
+    url, v1, v2, _ = server
     old, new = _artifact(v1).model_version, _artifact(v2).model_version
     assert old != new
     failures: list[str] = []
@@ -310,7 +322,7 @@ def _replica_names() -> list[str]:
 def test_killed_replica_is_replaced(server):
     import ray
 
-    url, _, _ = server
+    url, *_ = server
     names = _replica_names()
     assert names, "no replica actor found"
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
@@ -327,6 +339,49 @@ def test_killed_replica_is_replaced(server):
     assert alive and names[0] not in alive
 
 
+def test_recent_items_over_http_with_a_sequence_model(server):
+    """Swap in a seq model; a known user's list is the same with recent_items=[]; an anonymous shopper with
+    recent items gets a personalised list without them; too many recent items is a 400 and serving goes on."""
+    from ray import serve
+
+    from ncf_ray.serve import APP_NAME, build_app
+
+    url, _, _, v3 = server
+    serve.run(build_app({"model_dir": v3}), name=APP_NAME, route_prefix="/")
+    want = _artifact(v3).model_version
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and httpx.get(url + "/model").json()["model_version"] != want:
+        time.sleep(0.2)
+    assert httpx.get(url + "/model").json()["model"]["name"] == "seq"
+
+    plain = _post(url, "/recommend", {"user_id": "u5", "k": 5}).json()
+    empty = _post(url, "/recommend", {"user_id": "u5", "k": 5, "recent_items": []}).json()
+    assert [i["item_id"] for i in plain["items"]] == [i["item_id"] for i in empty["items"]]
+    assert empty["history"] == "stored" and "history" not in plain
+
+    recent = ["i3", "i4", "i5", "nope"]
+    anon = _post(url, "/recommend", {"recent_items": recent, "k": 5})
+    assert anon.status_code == 200, anon.text
+    body = anon.json()
+    assert body["cold_start"] is False and body["history"] == "request" and body["unknown_recent_items"] == 1
+    assert len(body["items"]) == 5 and not set(recent) & {i["item_id"] for i in body["items"]}
+    popular = _post(url, "/recommend", {"user_id": "stranger", "k": 5}).json()
+    assert popular["cold_start"] is True
+    assert [i["item_id"] for i in popular["items"]] != [i["item_id"] for i in body["items"]]
+
+    batch = _post(url, "/recommend/batch", {"user_ids": ["u5", None], "recent_items": [[], ["i3", "i4"]], "k": 3})
+    assert batch.status_code == 200, batch.text
+    rows = batch.json()
+    assert [r["history"] for r in rows] == ["stored", "request"] and rows[1]["user_id"] is None
+
+    for bad in ({"recent_items": ["i1"] * 7}, {"user_id": "u1", "recent_items": "i1"}, {"k": 3},
+                {"user_ids": ["u1"], "recent_items": [[], []]}):
+        path = "/recommend/batch" if "user_ids" in bad else "/recommend"
+        r = _post(url, path, bad)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (bad, r.status_code, r.text)
+    assert _post(url, "/recommend", {"user_id": "u1"}).status_code == 200
+
+
 # ------------------------------------------------------------------------------------------------ config + bench
 def test_build_app_args_and_emitted_config_are_valid(server, tmp_path):
     import yaml
@@ -336,7 +391,7 @@ def test_build_app_args_and_emitted_config_are_valid(server, tmp_path):
     from ncf_ray.errors import UserError
     from ncf_ray.serve import deployment_options, emit_config, serve_config_from_args
 
-    _, v1, _ = server
+    _, v1, *_ = server
     cfg = serve_config_from_args({"model_dir": v1, "replicas": "auto", "max_batch_size": "32", "port": "9000"})
     assert cfg.replicas == "auto" and cfg.max_batch_size == 32 and cfg.port == 9000
     opts = deployment_options(cfg)
@@ -366,5 +421,5 @@ def test_bench_serve_quick_returns_positive_figures(server):
     assert base["recommend"]["rps"] > 0 and base["recommend_batch"]["users_per_s"] > 0
     assert base["recommend"]["errors"] == base["recommend_batch"]["errors"] == 0
     assert out["scoring"]["precision"] in ("bf16", "fp32")
-    url, _, _ = server
+    url, *_ = server
     assert _post(url, "/recommend", {"user_id": "u1"}).status_code == 200  # the module's app is untouched
