@@ -108,3 +108,10 @@ def test_stream_path_matches_fast_path(dataset, tmp_path):
     pop = fast["popularity"]["valid"]["hr@10"]
     assert fast["valid"]["hr@10"] > pop and stream["valid"]["hr@10"] > pop
     assert abs(fast["valid"]["hr@10"] - stream["valid"]["hr@10"]) < 0.08  # 300 users: one user is 0.0033
+
+
+def test_stream_refuses_a_sequence_model_in_one_line(dataset, tmp_path, capsys):
+    rc = main(["train", dataset, "--out", str(tmp_path / "seq"), "--model", "seq", "--stream", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--stream cannot train --model seq" in err and "Traceback" not in err
+    assert not (tmp_path / "seq" / "model").exists()
