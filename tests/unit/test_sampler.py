@@ -209,3 +209,14 @@ def test_stream_worker_inputs_never_read_the_train_positives(tmp_path):
     neg = sampler.sample(users, 4, generator=torch.Generator().manual_seed(0))
     pos = set(zip(split.train_users.tolist(), split.train_items.tolist()))
     assert not any((u, i) in pos for u, row in zip(users.tolist(), neg.tolist()) for i in row)
+
+
+def test_stream_refuses_what_it_cannot_train():
+    from ncf_ray.config import ModelConfig, TrainConfig
+    from ncf_ray.train import check_streamable
+
+    check_streamable(TrainConfig(stream=True))  # neumf streams
+    with pytest.raises(UserError, match="--stream cannot train --model seq"):
+        check_streamable(TrainConfig(stream=True, model=ModelConfig(name="seq")))
+    with pytest.raises(UserError, match="--stream cannot --refit"):
+        check_streamable(TrainConfig(stream=True), refit=True)
