@@ -8,6 +8,15 @@ all-reduce, report metrics with a checkpoint, stop early on valid HR@K. The chec
 (to resume) and the best-by-valid weights (to export), so one kept checkpoint is enough.
 On the driver (`run_training`): build and fit the TorchTrainer, then export the best weights as the model artifact
 and compute test metrics on it — the only time test is read.
+
+Memory per worker. Fast path (default): the whole train table (user, item, timestamp: ~24 bytes per interaction)
+plus the exact exclusion keys (8 bytes per interaction) plus this worker's positives and their negatives on the
+device. `--stream`: no train table — positives arrive from the worker's Ray Data shard (`iter_torch_batches`; Ray
+Data's streaming buffers), negatives are excluded through a Bloom filter of all train positives built once on the
+driver from record batches (`build_exclusion`, 1.25 bytes per interaction, shared from the object store), plus the
+per-user valid/test arrays (n_users x (1 + negatives) int64 each) and the model. Sequence models read whole user
+histories and cannot stream. The closing export and test evaluation (`finalize`) still load the dataset on the
+driver.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from ncf_ray.atomic import write_json
 from ncf_ray.config import TrainConfig, from_dict, to_dict
 from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import Dataset, check_dataset_dir, load_dataset, read_meta
-from ncf_ray.data.sampler import NegativeSampler
+from ncf_ray.data.sampler import BloomFilter, NegativeSampler, bloom_from_parquet
 from ncf_ray.errors import UserError
 from ncf_ray.evaluation import evaluate_model, train_histories
 from ncf_ray.metrics import build_csr
@@ -39,6 +48,7 @@ from ncf_ray.runtime import ensure_ray
 STATE_FILE = "state.pt"
 RAY_RUN_NAME = "ray_train"  # prefix of every run's Ray Train name (and the whole name of runs made before run.json)
 RUN_FILE = "run.json"  # RUN_DIR/run.json: the Ray Train run (name, storage) that --resume continues
+BLOOM_BITS_PER_KEY = 10.0  # --stream exclusion filter: 1.25 bytes per interaction, ~0.8% false positives
 
 
 # ------------------------------------------------------------------------------------------- worker side
@@ -63,8 +73,8 @@ def _stream_epoch(
     epoch: int,
 ) -> tuple[float, int]:
     """Streaming path for logs larger than memory: positives arrive from Ray Data per batch, negatives are drawn
-    for each batch. Ray Train splits the dataset with equal=True and drop_last keeps every rank's step count equal,
-    which DDP needs. Returns (mean loss, steps)."""
+    for each batch through `sampler` (a Bloom-filter sampler, `stream_inputs`). Ray Train splits the dataset
+    with equal=True and drop_last keeps every rank's step count equal, which DDP needs. Returns (mean loss, steps)."""
     pos_batch = max(1, per_rank_batch // (1 + negatives))
     total, steps = 0.0, 0
     for batch in shard.iter_torch_batches(
@@ -76,6 +86,13 @@ def _stream_epoch(
                                     lambda _s, n=steps: lr_for_step(n), amp_dtype, epoch)
         steps += 1
     return total / max(steps, 1), steps
+
+
+def stream_inputs(dataset_dir: str, exclusion: BloomFilter, device: torch.device) -> tuple[Dataset, NegativeSampler]:
+    """What a streaming worker holds besides its Ray Data shard: the dataset's per-user arrays (valid/test items
+    and negatives, vocab, popularity; no train positives) and a sampler excluding through the driver's filter."""
+    data = load_dataset(dataset_dir, with_train=False)
+    return data, NegativeSampler.from_filter(exclusion.to(device), data.n_items)
 
 
 def _load_pretrained(model: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -133,20 +150,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank; DDP also broadcasts rank 0's weights
     gen = torch.Generator(device=device)  # negatives and shuffles; re-seeded per (seed, rank, epoch) below
 
-    data = load_dataset(config["dataset_dir"])
+    refit = bool(config.get("refit"))
+    if cfg.stream:
+        # Only the valid/test arrays and the exclusion filter; positives arrive from this worker's Ray Data shard.
+        data, sampler = stream_inputs(config["dataset_dir"], ray.get(config["exclusion"]), device)
+        n_train, hist = sampler.exclusion.n_keys, None  # stream refuses models that read histories (build_trainer)
+        shard = ray.train.get_dataset_shard("train")
+    else:
+        data = load_dataset(config["dataset_dir"])
+        all_users, all_items, hist = training_positives(data, refit, device)
+        # Exclusion needs every positive of a user: keys are 8 bytes per interaction.
+        sampler = NegativeSampler(all_users, all_items, data.n_items)
+        mine = all_users % world == rank
+        pos_users, pos_items = all_users[mine], all_items[mine]
     model = model_from_config(cfg.model, data.n_users, data.n_items)
     if cfg.pretrain_from:
         _load_pretrained(model, cfg)
-    refit = bool(config.get("refit"))
-    all_users, all_items, hist = training_positives(data, refit, device)
-    # Exclusion needs every positive of a user: keys are 8 bytes per interaction.
-    sampler = NegativeSampler(all_users, all_items, data.n_items)
-    mine = all_users % world == rank
-    pos_users, pos_items = all_users[mine], all_items[mine]
     eval_users = torch.arange(rank, data.n_users, world, device=device)
     valid_items = torch.from_numpy(data.valid_items).to(device)[eval_users]
     valid_neg = torch.from_numpy(data.valid_neg).to(device)[eval_users]
-    shard = ray.train.get_dataset_shard("train") if cfg.stream else None
 
     model = ray.train.torch.prepare_model(model)
     raw = unwrap(model)
@@ -178,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         if cfg.stream:
             # Step count is only known afterwards; the schedule uses the expected count per rank.
-            steps = engine.steps_for(len(data.train_users) * (1 + cfg.negatives) // world, per_rank_batch)
+            steps = engine.steps_for(n_train * (1 + cfg.negatives) // world, per_rank_batch)
         else:
             examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen)
             if len(examples) == 0:
@@ -327,6 +349,30 @@ def record_run(out: Path, name: str, storage: str) -> None:
     write_json(out / RUN_FILE, {"name": name, "storage": storage})
 
 
+def train_files(dataset_dir: str) -> list[Path]:
+    """The dataset dir's train Parquet shards, in name order."""
+    return sorted((Path(dataset_dir) / S.TRAIN_DIR).glob("*.parquet"))
+
+
+def build_exclusion(dataset_dir: str, bits_per_key: float = BLOOM_BITS_PER_KEY) -> BloomFilter:
+    """The Bloom filter of every train positive, for `--stream`: built on the driver from the train shards in
+    record batches (memory: the filter, ~bits_per_key / 8 bytes per interaction, plus one batch)."""
+    n_items = int(read_meta(dataset_dir)["n_items"])
+    return bloom_from_parquet(train_files(dataset_dir), S.USER_IDX, S.ITEM_IDX, n_items, bits_per_key)
+
+
+def check_streamable(cfg: TrainConfig, refit: bool = False) -> None:
+    """Refuse, in one line, what `--stream` cannot train: a model that reads each user's history (asked of a
+    tiny instance, so a new registry entry needs no list here) — a streamed shard holds no whole histories —
+    and a refit, whose valid and test positives are not in the streamed train shards."""
+    if model_from_config(cfg.model, 2, 2).history_len > 0:
+        raise UserError(f"--stream cannot train --model {cfg.model.name}: it reads each user's whole history, "
+                        f"which a streamed shard does not hold; drop --stream")
+    if refit:
+        raise UserError("--stream cannot --refit: the refit trains on valid and test items too, which only the "
+                        "fast path reads; drop --stream")
+
+
 def build_trainer(
     dataset_dir: str,
     cfg: TrainConfig,
@@ -336,10 +382,13 @@ def build_trainer(
     placement_strategy: str = "PACK",
     train_ds: Any = None,
     refit: bool = False,
+    exclusion_ref: Any = None,
 ) -> Any:
     """The TorchTrainer for one training run. Tune trials call this too (tune.py), so there is one loop.
     `train_ds` is an already-read Ray Dataset of positives (a sweep reads it once for all its trials).
     `refit=True` trains on every interaction (train, valid and test) for cfg.epochs, without selection.
+    `exclusion_ref` (`--stream` only): an ObjectRef of `build_exclusion(dataset_dir)`, built here when None (a
+    sweep builds it once and hands every trial the same ref).
     `placement_strategy="SPREAD"` puts the workers on different nodes (so losing one node loses one worker)."""
     import ray
     import ray.train
@@ -348,11 +397,16 @@ def build_trainer(
 
     check_dataset_dir(dataset_dir)
     datasets = {}
+    loop_config: dict[str, Any] = {"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()),
+                                   "refit": refit}
     if cfg.stream:  # the fast path reads each worker's users from the dataset dir itself
+        check_streamable(cfg, refit)
         datasets["train"] = train_ds if train_ds is not None else read_train(dataset_dir, materialize=False)
+        loop_config["exclusion"] = exclusion_ref if exclusion_ref is not None else ray.put(
+            build_exclusion(dataset_dir))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()), "refit": refit},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                               placement_strategy=placement_strategy),
         run_config=ray.train.RunConfig(
@@ -441,6 +495,8 @@ def run_training(
 
         return fit_closed_form(dataset_dir, out_dir, cfg, refit, baselines)
     meta = read_meta(dataset_dir)
+    if cfg.stream:
+        check_streamable(cfg, refit)  # before Ray starts, not after a first run
     out = Path(out_dir).resolve()
     name, storage = resolve_run(out, storage_path, resume)
     with console.session(out / "logs", "train"):  # a no-op under the CLI's or the pipeline's own session

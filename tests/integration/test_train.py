@@ -158,3 +158,10 @@ def test_two_worker_seq_learns_above_popularity_and_serves_history(walk_dataset,
     top = [it["item_id"] for it in anon["items"]]
     ahead = {f"i{i}" for i in range(43, 56)}
     assert not {"i40", "i41", "i42"} & set(top) and set(top[:3]) <= ahead, top
+
+
+def test_stream_refuses_a_sequence_model_in_one_line(dataset, tmp_path, capsys):
+    rc = main(["train", dataset, "--out", str(tmp_path / "seq"), "--model", "seq", "--stream", "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--stream cannot train --model seq" in err and "Traceback" not in err
+    assert not (tmp_path / "seq" / "model").exists()
