@@ -506,6 +506,10 @@ def run_training(
             record_run(out, name, storage)
         print(f"training {cfg.model.name} on {meta.get('n_users')} users x {meta.get('n_items')} items, "
               f"{cfg.workers} worker(s){' (GPU)' if cfg.gpu else ''}; run {name}", flush=True)
+        if cfg.amp:  # said once here; each worker applies the same rule (engine.amp_dtype_for)
+            _, note = engine.amp_dtype_for(True, torch.device("cuda" if cfg.gpu else "cpu"))
+            if note:
+                print(note, flush=True)
         t0 = time.time()
         state = fit_run(dataset_dir, cfg, storage, name, placement_strategy)
         metrics = finalize(dataset_dir, out / "model", out / "metrics.json", cfg, state, time.time() - t0,

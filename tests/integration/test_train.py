@@ -165,3 +165,41 @@ def test_stream_refuses_a_sequence_model_in_one_line(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--stream cannot train --model seq" in err and "Traceback" not in err
     assert not (tmp_path / "seq" / "model").exists()
+
+
+def test_served_lists_exclude_valid_and_test_items(two_worker_run, dataset):
+    """The artifact's seen set covers train, valid and test: a full-length list never holds any of them."""
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.data.dataset import load_dataset
+    from ncf_ray.recommender import Recommender
+
+    out, _ = two_worker_run
+    art, data = load_artifact(out / "model"), load_dataset(dataset)
+    rec = Recommender(art)
+    users = [str(u) for u in data.user_ids[:25]]
+    for idx, res in enumerate(rec.recommend(users, data.n_items)):
+        got = {art.item_index[it["item_id"]] for it in res["items"]}
+        done = set(data.train_items[data.train_users == idx].tolist())
+        assert data.valid_items[idx] not in got and data.test_items[idx] not in got and not got & done
+        assert len(got) == data.n_items - len(done | {data.valid_items[idx], data.test_items[idx]})
+
+
+def test_a_diverging_run_stops_in_one_line_and_exports_nothing(dataset, tmp_path, capsys):
+    out = tmp_path / "diverged"
+    rc = main(["train", dataset, "--out", str(out), "--model", "neumf", "--lr", "1e6", "--epochs", "2",
+               "--batch-size", "1024", "--factors", "16", "--layers", "32,16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "training loss became" in err[0] and "epoch 1" in err[0] and "lr" in err[0]
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+
+
+def test_refit_exports_weights_trained_on_every_interaction(dataset, tmp_path):
+    out = tmp_path / "refit"
+    m = _train(dataset, out, "--epochs", "2", "--lr", "0.01", "--refit", "--no-baselines")
+    assert m["exported"]["weights"] == "refit" and m["exported"]["epochs"] == m["best_epoch"]
+    # metrics.json keeps the valid-selected model's figures and says which weights the artifact holds.
+    from ncf_ray.artifact import load_artifact
+
+    art = load_artifact(out / "model")
+    assert art.metrics["exported"]["weights"] == "refit" and art.metrics["valid"] == m["valid"]
