@@ -311,3 +311,33 @@ def test_lambda_search_stops_after_two_worse_in_a_row(dataset_dir):
             break
     assert grid == full[:stop]
     assert lam == grid[int(np.argmax([g["valid_hr@5"] for g in grid]))]["lambda"]
+
+
+@pytest.mark.parametrize("name", ["ease", "pop"])
+def test_closed_form_models_train_export_and_serve_like_any_model(dataset_dir, tmp_path, name):
+    """`ncf-ray train --model ease|pop`: fitted, evaluated (valid, test, beside the baselines), exported as an
+    artifact that loads, and served by the same Recommender, excluding every seen item."""
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.config import build_train_config
+    from ncf_ray.recommender import Recommender
+
+    cfg = build_train_config(model=name, eval_k=5)
+    m = bl.fit_closed_form(str(dataset_dir), str(tmp_path / "run"), cfg)
+    data = load_dataset(dataset_dir)
+    assert m["model"] == name and 0 < m["test"]["hr@5"] <= 1 and "segments" in m["test"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["model_version"] == m["model_version"]
+    if name == "ease":  # the model is the EASE baseline: one fit, lambda picked on valid and stored
+        assert m["baselines"]["ease"]["test"] == m["test"] and m["closed_form"]["lambda"] in bl.DEFAULT_LAMBDAS
+    else:
+        assert m["test"]["hr@5"] == pytest.approx(m["baselines"]["popularity"]["test"]["hr@5"])
+    art = load_artifact(tmp_path / "run" / "model")
+    if name == "ease":
+        assert art.model_cfg.lam == m["closed_form"]["lambda"]
+    rec = Recommender(art)
+    res = rec.recommend([str(data.user_ids[0])], data.n_items)[0]
+    got = [art.item_index[it["item_id"]] for it in res["items"]]
+    seen = set(art.seen_indices[art.seen_indptr[0]:art.seen_indptr[1]].tolist())
+    assert not res["cold_start"] and got and not set(got) & seen
+    assert {int(data.valid_items[0]), int(data.test_items[0])} <= seen
+    scores = [it["score"] for it in res["items"]]
+    assert scores == sorted(scores, reverse=True)
