@@ -334,7 +334,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=SERVE_PRECISIONS, default=d.precision,
                    help="all-items scoring: auto = bf16 shortlist re-ranked in fp32 where bf16 is fast")
     p.add_argument("--ha-proxy", action=argparse.BooleanOptionalAction, default=True,
-                   help="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; ~10x the default proxy's req/s)")
+                   help="HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; figures in README, Serve)")
     p.add_argument("--emit-config", action="store_true", help="print a `serve deploy` YAML and exit")
     p.set_defaults(func=_cmd_serve)
 

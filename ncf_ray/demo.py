@@ -4,7 +4,7 @@
 
 Prepares the synthetic log, sweeps every family on a small grid (`ncf-ray tune --model auto`: mf, neumf, seq on
 Ray Tune + ASHA, EASE in closed form), trains the best by valid (Ray Train), refits it on every interaction,
-serves it (Ray Serve), queries it over HTTP, prints the results, shuts Serve down and exits 0. Under ~10 minutes on 2 cores; --quick uses tiny sizes (a few minutes). Results stay in --out
+serves it (Ray Serve), queries it over HTTP, prints the results, shuts Serve down and exits 0; --quick uses tiny sizes. Results stay in --out
 (default ./demo, replaced on each run); Ray's own output goes to OUT/logs/ (--verbose: here too). The stages are `ncf_ray.pipeline`'s, shared with jobs/pipeline.py.
 """
 

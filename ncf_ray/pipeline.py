@@ -28,8 +28,8 @@ from ncf_ray.errors import UserError
 from ncf_ray.runtime import ensure_ray
 
 # Sizes per preset (None: the synthetic generator's ML-1M-shaped default, 6,040 users x 3,706 items, ~1M rows).
-# quick: tiny data, a few minutes on 2 CPUs (tests, reviewers). demo: `make demo`, the ML-1M-shaped data with a
-# 4-trial sweep of 3 epochs, < ~10 min on 2 cores. full: the same data with a real sweep (a cluster's worth).
+# quick: tiny data (tests, reviewers). demo: `make demo`, a mid-sized synthetic log (3,000 users x 2,000 items,
+# 300k rows) and small per-family grids. full: the ML-1M-shaped data with a real sweep (a cluster's worth).
 PRESETS: dict[str, dict[str, Any]] = {
     # quick and demo sweep every family (`--model auto`: mf, neumf, seq, and EASE in closed form) on small grids,
     # so the table compares families and the demo serves whichever wins on valid.

@@ -4,7 +4,7 @@ Under `ray job submit` (RAY_ADDRESS set) this joins the cluster; otherwise it st
 dir and writes that dir's address file, as `ray start` does. Ray Train's PlacementGroupCleaner (it frees the
 workers of a finished or ASHA-stopped trial) finds the cluster through that file: on a machine running another Ray
 instance (say `ncf-ray serve` beside `ncf-ray tune`) it otherwise fails with "Found multiple active Ray instances"
-or asks the wrong cluster, the trial's CPUs stay reserved and the next trial waits forever (seen here). Workers
+or asks the wrong cluster, the trial's CPUs stay reserved and the next trial waits forever. Workers
 inherit RAY_TMPDIR, so they read the right file.
 """
 
@@ -46,7 +46,7 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
             os.environ["RAY_TMPDIR"] = tmp
             atexit.register(shutil.rmtree, tmp, True)  # registered before ray.init: runs after Ray's shutdown
             # The dashboard stays on: the PlacementGroupCleaner asks its state API whether a run is alive, and a
-            # sweep hung waiting for a trial's CPUs when it was off (seen here).
+            # sweep hung waiting for a trial's CPUs when it was off.
             ray.init(address="local", log_to_driver=log_to_driver, logging_level=level)
             Path(tmp, "ray", "ray_current_cluster").write_text(ray.get_runtime_context().gcs_address)
             started = True

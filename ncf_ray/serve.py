@@ -14,7 +14,7 @@ verifies the new artifact off the event loop and only then swaps the reference: 
 the old model.
 
 Ingress: with `RAY_SERVE_ENABLE_HA_PROXY=1` in the environment that starts Ray, Serve puts HAProxy in front and
-the replica's own HTTP server answers directly (about 10x the default Python proxy's throughput on 2 cores; see
+the replica's own HTTP server answers directly (several times the default Python proxy's throughput; see
 ncf_ray/bench/serve.py). `run_server` sets it by default. Binds 127.0.0.1 unless told otherwise; HAProxy's stats
 and metrics ports (8404, 9101) bind the same address (loopback when the API binds every interface), see
 `install_haproxy_wrapper`. Nothing runs at import.

@@ -7,8 +7,9 @@ and fits a TorchTrainer; `TuneReportCallback` forwards the workers' per-epoch re
 weak trials). Only valid metrics reach the search; the best trial's checkpoint is exported to SWEEP_DIR/best/
 and its test metrics computed once, afterwards.
 
-Per-trial overhead: every trial starts a TorchTrainer worker group (~15-20 s here), so short trials are dominated
-by startup: give trials enough epochs for that to amortise, and use ASHA rather than many tiny trials.
+Per-trial overhead: every trial starts a TorchTrainer worker group (seconds; README, "Measured notes"), so short
+trials are dominated by startup: give trials enough epochs for that to amortise, and use ASHA rather than many
+tiny trials.
 """
 
 from __future__ import annotations
