@@ -27,9 +27,11 @@ PAPER_NEUMF = {"name": "neumf", "factors": 8, "layers": (64, 32, 16, 8)}  # He e
 # Sizes: full = ML-1M shape; quick = small enough for the test suite.
 TRAIN_SIZES = {
     False: {"users": 6040, "items": 3706, "interactions": 1_000_000, "batch": 4096, "ray_epochs": 4,
-            "plain_epochs": 3, "sweep": (1024, 4096, 16384, 65536), "sweep_samples": 600_000},
+            "plain_epochs": 3, "sweep": (1024, 4096, 16384, 65536), "sweep_samples": 600_000,
+            "seq": {"factors": 64, "history_len": 200, "blocks": 2, "dropout": 0.2}, "seq_batch": 32768},
     True: {"users": 200, "items": 150, "interactions": 6000, "batch": 1024, "ray_epochs": 2,
-           "plain_epochs": 2, "sweep": (256, 1024), "sweep_samples": 8192},
+           "plain_epochs": 2, "sweep": (256, 1024), "sweep_samples": 8192,
+           "seq": {"factors": 16, "history_len": 20, "blocks": 1, "dropout": 0.2}, "seq_batch": 4096},
 }
 # Time-to-quality runs: the TrainConfig defaults, then the large-batch schedule recommended for 2 CPU workers.
 # (--quick reuses the 2-worker scaling run as its curve.)
@@ -108,7 +110,7 @@ def batch_sweep(data: Any, model_cfg: Any, batches: tuple[int, ...], threads: in
 def _ray_history(ds: str, tmp: str, name: str, cfg: Any) -> tuple[list[dict], dict[str, Any]]:
     from ncf_ray.train import run_training
 
-    metrics = run_training(ds, os.path.join(tmp, name), cfg)
+    metrics = run_training(ds, os.path.join(tmp, name), cfg, baselines=False)  # throughput, not quality
     return metrics["history"], metrics
 
 
@@ -168,7 +170,7 @@ def measure(quick: bool) -> dict[str, Any]:
 def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) -> dict[str, Any]:
     import dataclasses
 
-    from ncf_ray.config import TrainConfig
+    from ncf_ray.config import ModelConfig, TrainConfig
     from ncf_ray.data.dataset import load_dataset
 
     all_cores = os.cpu_count() or 1
@@ -186,6 +188,12 @@ def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) ->
             return plain, hist
 
         plain, one = compare(threads, "ray1")
+        # The sequence model through the same comparison: its examples are history windows, not pairs.
+        seq_cfg = ModelConfig(name="seq", layers=(), **size["seq"])
+        seq_base = dataclasses.replace(base, model=seq_cfg, batch_size=size["seq_batch"],
+                                       base_batch_size=size["seq_batch"], workers=1, threads_per_worker=threads)
+        seq_plain = plain_epochs(data, seq_cfg, size["seq_batch"], threads, size["plain_epochs"])[1:]
+        seq_one, _ = _ray_history(ds, tmp, "seq1", seq_base)
         # Every core in one OpenMP team (the old default): shows why train.py leaves a core to Ray.
         plain_all, one_all = compare(all_cores, "ray1_all") if all_cores > threads and not quick else ([], [])
         two, two_metrics = _ray_history(ds, tmp, "ray2", dataclasses.replace(base, workers=2,
@@ -210,6 +218,9 @@ def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) ->
             "samples/s", f"plain torch loop ({threads} thread(s))", plain_sps, goal=">= 0.9"),
         row(f"Ray Train 2 workers, total samples/s (batch {size['batch']} per worker)", ray2, "samples/s",
             "Ray Train 1 worker", ray1),
+        row(f"Ray Train per-worker samples/s, seq (L {size['seq']['history_len']}, {size['seq']['blocks']} "
+            f"block(s), batch {size['seq_batch']})", _steady(seq_one, "samples_per_second_per_worker"), "samples/s",
+            "plain torch loop, same seq model", median(seq_plain), goal=">= 0.9"),
     ]
     extra: dict[str, Any] = {}
     if one_all:
@@ -235,6 +246,8 @@ def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) ->
         "plain_epochs_samples_per_s": plain,
         "ray1_history": one,
         "ray2_history": two,
+        "seq": {"settings": size["seq"] | {"batch": size["seq_batch"]}, "plain_epochs_samples_per_s": seq_plain,
+                "ray1_history": seq_one},
         "scaling_1_to_2": ray2 / ray1,
         "ray2_samples_per_s": ray2,
         "settings": {"model": PAPER_NEUMF, "batch_per_worker": size["batch"], "threads": threads, "negatives": 4,
