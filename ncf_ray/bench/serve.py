@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -35,19 +36,22 @@ TINY = {"n_users": 300, "n_items": 200, "factors": 8, "layers": (16, 8), "seen_p
 
 # ------------------------------------------------------------------------------------------------ artifact
 def make_bench_artifact(out_dir: str, n_users: int, n_items: int, factors: int, layers: tuple[int, ...],
-                        seen_per_user: int, seed: int = 0) -> str:
-    """An artifact with a freshly initialised NeuMF, ids "1".."n", random seen sets; returns model_version."""
+                        seen_per_user: int, seed: int = 0, seq_history: int = 0) -> str:
+    """An artifact with a freshly initialised NeuMF (or, with `seq_history` = L > 0, a 2-block seq model reading
+    the last L items), ids "1".."n", random seen sets as the stored histories; returns model_version."""
     import numpy as np
     import pandas as pd
     import torch
 
     from ncf_ray.artifact import save_artifact
+    from ncf_ray.batch import Histories
     from ncf_ray.config import ModelConfig
     from ncf_ray.model import model_from_config
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    cfg = ModelConfig(name="neumf", factors=factors, layers=tuple(layers))
+    cfg = (ModelConfig(name="seq", factors=2 * factors, layers=(), history_len=seq_history, dropout=0.2)
+           if seq_history else ModelConfig(name="neumf", factors=factors, layers=tuple(layers)))
     seen_per_user = min(seen_per_user, n_items)
     indices = np.concatenate([np.sort(rng.choice(n_items, seen_per_user, replace=False)) for _ in range(n_users)])
     indptr = np.arange(n_users + 1, dtype=np.int64) * seen_per_user
@@ -58,8 +62,9 @@ def make_bench_artifact(out_dir: str, n_users: int, n_items: int, factors: int, 
     items = pd.DataFrame({"item_idx": np.arange(n_items, dtype=np.int32),
                           "item_id": [str(i + 1) for i in range(n_items)], "count": counts})
     meta = {"source": "bench_serve (untrained model, random seen sets)", "n_users": n_users, "n_items": n_items}
+    histories = Histories(torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64)))
     return save_artifact(out_dir, model_from_config(cfg, n_users, n_items), cfg, n_users, n_items, users, items,
-                         indptr, indices, counts.astype(np.float64), {"note": "untrained"}, meta)
+                         indptr, indices, counts.astype(np.float64), {"note": "untrained"}, meta, histories=histories)
 
 
 # ------------------------------------------------------------------------------------------------ load generator
@@ -188,6 +193,23 @@ def _wait_precision(host: str, port: int, precision: str, timeout_s: float = 120
         time.sleep(0.1)
 
 
+def _wait_model(host: str, port: int, family: str, timeout_s: float = 120.0) -> None:
+    """Wait until every replica serves a model of `family` (after a reconfigure to another artifact)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    streak = 0
+    while streak < 8:  # consecutive answers, so every replica behind the balancer has switched
+        try:
+            name = httpx.get(f"http://{host}:{port}/bench/model", timeout=10).json()["model"]["name"]
+            streak = streak + 1 if name == family else 0
+        except Exception:  # noqa: BLE001 - a replica reloading answers errors meanwhile
+            streak = 0
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"replicas did not switch to a {family} model within {timeout_s}s")
+        time.sleep(0.1)
+
+
 def _wait_http(host: str, port: int, path: str, body: str, timeout_s: float = 60.0) -> None:
     import httpx
 
@@ -217,10 +239,13 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
     seconds = 3.0 if quick else 10.0
     tmp = tempfile.TemporaryDirectory(prefix="ncf-bench-serve-")
     note = None
+    seq_dir, seq_len = None, 20 if quick else 200
     if model_dir is None:
         size = TINY if quick else ML1M
         model_dir = os.path.join(tmp.name, "model")
         make_bench_artifact(model_dir, **size)
+        seq_dir = os.path.join(tmp.name, "seq")
+        make_bench_artifact(seq_dir, **size, seq_history=seq_len)
         note = (f"untrained NeuMF {size['n_users']} users x {size['n_items']} items, factors {size['factors']}, "
                 f"layers {list(size['layers'])}: serving speed does not depend on the weights")
     art = load_artifact(model_dir)
@@ -253,6 +278,16 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
         _wait_precision(host, port, "fp32")
         rec_fp32 = run_load(host, port, "/bench/recommend", one, connections, seconds)
         batch_fp32 = run_load(host, port, "/bench/recommend/batch", many, connections, seconds)
+        seq = None
+        if seq_dir is not None:  # the sequence model, swapped into the same deployment, without and with history
+            serve.run(bind_app(dataclasses.replace(cfg, model_dir=seq_dir)), name=BENCH_APP, route_prefix="/bench")
+            _wait_model(host, port, "seq")
+            rng = random.Random(0)
+            recent = [json.dumps({"user_id": u, "k": 10, "recent_items": [str(rng.randint(1, art.n_items))
+                                                                           for _ in range(5)]}) for u in user_ids]
+            seq = {"recommend": run_load(host, port, "/bench/recommend", one, connections, seconds),
+                   "recommend_recent": run_load(host, port, "/bench/recommend", recent, connections, seconds),
+                   "history_len": seq_len}
     finally:
         if owns_ray:
             ray.shutdown()  # takes Serve with it, without waiting out each replica's drain window
@@ -273,6 +308,7 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
         "noop_floor": floor,
         "ratio_to_floor": rec["rps"] / floor["rps"] if floor["rps"] else None,
         "fp32_baseline": {"recommend": rec_fp32, "recommend_batch": batch_fp32},
+        "seq": seq,
         "scoring": scoring,
         "settings": {"ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "default proxy",
                      "replicas": replicas, "max_batch_size": cfg.max_batch_size,
@@ -306,6 +342,17 @@ def measure(quick: bool) -> dict[str, Any]:
     for key in ("p50_ms", "p99_ms"):
         table.append(row(f"POST /recommend {key.replace('_ms', '')} latency", rec[key], "ms", "no-op endpoint",
                         floor[key], goal="<= 50" if full and key == "p99_ms" else None))
+    seq = res.get("seq")
+    if seq:
+        length = seq["history_len"]
+        for key, what in (("recommend", "stored history"), ("recommend_recent", "+ 5 recent_items")):
+            r = seq[key]
+            table += [row(f"POST /recommend requests/s, seq L {length} ({what})", r["rps"], "req/s",
+                          "NeuMF, same deployment", rec["rps"], goal=">= 1000" if full else None),
+                      row(f"POST /recommend p99 latency, seq L {length} ({what})", r["p99_ms"], "ms",
+                          "NeuMF", rec["p99_ms"], goal="<= 50" if full else None)]
+            if r.get("errors"):
+                table.append(row(f"errors, seq ({what})", float(r["errors"]), "count"))
     return {"rows": table, **res}
 
 
