@@ -51,5 +51,7 @@ run fast_amp_b1m_compile 180 --amp --batch-size 1048576 --epochs 3 --compile
 run fast_amp_b256k       120 --amp --batch-size 262144 --epochs 3
 # NVIDIA's published model shape, for the 34.1M samples/s A100 comparison.
 run nvidia_shape_amp_b1m 120 --amp --batch-size 1048576 --epochs 3 --factors 64 --layers 256,256,128,64
+# The sequence model (SASRec-style windows of the last 200 items, 2 blocks, 64 wide), bf16, 4 negatives a position.
+run seq_amp_l200         180 --model seq --history-len 200 --factors 64 --amp --batch-size 1048576 --epochs 2
 
 echo "== done $(date -u)" | tee -a "$LOG"
