@@ -450,13 +450,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def log_dir_for(args: argparse.Namespace) -> Path | None:
-    """Where a command's log file goes: beside what it writes. train/tune: OUT/logs; prepare: logs/ beside the
-    dataset dir (the dataset dir itself is replaced atomically); serve: logs/ beside the artifact (RUN_DIR/logs
-    for RUN_DIR/model). None for commands that do not start Ray."""
+    """Where a command's log file goes: beside what it writes. train/tune: OUT/logs; prepare: DATASET_DIR.logs/
+    beside the dataset dir (the dataset dir itself is replaced atomically, and a plain logs/ there could be a
+    folder of the log being prepared); serve: logs/ beside the artifact (RUN_DIR/logs for RUN_DIR/model). None for
+    commands that do not start Ray."""
     if args.command in ("train", "tune"):
         return Path(args.out) / "logs"
     if args.command == "prepare":
-        return Path(args.out).resolve().parent / "logs"
+        out = Path(args.out).resolve()
+        return out.with_name(out.name + ".logs")
     if args.command == "serve":
         return Path(args.model_dir).resolve().parent / "logs"
     return None

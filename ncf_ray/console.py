@@ -367,11 +367,3 @@ def trial_printer(total: int | None, max_epochs: int, write: Callable[[str], Non
                 self.bar = None
 
     return TrialPrinter()
-
-
-def format_plan(n_trials: int | None, search: str, varied: dict[str, Any], fixed: dict[str, Any]) -> str:
-    """The line a sweep prints before it starts: how many trials, what varies, what is fixed."""
-    count = f"{n_trials} trial(s)" if n_trials is not None else "trials"
-    vary = ", ".join(f"{k} {v}" for k, v in varied.items()) or "nothing"
-    fix = ", ".join(f"{k}={v}" for k, v in fixed.items())
-    return f"sweep plan: {count}, {search} search over {vary}" + (f"; fixed {fix}" if fix else "")

@@ -199,23 +199,6 @@ def trial_train_config(base: TrainConfig, model_name: str, params: dict[str, Any
     return build_train_config(base, model=model_name, **params)
 
 
-def sweep_plan(space: dict[str, Any], search: str, num_samples: int) -> tuple[int | None, dict[str, Any], dict[str, Any]]:
-    """(trials the sweep will run, {key: values or distribution} that vary, {key: value} that are fixed).
-    Grid search runs every grid point `num_samples` times; random and optuna run `num_samples` trials."""
-    varied, fixed = {}, {}
-    for key, spec in space.items():
-        if isinstance(spec, list) and len(spec) == 1:
-            fixed[key] = spec[0]
-        elif isinstance(spec, (list, dict)):
-            varied[key] = spec
-        else:
-            fixed[key] = spec
-    if search == "grid":
-        points = math.prod(len(v) for v in varied.values() if isinstance(v, list))
-        return points * num_samples, varied, fixed
-    return num_samples, varied, fixed
-
-
 # ------------------------------------------------------------------------------------------- trial
 def _trial(config: dict[str, Any], train_ds: Any = None) -> None:
     """Function trainable: build and fit one Ray Train run; its reports reach Tune through the callback."""
@@ -307,10 +290,7 @@ def run_sweep(
                                      else None)
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
     t0 = time.time()
-    n_trials, varied, fixed = sweep_plan(space, tcfg.search, tcfg.num_samples)
-    print(console.format_plan(None if resume else n_trials, tcfg.search, varied,
-                              fixed | {"model": tcfg.model, "epochs": tcfg.max_epochs}), flush=True)
-    printer = console.trial_printer(None if resume else n_trials, tcfg.max_epochs)  # one row per finished trial
+    printer = console.trial_printer(None if resume else plan.trials, tcfg.max_epochs)  # one row per finished trial
     if resume:
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -55,7 +55,7 @@ def test_prepare_prints_its_summary_and_the_log_path(dataset):
     out, text = dataset
     _assert_clean(text)
     log = _log_path(text)
-    assert log.parent == out.parent / "logs" and log.is_file() and log.stat().st_size > 0
+    assert log.parent == out.parent / f"{out.name}.logs" and log.is_file() and log.stat().st_size > 0
     assert "interactions" in text and len(text.splitlines()) <= 20
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from ncf_ray import console
 from ncf_ray.cli import build_parser, log_dir_for
-from ncf_ray.tune import sweep_plan
 
 
 def _row(epoch, hr, best_epoch, best_hr, k=10):
@@ -51,18 +50,12 @@ def test_epoch_table_says_when_a_run_resumes_or_restarts():
     assert out[4].startswith("restarted from the checkpoint of epoch 3") and out[5].split()[0] == "4"
 
 
-def test_trial_rows_and_plan():
+def test_trial_rows():
     row = console.format_trial_row("a1b2c3", {"factors": 8, "depth": 1, "lr": 3e-3, "negatives": 4},
                                    {"epoch": 1, "best_valid_hr": 0.5, "best_valid_ndcg": 0.25}, max_epochs=3)
     assert row.split()[:3] == ["a1b2c3", "8", "1"] and "0.5000" in row and row.endswith("stopped early (ASHA)")
     assert console.format_trial_row("x", {}, {"epoch": 3}, 3).endswith(" done")
     assert console.format_trial_row("x", {}, {}, 3, error=True).endswith(" error")
-    space = {"factors": [8, 32], "depth": [1, 3], "lr": [3e-3], "weight_decay": {"loguniform": [1e-7, 1e-4]}}
-    n, varied, fixed = sweep_plan(space, "grid", num_samples=1)
-    assert n == 4 and set(varied) == {"factors", "depth", "weight_decay"} and fixed == {"lr": 3e-3}
-    assert sweep_plan(space, "random", num_samples=6)[0] == 6
-    plan = console.format_plan(n, "grid", varied, fixed)
-    assert plan.startswith("sweep plan: 4 trial(s), grid search over factors [8, 32]") and "lr=0.003" in plan
 
 
 def test_session_routes_ray_loggers_and_warnings_to_the_file_and_restores_them(tmp_path, capsys):
@@ -112,7 +105,7 @@ def test_verbose_flag_before_or_after_the_subcommand(argv):
 def test_log_dirs(tmp_path):
     p = build_parser()
     assert log_dir_for(p.parse_args(["train", "d", "--out", "run"])).as_posix() == "run/logs"
-    assert log_dir_for(p.parse_args(["prepare", "synthetic", "--out", str(tmp_path / "ds")])) == tmp_path / "logs"
+    assert log_dir_for(p.parse_args(["prepare", "synthetic", "--out", str(tmp_path / "ds")])) == tmp_path / "ds.logs"
     assert log_dir_for(p.parse_args(["serve", str(tmp_path / "run" / "model")])) == tmp_path / "run" / "logs"
     assert log_dir_for(p.parse_args(["recommend", "m", "--user", "1"])) is None
     assert p.parse_args(["train", "d", "--out", "o"]).verbose is False
