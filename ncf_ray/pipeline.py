@@ -34,9 +34,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # quick and demo sweep every family (`--model auto`: mf, neumf, seq, and EASE in closed form) on small grids,
     # so the table compares families and the demo serves whichever wins on valid.
     "quick": {"users": 300, "items": 200, "interactions": 9_000, "search": "grid", "num_samples": 1,
-              "sweep_epochs": 2, "epochs": 3, "batch_size": 1024,
+              "sweep_epochs": 2, "epochs": 3, "batch_size": 1024, "families": ("mf", "seq"),
               "spaces": {"mf": {"factors": [16], "lr": [3e-3]},
-                         "neumf": {"factors": [8], "depth": [1], "lr": [3e-3]},
                          "seq": {"history_len": [20], "blocks": [1], "factors": [16], "lr": [3e-3]}}},
     "demo": {"users": 3000, "items": 2000, "interactions": 300_000, "search": "grid", "num_samples": 1,
              "sweep_epochs": 3, "epochs": 5, "batch_size": None,
@@ -65,6 +64,7 @@ class PipelineConfig:
     epochs: int = 10
     batch_size: int | None = None
     spaces: dict[str, Any] | None = None  # family -> search space (None: each family's default space)
+    families: tuple[str, ...] | None = None  # what --model auto sweeps (None: tune.AUTO_FAMILIES)
     refit: bool = True  # the served weights are refitted on every interaction after selection on valid
     workers: int = 1
     gpu: bool = False
@@ -127,7 +127,10 @@ def stage_tune(cfg: PipelineConfig, dataset_dir: Path, sweep_dir: Path) -> dict[
                       search=cfg.search)
     overrides = {"gpu": cfg.gpu, **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
     if cfg.model == "auto":
-        return run_auto_sweep(str(dataset_dir), str(sweep_dir), tcfg, overrides, spaces=cfg.spaces)
+        from ncf_ray.tune import AUTO_FAMILIES
+
+        return run_auto_sweep(str(dataset_dir), str(sweep_dir), tcfg, overrides, spaces=cfg.spaces,
+                              families=cfg.families or AUTO_FAMILIES)
     base = build_train_config(default_train_config(cfg.model), **overrides)
     return run_sweep(str(dataset_dir), str(sweep_dir), tcfg, base=base, space=(cfg.spaces or {}).get(cfg.model))
 
