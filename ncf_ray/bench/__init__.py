@@ -142,6 +142,11 @@ def render_report(out: Path) -> str:
         if name == "train" and "time_to_quality" in res:
             lines += ["", *_ttq_lines(res)]
         lines.append("")
+    # Real-data evidence (MovieLens may not be stored here, so no bench regenerates it): kept beside the results,
+    # with the commands that produced every figure, and carried into each regenerated report.
+    real = out / "real_data.md"
+    if real.exists():
+        lines += [real.read_text().rstrip(), ""]
     for png, title in (("throughput_vs_batch.png", "Throughput vs batch size"),
                        ("time_to_quality.png", "Valid HR@10 vs seconds of training")):
         if (out / png).exists():
