@@ -236,7 +236,7 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
     from ncf_ray.config import ServeConfig
     from ncf_ray.serve import bind_app, start_ray
 
-    seconds = 3.0 if quick else 10.0
+    seconds = 1.5 if quick else 10.0
     tmp = tempfile.TemporaryDirectory(prefix="ncf-bench-serve-")
     note = None
     seq_dir, seq_len = None, 20 if quick else 200

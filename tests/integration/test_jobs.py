@@ -121,7 +121,9 @@ def test_job_submit_runs_the_pipeline(head, tmp_path):
     assert "HR@10" in run.stdout and "popularity" in run.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["query"]["items"] and summary["query"]["cold_start"] is False
-    assert (out / "sweep" / "results.csv").exists()
+    # The quick preset sweeps mf and seq (one results.csv each), fits EASE, and picks the best by valid.
+    assert (out / "sweep" / "mf" / "results.csv").exists() and (out / "sweep" / "seq" / "results.csv").exists()
+    assert summary["sweep"]["best_family"] in ("mf", "seq", "ease") and (out / "sweep" / "best").is_dir()
 
     # The exported artifact loads and verifies (manifest checksums).
     from ncf_ray.artifact import load_artifact
