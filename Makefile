@@ -13,6 +13,8 @@ TORCH       ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP       := $(VENV)/.installed
 PIP         := $(PY) -m pip install --quiet --disable-pip-version-check
+# The editable install's build backend prints a multi-line notice at WARNING level: -qq keeps errors only.
+PIP_QUIET   := $(PY) -m pip install -qq --disable-pip-version-check
 
 .PHONY: install demo test test-unit test-integration lint bench clean
 
@@ -20,7 +22,7 @@ PIP         := $(PY) -m pip install --quiet --disable-pip-version-check
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || { echo "install: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "install: upgrading pip"
-	@$(PIP) --upgrade pip
+	@$(PIP_QUIET) --upgrade pip
 	@if [ -n "$(TORCH_INDEX)" ] && $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$(TORCH_INDEX)" 2>/dev/null; then \
 	    echo "install: $(TORCH) (CPU build preferred, from $(TORCH_INDEX))"; \
 	    $(PIP) "$(TORCH)" --extra-index-url "$(TORCH_INDEX)"; \
@@ -29,13 +31,13 @@ $(STAMP): pyproject.toml Makefile
 	    $(PIP) "$(TORCH)"; \
 	fi
 	@echo "install: ncf_ray[dev,tune] (editable) and its dependencies"
-	@$(PIP) -e ".[dev,tune]"
+	@$(PIP_QUIET) -e ".[dev,tune]"
 	@$(PY) -c "import sys, torch; print(f'install: done (torch {torch.__version__} in {sys.prefix})')"
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-# Prepare the embedded synthetic data, sweep, train the best config, serve it and query it over HTTP.
+# Prepare the embedded synthetic data, sweep every family, train and refit the best by valid, serve it, query it.
 demo: $(STAMP)
 	$(PY) -m ncf_ray.demo
 

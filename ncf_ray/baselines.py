@@ -419,7 +419,7 @@ def fit_closed_form(dataset_dir: str, out_dir: str, cfg: Any, refit: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset_dir)
     k, name = cfg.eval_k, cfg.model.name
-    print(f"fitting {name} in closed form on {data.n_users} users x {data.n_items} items", flush=True)
+    print(f"fitting {name} in closed form on {data.n_users} users x {data.n_items} items -> {out}", flush=True)
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     if name == "ease":

@@ -333,9 +333,10 @@ def format_trial_row(trial_id: str, config: dict[str, Any], result: dict[str, An
             f"{epochs:>3} {status}")
 
 
-def trial_printer(total: int | None, max_epochs: int, write: Callable[[str], None] = _write) -> Any:
-    """A ray.tune.Callback (runs on the driver) printing the trial header once, one row per finished or failed
-    trial, and a tqdm bar over `total` trials (None: unknown)."""
+def trial_printer(total: int | None, max_epochs: int, write: Callable[[str], None] = _write,
+                  label: str = "") -> Any:
+    """A ray.tune.Callback (runs on the driver) printing the trial header once (naming `label`, the model family,
+    when given), one row per finished or failed trial, and a tqdm bar over `total` trials (None: unknown)."""
     from ray.tune import Callback
 
     class TrialPrinter(Callback):
@@ -345,7 +346,7 @@ def trial_printer(total: int | None, max_epochs: int, write: Callable[[str], Non
 
         def _row(self, trial: Any, error: bool) -> None:
             if self.rows == 0:
-                write(TRIAL_HEADER)
+                write(f"{TRIAL_HEADER}  ({label} trials)" if label else TRIAL_HEADER)
             self.rows += 1
             write(format_trial_row(trial.trial_id, trial.config or {}, trial.last_result or {}, max_epochs, error))
             if self.bar is not None:

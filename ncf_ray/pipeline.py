@@ -277,8 +277,9 @@ def format_report(summary: dict[str, Any], k: int = 10) -> str:
         f"sweep ({sweep['trials']} trials; best by valid: {sweep['best_family']}):",
         table,
         "",
-        f"best config ({model['name']}) trained for up to {summary['best_config']['epochs']} epochs, selected on "
-        f"valid; served weights: {(summary.get('exported') or {}).get('weights', 'best-by-valid')}",
+        (f"best config ({model['name']}) fitted in closed form" if model["name"] in ("ease", "pop") else
+         f"best config ({model['name']}) trained for up to {summary['best_config']['epochs']} epochs, selected on "
+         f"valid") + f"; served weights: {(summary.get('exported') or {}).get('weights', 'best-by-valid')}",
         f"{'':<12} {'HR@' + str(k):>8} {'NDCG@' + str(k):>8}",
         f"{'valid':<12} {v[f'hr@{k}']:>8.4f} {v[f'ndcg@{k}']:>8.4f}",
         f"{'test':<12} {t[f'hr@{k}']:>8.4f} {t[f'ndcg@{k}']:>8.4f}",
@@ -287,7 +288,7 @@ def format_report(summary: dict[str, Any], k: int = 10) -> str:
         "",
         f"smoke query: POST {summary['query']['url']} user {summary['query']['user_id']} -> "
         f"{', '.join(summary['query']['items'][:5])} ...{'' if summary['serve_url'] else '  (Serve now shut down)'}",
-        f"results:     {summary['out']}  (dataset/, sweep/results.csv, sweep/best/, train/model/, summary.json)",
+        f"results:     {summary['out']}  (dataset/, sweep/<family>/results.csv, sweep/best/, train/model/, summary.json)",
         f"checkpoints: {summary['checkpoints']}",
     ]
     if summary.get("published"):

@@ -290,7 +290,8 @@ def run_sweep(
                                      else None)
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPU})
     t0 = time.time()
-    printer = console.trial_printer(None if resume else plan.trials, tcfg.max_epochs)  # one row per finished trial
+    # One row per finished trial, under a header naming the family (an auto sweep prints one table per family).
+    printer = console.trial_printer(None if resume else plan.trials, tcfg.max_epochs, label=tcfg.model)
     if resume:
         tuner = tune.Tuner.restore(str(exp_path), trainable, resume_unfinished=True, resume_errored=True)
     else:
