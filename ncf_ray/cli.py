@@ -1,10 +1,11 @@
 """`ncf-ray`: the command line. Each subcommand parses flags and calls one stage function.
 
     ncf-ray prepare SOURCE --out DATASET_DIR      # Ray Data: raw log -> split, sharded dataset dir
-    ncf-ray train DATASET_DIR --out RUN_DIR       # Ray Train: NCF data-parallel -> RUN_DIR/model artifact
+    ncf-ray train DATASET_DIR --out RUN_DIR       # Ray Train (seq, NCF, MF; ease/pop in closed form) -> RUN_DIR/model
+    ncf-ray baselines DATASET_DIR                 # popularity and EASE on valid and test
     ncf-ray evaluate MODEL_DIR DATASET_DIR        # HR@K / NDCG@K, sampled or full ranking
     ncf-ray recommend MODEL_DIR --user RAW_ID     # top-K for one user
-    ncf-ray tune DATASET_DIR --out SWEEP_DIR      # Ray Tune sweep -> SWEEP_DIR/best artifact
+    ncf-ray tune DATASET_DIR --out SWEEP_DIR      # Ray Tune sweep (--model auto: every family) -> SWEEP_DIR/best
     ncf-ray serve MODEL_DIR                       # Ray Serve HTTP endpoint
     ncf-ray bench {prepare,train,eval,serve,gpu,all}
 
