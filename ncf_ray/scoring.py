@@ -132,6 +132,10 @@ class AllItemsScorer:
         self._lock = threading.Lock()
         with torch.inference_mode():
             self._catalogue = model.item_repr(None)  # [M, D]
+            # Models without history have one representation per known user: computed once, gathered per request
+            # (a history model's depends on the request's items, so it is computed per request).
+            self._users = None if self.history_len else model.user_repr(
+                user_batch(torch.arange(int(model.n_users), device=self.device)))
         parts_of = getattr(model, "tower_parts", None)
         parts = parts_of() if parts_of is not None else None
         if precision == "fp32" or parts is None:
@@ -192,6 +196,8 @@ class AllItemsScorer:
         """U [B, D] of the users (history [B, L] for models that read it)."""
         if self.history_len and history is None:
             raise ValueError(f"{type(self.model).__name__} reads each user's last {self.history_len} items")
+        if self._users is not None:
+            return self._users[users.to(self.device)]
         return self.model.user_repr(user_batch(users.to(self.device), history))
 
     def _kernel_scores(self, reps: Tensor) -> Tensor:
