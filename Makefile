@@ -12,23 +12,22 @@ PY     := $(VENV)/bin/python
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP       := $(VENV)/.installed
-PIP         := $(PY) -m pip install --quiet --disable-pip-version-check
-# The editable install's build backend prints a multi-line notice at WARNING level: -qq keeps errors only.
+# -qq: pip prints errors only (its warnings here are a build backend's notices and a machine's index config).
 PIP_QUIET   := $(PY) -m pip install -qq --disable-pip-version-check
 
 .PHONY: install demo test test-unit test-integration lint bench clean
 
-# One line per step; pip prints only warnings and errors.
+# One line per step; pip prints only errors.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || { echo "install: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	@echo "install: upgrading pip"
 	@$(PIP_QUIET) --upgrade pip
 	@if [ -n "$(TORCH_INDEX)" ] && $(PY) -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" "$(TORCH_INDEX)" 2>/dev/null; then \
 	    echo "install: $(TORCH) (CPU build preferred, from $(TORCH_INDEX))"; \
-	    $(PIP) "$(TORCH)" --extra-index-url "$(TORCH_INDEX)"; \
+	    $(PIP_QUIET) "$(TORCH)" --extra-index-url "$(TORCH_INDEX)"; \
 	else \
 	    echo "install: $(TORCH) from pip's configured indexes$(if $(TORCH_INDEX), ($(TORCH_INDEX) unreachable),)"; \
-	    $(PIP) "$(TORCH)"; \
+	    $(PIP_QUIET) "$(TORCH)"; \
 	fi
 	@echo "install: ncf_ray[dev,tune] (editable) and its dependencies"
 	@$(PIP_QUIET) -e ".[dev,tune]"
