@@ -12,6 +12,8 @@ Layout of an artifact dir (RUN_DIR/model/, written by `ncf-ray train`, read by `
     history_indptr.npy       CSR int64 [n_users + 1] (optional): each user's items in time order, oldest first
     history_items.npy        (what history-reading models see at serving time), int64
     popularity.npy           float64 [n_items]: train interaction counts (cold-start fallback)
+    features/                (optional) the dataset's item/user side tables, copied verbatim (data/features.py);
+                             context and event specs travel in dataset_meta.json (ncf_ray/inputs.py reads both)
     metrics.json, dataset_meta.json
     manifest.json            {"files": {relpath: sha256}, "sizes": {relpath: bytes}, "model_version"}
 
@@ -45,7 +47,8 @@ from ncf_ray.batch import Histories
 from ncf_ray.config import ModelConfig, from_dict, to_dict
 from ncf_ray.data.schema import COUNT_COL, ITEM_COL, ITEM_IDX, USER_COL, USER_IDX
 from ncf_ray.errors import UserError
-from ncf_ray.model import model_from_config, unwrap
+from ncf_ray.inputs import ModelInputs, build_model_for, inputs_from_dir
+from ncf_ray.model import unwrap
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -60,6 +63,7 @@ POPULARITY_FILE = "popularity.npy"
 METRICS_FILE = "metrics.json"
 DATASET_META_FILE = "dataset_meta.json"
 MANIFEST_FILE = "manifest.json"
+FEATURES_DIR = "features"
 REQUIRED_FILES = (
     WEIGHTS_FILE,
     CONFIG_FILE,
@@ -95,6 +99,7 @@ class Artifact:
     model_version: str
     created: str
     path: str
+    inputs: ModelInputs  # the side information the model reads (features, context, events)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -196,9 +201,11 @@ def save_artifact(
     metrics: dict[str, Any],
     dataset_meta: dict[str, Any],
     histories: Histories | None = None,
+    features_dir: str | Path | None = None,
 ) -> str:
     """Write the artifact atomically to out_dir (replacing an existing one) and return its model_version.
-    users_vocab / items_vocab: pyarrow Table or pandas DataFrame with (user_idx|item_idx, user_id|item_id, count)."""
+    users_vocab / items_vocab: pyarrow Table or pandas DataFrame with (user_idx|item_idx, user_id|item_id, count).
+    `features_dir`: a dataset's features/ dir (side tables), copied in when the model reads features."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -239,6 +246,8 @@ def save_artifact(
             _check_csr(h_indptr, h_items, n_users, n_items, "history")
             np.save(tmp / HISTORY_INDPTR_FILE, h_indptr, allow_pickle=False)
             np.save(tmp / HISTORY_ITEMS_FILE, h_items, allow_pickle=False)
+        if features_dir is not None and Path(features_dir).is_dir():
+            shutil.copytree(features_dir, tmp / FEATURES_DIR)
         _write_json(tmp / METRICS_FILE, metrics)
         _write_json(tmp / DATASET_META_FILE, dataset_meta)
         _write_json(tmp / MANIFEST_FILE, _manifest(tmp, model_version))
@@ -340,7 +349,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         state = load_file(str(root / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{root / WEIGHTS_FILE} is not a readable safetensors file: {exc}") from None
-    model = model_from_config(model_cfg, n_users, n_items)
+    dataset_meta = _read_json(root / DATASET_META_FILE)
+    inputs = inputs_from_dir(root, dataset_meta) if model_cfg.name not in ("ease", "pop") else ModelInputs()
+    model = build_model_for(model_cfg, n_users, n_items, inputs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -375,8 +386,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         popularity=popularity,
         histories=histories,
         metrics=_read_json(root / METRICS_FILE),
-        dataset_meta=_read_json(root / DATASET_META_FILE),
+        dataset_meta=dataset_meta,
         model_version=str(config.get("model_version") or manifest.get("model_version") or ""),
         created=str(config.get("created", "")),
         path=str(root),
+        inputs=inputs.for_model(model_cfg),
     )

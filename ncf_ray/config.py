@@ -56,6 +56,17 @@ class ModelConfig:
     use_user_id: bool = False
     # ease only: the ridge penalty; 0 = pick it on valid from baselines.DEFAULT_LAMBDAS.
     lam: float = 0.0
+    # Side information, every neural family (issue 14): use the dataset's item/user feature tables and its
+    # per-interaction context when it has them (False: the ID-only model, for comparisons); drop the id embedding
+    # with probability id_dropout per training row so the feature path learns to score cold items alone.
+    features: bool = True
+    context: bool = True
+    id_dropout: float = 0.0
+    # Tasks: "click" (any event) and, on logs with events, "purchase"; one head each over a shared bottom, or a
+    # multi-gate mixture of `experts` experts (MMoE, Ma et al. KDD 2018).
+    tasks: tuple[str, ...] = ("click",)
+    task_mixture: str = "shared"
+    experts: int = 4
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_FIELDS:
@@ -66,8 +77,23 @@ class ModelConfig:
             raise UserError(f"layers={list(self.layers)} must all be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout={self.dropout} must be in [0, 1)")
+        if not 0.0 <= self.id_dropout <= 1.0:
+            raise UserError(f"id_dropout={self.id_dropout} must be in [0, 1]")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks) or self.tasks[0] != "click":
+            raise UserError(f"tasks={','.join(self.tasks)} must be click, optionally followed by "
+                            f"{', '.join(TASKS[1:])} (each once)")
+        if self.task_mixture not in ("shared", "mmoe"):
+            raise UserError(f"task_mixture={self.task_mixture!r} is not one of shared, mmoe")
+        if self.experts < 1:
+            raise UserError(f"experts={self.experts} must be >= 1")
         for check in MODEL_CHECKS.get(self.name, ()):
             check(self)
+
+
+# The tasks a model can predict: "click" = any event (the implicit-feedback target every family trains on),
+# "purchase" = the log's purchase event (or a stronger one), on logs prepared with --event-col.
+TASKS = ("click", "purchase")
 
 
 def _seq_shape(cfg: ModelConfig) -> None:
@@ -91,12 +117,15 @@ def _needs_mlp_tower(cfg: ModelConfig) -> None:
 # The registry of model families as the config layer sees them. A new family (with any new ModelConfig fields it
 # needs) adds one line to MODEL_FIELDS — the fields it reads; Tune leaves space keys for the others out — and, if
 # it has rules of its own, one to MODEL_CHECKS. MODEL_NAMES (the CLI's --model choices) follows the dict.
+# Every neural family reads the side-information and task fields.
+SIDE_FIELDS = frozenset({"features", "context", "id_dropout", "tasks", "task_mixture", "experts"})
 MODEL_FIELDS: dict[str, frozenset[str]] = {
-    "gmf": frozenset({"factors"}),
-    "mlp": frozenset({"layers", "dropout"}),
-    "neumf": frozenset({"factors", "layers", "dropout"}),
-    "mf": frozenset({"factors"}),
-    "seq": frozenset({"factors", "layers", "dropout", "history_len", "blocks", "heads", "head", "use_user_id"}),
+    "gmf": frozenset({"factors"}) | SIDE_FIELDS,
+    "mlp": frozenset({"layers", "dropout"}) | SIDE_FIELDS,
+    "neumf": frozenset({"factors", "layers", "dropout"}) | SIDE_FIELDS,
+    "mf": frozenset({"factors"}) | SIDE_FIELDS,
+    "seq": frozenset({"factors", "layers", "dropout", "history_len", "blocks", "heads", "head", "use_user_id"})
+    | SIDE_FIELDS,
     "ease": frozenset({"lam"}),
     "pop": frozenset(),
 }
@@ -139,6 +168,10 @@ class TrainConfig:
     max_failures: int = 0
     pretrain_from: tuple[str, ...] | None = None
     pretrain_alpha: float = 0.5
+    # Multi-task: loss weight per task of model.tasks (empty = 1 each), and the task whose valid HR@k drives early
+    # stopping and Tune ("purchase": on the users whose held-out event is a purchase).
+    task_weights: tuple[float, ...] = ()
+    select_task: str = "click"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "negatives", "workers", "patience", "eval_k"):
@@ -148,6 +181,14 @@ class TrainConfig:
             raise UserError(f"lr={self.lr} must be > 0")
         if self.weight_decay < 0:
             raise UserError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.task_weights and len(self.task_weights) != len(self.model.tasks):
+            raise UserError(f"task_weights={','.join(map(str, self.task_weights))} must give one weight per task "
+                            f"({','.join(self.model.tasks)})")
+        if any(w < 0 for w in self.task_weights):
+            raise UserError(f"task_weights={','.join(map(str, self.task_weights))} must be >= 0")
+        if self.select_task not in self.model.tasks:
+            raise UserError(f"select_task={self.select_task!r} is not one of the model's tasks "
+                            f"({','.join(self.model.tasks)})")
 
 
 @dataclass(frozen=True)
@@ -256,6 +297,8 @@ def build_model_config(base: ModelConfig | None = None, **overrides: Any) -> Mod
         if "name" in values and values["name"] != values["model"]:
             raise UserError(f"model={values['model']!r} and name={values['name']!r} disagree")
         values["name"] = values.pop("model")
+    if isinstance(values.get("tasks"), str):  # the CLI's "click,purchase"
+        values["tasks"] = tuple(x.strip() for x in values["tasks"].split(",") if x.strip())
     depth = values.pop("depth", None)
     if depth is not None:
         if "layers" in values:
@@ -287,6 +330,13 @@ def build_train_config(base: TrainConfig | None = None, **overrides: Any) -> Tra
     model_cfg = build_model_config(model_base, **model_values)
     if isinstance(values.get("pretrain_from"), str):  # the CLI's "GMF_DIR,MLP_DIR"
         values["pretrain_from"] = tuple(p for p in values["pretrain_from"].split(",") if p)
+    if isinstance(values.get("task_weights"), str):  # the CLI's "1,2"
+        try:
+            values["task_weights"] = tuple(float(x) for x in values["task_weights"].split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"task_weights={values['task_weights']!r} must be comma-separated numbers") from None
+    if "task_weights" in values and isinstance(values["task_weights"], (list, tuple)):
+        values["task_weights"] = tuple(float(w) for w in values["task_weights"])
     return dataclasses.replace(_replace(TrainConfig, base, values), model=model_cfg)
 
 

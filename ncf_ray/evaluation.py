@@ -19,6 +19,7 @@ from torch import nn
 from ncf_ray.batch import Histories
 from ncf_ray.data.dataset import Dataset
 from ncf_ray.metrics import build_csr, evaluate_full, evaluate_sampled
+from ncf_ray.model import unwrap
 
 
 def train_histories(data: Dataset, device: torch.device | str = "cpu") -> Histories:
@@ -52,19 +53,53 @@ def full_exclusions(data: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:
     return build_csr(ex_users, ex_items, data.n_users)
 
 
+def split_context(data: Dataset, split: str) -> np.ndarray | None:
+    """[n_users, K] context ids of each user's held-out `split` event, or None (no context in the dataset)."""
+    return getattr(data, f"{split}_context", None)
+
+
+def purchase_users(data: Dataset, split: str) -> np.ndarray | None:
+    """Users whose held-out `split` event is a purchase (the purchase task's eval set), or None for logs
+    without purchase events."""
+    from ncf_ray.inputs import inputs_from_dataset
+
+    events = getattr(data, f"{split}_events", None)
+    purchase_from = inputs_from_dataset(data).purchase_from
+    if events is None or purchase_from is None:
+        return None
+    return np.flatnonzero(np.asarray(events) >= purchase_from)
+
+
 def evaluate_model(model: nn.Module, data: Dataset, k: int, split: str = "test",
                    histories: Histories | None = None) -> dict[str, Any]:
     """Sampled and full-ranking HR/NDCG@k of `split`, with per-segment figures of the sampled protocol
-    (ncf_ray.metrics.segments). `histories`: train histories already built (else built here)."""
-    from ncf_ray.metrics import segments
+    (ncf_ray.metrics.segments). `histories`: train histories already built (else built here).
+
+    On a log with events, "purchase" adds HR/NDCG@k of the users whose held-out event is a purchase, ranked by
+    the model's purchase head where it has one (else its click head: the click-only comparison). Where some
+    held-out items have no train interactions (new items), segments gain "catalogue": {"new", "known"}."""
+    from ncf_ray.metrics import _summarise, segments
 
     targets, negs = split_arrays(data, split)
     hist = split_histories(data, split, train=histories)
+    ctx = split_context(data, split)
     users = np.arange(data.n_users)
-    sampled = evaluate_sampled(model, users, targets, negs, k=k, histories=hist, return_ranks=True)
-    full = evaluate_full(model, users, targets, full_exclusions(data, split), k=k, histories=hist)
+    sampled = evaluate_sampled(model, users, targets, negs, k=k, histories=hist, return_ranks=True, context=ctx)
+    full = evaluate_full(model, users, targets, full_exclusions(data, split), k=k, histories=hist, context=ctx)
     out: dict[str, Any] = {f"hr@{k}": sampled["hr"], f"ndcg@{k}": sampled["ndcg"],
                            f"full_hr@{k}": full["hr"], f"full_ndcg@{k}": full["ndcg"]}
     out["segments"] = segments(sampled["ranks"], np.bincount(data.train_users, minlength=data.n_users),
                                targets, data.item_counts, k)
+    new = data.item_counts[targets] == 0
+    if new.any():
+        ranks = sampled["ranks"]
+        out["segments"]["catalogue"] = {"new": _summarise(ranks[torch.from_numpy(new)], k, True),
+                                        "known": _summarise(ranks[torch.from_numpy(~new)], k, True)}
+    buyers = purchase_users(data, split)
+    if buyers is not None and buyers.size:
+        tasks = tuple(getattr(unwrap(model), "tasks", ("click",)))
+        head = "purchase" if "purchase" in tasks else tasks[0]
+        m = evaluate_sampled(model, buyers, targets[buyers], negs[buyers], k=k, histories=hist,
+                             context=None if ctx is None else ctx[buyers], task=head)
+        out["purchase"] = {f"hr@{k}": m["hr"], f"ndcg@{k}": m["ndcg"], "n": m["n"], "head": head}
     return out

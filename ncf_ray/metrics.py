@@ -121,6 +121,14 @@ def _history(histories: Any, users: Tensor, length: int) -> Tensor | None:
 
 
 # ------------------------------------------------------------------------------------------------ model
+def task_logits(net: nn.Module, batch: Any, task: str | None) -> Tensor:
+    """The model's logits for `task` (None or a single-task model's own task: forward)."""
+    tasks = tuple(getattr(net, "tasks", ("click",)))
+    if task is None or task == tasks[0]:
+        return net(batch)
+    return net.forward_tasks(batch)[task]
+
+
 @torch.no_grad()
 def evaluate_sampled(
     model: nn.Module,
@@ -132,17 +140,21 @@ def evaluate_sampled(
     reduce: bool = True,
     histories: Any = None,
     return_ranks: bool = False,
+    context: ArrayLike | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """HR@k / NDCG@k of the positive pos_items[n] of users[n] among its candidates neg_items[n, :C]: one
     Batch per user chunk with item [B, 1 + C] (and each user's history from `histories`, a
-    ncf_ray.batch.Histories, for models that read it). Restores the model's train/eval mode.
-    `return_ranks` adds the per-user 0-based ranks ("ranks", CPU int64) for segment metrics."""
+    ncf_ray.batch.Histories, for models that read it; context[n] the held-out event's context ids for models
+    that read context). `task` picks a multi-task model's head (None: its first, click). Restores the model's
+    train/eval mode. `return_ranks` adds the per-user 0-based ranks ("ranks", CPU int64) for segment metrics."""
     from ncf_ray.batch import Batch
     from ncf_ray.model import unwrap
 
     net = unwrap(model)
     device = _device_of(net)
     users, pos, neg = _as_long(users, device), _as_long(pos_items, device), _as_long(neg_items, device)
+    ctx = None if context is None else _as_long(context, device)
     length = int(getattr(net, "history_len", 0))
     was_training = net.training
     net.eval()
@@ -151,7 +163,9 @@ def evaluate_sampled(
         for s in range(0, len(users), batch_size):
             u = users[s : s + batch_size]
             cand = torch.cat([pos[s : s + batch_size, None], neg[s : s + batch_size]], 1)
-            logits = net(Batch(user=u, item=cand, history=_history(histories, u, length))).float()
+            batch = Batch(user=u, item=cand, history=_history(histories, u, length),
+                          context=None if ctx is None else ctx[s : s + batch_size])
+            logits = task_logits(net, batch, task).float()
             ranks.append(rank_sampled(logits[:, 0], logits[:, 1:]).cpu())
     finally:
         net.train(was_training)
@@ -173,15 +187,18 @@ def evaluate_full(
     reduce: bool = True,
     histories: Any = None,
     return_ranks: bool = False,
+    context: ArrayLike | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """HR@k / NDCG@k of targets[n] ranked among all items for users[n] (user_repr once per user against the
     cached catalogue item_repr), excluding the items in row users[n] of seen_csr = (indptr, indices) (the target
-    itself never excluded)."""
+    itself never excluded). `context` and `task` as in evaluate_sampled."""
     from ncf_ray.model import unwrap, user_batch
 
     net = unwrap(model)
     device = _device_of(net)
     users, targets = _as_long(users, device), _as_long(targets, device)
+    ctx = None if context is None else _as_long(context, device)
     indptr, indices = (
         (None, None) if seen_csr is None else (_as_long(seen_csr[0], device), _as_long(seen_csr[1], device))
     )
@@ -193,7 +210,11 @@ def evaluate_full(
         ranks = []
         for s in range(0, len(users), batch_size):
             u, t = users[s : s + batch_size], targets[s : s + batch_size]
-            scores = net.score_all(net.user_repr(user_batch(u, _history(histories, u, length))), catalogue).float()
+            batch = user_batch(u, _history(histories, u, length))
+            if ctx is not None:
+                batch.context = ctx[s : s + batch_size]
+            scores = (net.score_all(net.user_repr(batch), catalogue) if task is None
+                      else net.score_all(net.user_repr(batch), catalogue, task=task)).float()
             mask = None if indptr is None else seen_mask(u, indptr, indices, scores.shape[1])
             ranks.append(rank_full(scores, t, mask).cpu())
     finally:

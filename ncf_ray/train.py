@@ -40,7 +40,9 @@ from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import Dataset, check_dataset_dir, load_dataset, read_meta
 from ncf_ray.data.sampler import BloomFilter, NegativeSampler, bloom_from_parquet
 from ncf_ray.errors import UserError
-from ncf_ray.evaluation import evaluate_model, train_histories
+from ncf_ray.evaluation import evaluate_model, purchase_users, split_context, train_histories
+from ncf_ray.inputs import (PURCHASE, ModelInputs, build_model_for, check_tasks, describe, inputs_from_dataset,
+                           inputs_from_parts)
 from ncf_ray.metrics import build_csr
 from ncf_ray.model import CLOSED_FORM, model_from_config, unwrap
 from ncf_ray.runtime import ensure_ray
@@ -159,16 +161,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         data = load_dataset(config["dataset_dir"])
         all_users, all_items, hist = training_positives(data, refit, device)
+        all_events, all_context = positive_extras(data, refit, device)
         # Exclusion needs every positive of a user: keys are 8 bytes per interaction.
         sampler = NegativeSampler(all_users, all_items, data.n_items)
         mine = all_users % world == rank
         pos_users, pos_items = all_users[mine], all_items[mine]
-    model = model_from_config(cfg.model, data.n_users, data.n_items)
+        pos_events = None if all_events is None else all_events[mine]
+        pos_context = None if all_context is None else all_context[mine]
+    inputs = inputs_from_dataset(data).for_model(cfg.model)
+    model = build_model_for(cfg.model, data.n_users, data.n_items, inputs.to(device))
     if cfg.pretrain_from:
         _load_pretrained(model, cfg)
-    eval_users = torch.arange(rank, data.n_users, world, device=device)
-    valid_items = torch.from_numpy(data.valid_items).to(device)[eval_users]
-    valid_neg = torch.from_numpy(data.valid_neg).to(device)[eval_users]
+    eval_users, valid_items, valid_neg, valid_context = validation_slice(data, cfg, inputs, rank, world, device)
+    task_weights = task_weight_map(cfg)
 
     model = ray.train.torch.prepare_model(model)
     raw = unwrap(model)
@@ -202,7 +207,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Step count is only known afterwards; the schedule uses the expected count per rank.
             steps = engine.steps_for(n_train * (1 + cfg.negatives) // world, per_rank_batch)
         else:
-            examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen)
+            examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen,
+                                            events=pos_events, context=pos_context,
+                                            purchase_from=inputs.purchase_from)
             if len(examples) == 0:
                 raise UserError(f"worker {rank} of {world} has no training examples: use fewer --workers")
             rows = engine.rows_per_step(per_rank_batch, examples)
@@ -216,12 +223,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                             lr_for_step, amp_dtype, device, gen, epoch)
                 trained = steps * per_rank_batch
             else:
-                loss = engine.train_epoch(model, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch)
+                loss = engine.train_epoch(model, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch,
+                                          task_weights=task_weights)
                 trained = steps * rows * examples.per_row
         if refit:  # valid is part of the training data now: nothing to select on, the last epoch is kept
             sums = torch.tensor([float("nan"), float("nan"), 1.0], dtype=torch.float64, device=device)
         else:
-            sums = _all_reduce(engine.sampled_sums(raw, eval_users, valid_items, valid_neg, cfg.eval_k, hist))
+            sums = _all_reduce(engine.sampled_sums(raw, eval_users, valid_items, valid_neg, cfg.eval_k, hist,
+                                                   context=valid_context, task=cfg.select_task))
         loss_t = _all_reduce(torch.tensor([loss], device=device)) / world
         hr, ndcg = float(sums[0] / sums[2]), float(sums[1] / sums[2])
         samples_per_s = trained / max(timer.seconds, 1e-9)
@@ -257,6 +266,47 @@ def raise_user_error_from(exc: BaseException | None) -> None:
     err = user_error_in(exc)
     if err is not None:
         raise UserError(str(err)) from None
+
+
+def task_weight_map(cfg: TrainConfig) -> dict[str, float] | None:
+    """{task: loss weight} of a multi-task model (None: one task, plain BCE)."""
+    tasks = cfg.model.tasks
+    if len(tasks) == 1:
+        return None
+    return dict(zip(tasks, cfg.task_weights or (1.0,) * len(tasks)))
+
+
+def validation_slice(data: Dataset, cfg: TrainConfig, inputs: ModelInputs, rank: int, world: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """This rank's share of the valid users (every world-th), their valid item, negatives and context. With
+    select_task="purchase" only users whose valid event is a purchase count (the task's own eval set)."""
+    users = np.arange(rank, data.n_users, world)
+    if cfg.select_task == PURCHASE:
+        buyers = purchase_users(data, "valid")
+        if buyers is None:
+            raise UserError("--select-task purchase needs a log with purchase events (prepare with --event-col)")
+        users = np.intersect1d(users, buyers)
+    ctx = split_context(data, "valid") if inputs.context else None
+    return (torch.from_numpy(users).to(device), torch.from_numpy(data.valid_items[users]).to(device),
+            torch.from_numpy(data.valid_neg[users]).to(device),
+            None if ctx is None else torch.from_numpy(ctx[users]).to(device))
+
+
+def positive_extras(data: Dataset, refit: bool, device: torch.device | str = "cpu",
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(events [P], context [P, K]) of the positives `training_positives` returns, in the same order (None where
+    the dataset has none)."""
+    def cat(train: np.ndarray | None, valid: np.ndarray | None, test: np.ndarray | None) -> torch.Tensor | None:
+        if train is None:
+            return None
+        parts = [train, valid, test] if refit else [train]
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)
+
+    events = cat(getattr(data, "train_events", None), getattr(data, "valid_events", None),
+                 getattr(data, "test_events", None))
+    context = cat(getattr(data, "train_context", None), getattr(data, "valid_context", None),
+                  getattr(data, "test_context", None))
+    return events, context
 
 
 def training_positives(data: Dataset, refit: bool, device: torch.device | str = "cpu",
@@ -368,6 +418,9 @@ def check_streamable(cfg: TrainConfig, refit: bool = False) -> None:
     if model_from_config(cfg.model, 2, 2).history_len > 0:
         raise UserError(f"--stream cannot train --model {cfg.model.name}: it reads each user's whole history, "
                         f"which a streamed shard does not hold; drop --stream")
+    if len(cfg.model.tasks) > 1:
+        raise UserError("--stream trains the click task only (streamed shards carry no events); drop --stream "
+                        "or --tasks")
     if refit:
         raise UserError("--stream cannot --refit: the refit trains on valid and test items too, which only the "
                         "fast path reads; drop --stream")
@@ -430,7 +483,7 @@ def finalize(
     if state.get("best_model") is None:
         raise UserError(f"training produced no checkpoint with a valid score for {model_dir}")
     data = load_dataset(dataset_dir)
-    model = model_from_config(cfg.model, data.n_users, data.n_items)
+    model = build_model_for(cfg.model, data.n_users, data.n_items, inputs_from_dataset(data))
     model.load_state_dict(state["best_model"])
     model.eval()
     metrics = evaluate_model(model, data, cfg.eval_k, histories=train_histories(data))
@@ -449,6 +502,7 @@ def finalize(
         "history": history,
         "config": to_dict(cfg),
         "dataset": data.meta.get("source"),
+        "inputs": describe(inputs_from_dataset(data), cfg.model),
     }
     result["popularity"] = result["baselines"]["popularity"]  # the earlier key, kept for readers of metrics.json
     result["exported"] = {"weights": "best-by-valid", "epochs": state["best_epoch"]}
@@ -468,7 +522,7 @@ def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d
                     metrics: dict[str, Any]) -> str:
     """Write the artifact for serving: the seen set holds train, valid and test items (so /recommend never
     returns what the user already did) and the stored histories end with them too."""
-    from ncf_ray.artifact import save_artifact, vocab_table
+    from ncf_ray.artifact import FEATURES_DIR, save_artifact, vocab_table
 
     all_users, all_items, hist = training_positives(data, refit=True)
     seen_indptr, seen_indices = build_csr(all_users.numpy(), all_items.numpy(), data.n_users)
@@ -477,7 +531,7 @@ def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d
         vocab_table(data.user_ids, np.bincount(data.train_users, minlength=data.n_users), S.USER_IDX, S.USER_COL),
         vocab_table(data.item_ids, data.item_counts, S.ITEM_IDX, S.ITEM_COL),
         seen_indptr, seen_indices, data.item_counts.astype(np.float64), metrics, data.meta,
-        histories=hist,
+        histories=hist, features_dir=Path(data.path) / FEATURES_DIR if cfg.model.features else None,
     )
 
 
@@ -495,6 +549,7 @@ def run_training(
 
         return fit_closed_form(dataset_dir, out_dir, cfg, refit, baselines)
     meta = read_meta(dataset_dir)
+    check_tasks(cfg.model, inputs_from_parts(meta, {}))  # before Ray starts
     if cfg.stream:
         check_streamable(cfg, refit)  # before Ray starts, not after a first run
     out = Path(out_dir).resolve()
@@ -554,7 +609,7 @@ def refit_and_export(dataset_dir: str, out: Path, cfg: TrainConfig, metrics: dic
     t0 = time.time()
     state = fit_run(dataset_dir, refit_cfg, storage, name, placement_strategy, refit=True)
     data = load_dataset(dataset_dir)
-    model = model_from_config(cfg.model, data.n_users, data.n_items)
+    model = build_model_for(cfg.model, data.n_users, data.n_items, inputs_from_dataset(data))
     model.load_state_dict(state["best_model"])
     metrics = dict(metrics)
     metrics["exported"] = {"weights": "refit", "epochs": epochs, "train_seconds": time.time() - t0,
@@ -586,6 +641,15 @@ def format_summary(m: dict[str, Any], k: int = 10) -> str:
         lines.append(f"{label:<12}" + "".join(cells))
     if "skipped" in ease:
         lines.append(f"EASE skipped: {ease['skipped']}")
+    buy = m["test"].get("purchase") if isinstance(m.get("test"), dict) else None
+    if buy:
+        lines.append(f"test purchase users (n={buy['n']}, {buy['head']} head): HR@{k} {buy[f'hr@{k}']:.4f}, "
+                     f"NDCG@{k} {buy[f'ndcg@{k}']:.4f}")
+    reads = m.get("inputs") or {}
+    if reads.get("features") or reads.get("context") or len(reads.get("tasks", [])) > 1:
+        feats = "; ".join(f"{what} {', '.join(cols)}" for what, cols in reads.get("features", {}).items())
+        lines.append(f"reads: features [{feats or 'none'}], context [{', '.join(reads.get('context', []))}], "
+                     f"tasks {','.join(reads.get('tasks', []))}")
     seg = m["test"].get("segments") if isinstance(m.get("test"), dict) else None
     if seg:
         parts = [f"{name} {v['hr']:.3f} (n={v['n']})" for group in seg.values() for name, v in group.items()]
