@@ -41,8 +41,15 @@ from ncf_ray.data.dataset import Dataset, check_dataset_dir, load_dataset, read_
 from ncf_ray.data.sampler import BloomFilter, NegativeSampler, bloom_from_parquet
 from ncf_ray.errors import UserError
 from ncf_ray.evaluation import evaluate_model, purchase_users, split_context, train_histories
-from ncf_ray.inputs import (PURCHASE, ModelInputs, build_model_for, check_tasks, describe, inputs_from_dataset,
-                           inputs_from_parts)
+from ncf_ray.inputs import (
+    PURCHASE,
+    ModelInputs,
+    build_model_for,
+    check_tasks,
+    describe,
+    inputs_from_dataset,
+    inputs_from_parts,
+)
 from ncf_ray.metrics import build_csr
 from ncf_ray.model import CLOSED_FORM, model_from_config, unwrap
 from ncf_ray.runtime import ensure_ray
