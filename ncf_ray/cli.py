@@ -102,6 +102,25 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- train
+def _add_side_flags(p: argparse.ArgumentParser) -> None:
+    """Side information and tasks (issue 14): flags shared by train and tune; None = the config default."""
+    g = p.add_argument_group("features, context and tasks (logs prepared with side tables / events)")
+    g.add_argument("--no-features", dest="features", action="store_false", default=None,
+                   help="ignore the dataset's item/user side tables (the ID-only model)")
+    g.add_argument("--no-context", dest="context", action="store_false", default=None,
+                   help="ignore per-interaction context (hour, weekday, --context-cols)")
+    g.add_argument("--id-dropout", type=float, default=None,
+                   help="drop the id embedding per training row with this probability so features learn to "
+                        "score new items alone (default 0)")
+    g.add_argument("--tasks", default=None, help="click or click,purchase (a head each; default click)")
+    g.add_argument("--task-mixture", choices=("shared", "mmoe"), default=None,
+                   help="multi-task bottom: shared, or a multi-gate mixture of experts")
+    g.add_argument("--experts", type=int, default=None, help="mmoe: number of experts (default 4)")
+    g.add_argument("--task-weights", default=None, help="loss weight per task, e.g. 1,2 (default 1 each)")
+    g.add_argument("--select-task", default=None,
+                   help="the task whose valid HR@K drives early stopping and Tune (default click)")
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from ncf_ray.config import DEFAULT_MODEL, MODEL_NAMES, ModelConfig, TrainConfig
 
@@ -151,8 +170,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint storage (RunConfig.storage_path): a dir every node sees or a pyarrow URI "
                         "(s3://, gs://); default --out")
     p.add_argument("--json", action="store_true", help="print metrics JSON as the last line")
+    _add_side_flags(p)
     p.set_defaults(func=_cmd_train)
 
+
+SIDE_FLAG_KEYS = ("features", "context", "id_dropout", "tasks", "task_mixture", "experts", "task_weights",
+                  "select_task")
 
 # `ncf-ray train` flag (argparse dest) -> TrainConfig key, for the flags whose names differ; every other flag of
 # _add_train that is a config key passes through under its own name.
@@ -273,6 +296,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep in --out")
     p.add_argument("--json", action="store_true")
+    _add_side_flags(p)
     p.set_defaults(func=_cmd_tune)
 
 
@@ -285,6 +309,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                       search=args.search, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
                       seed=args.seed)
     overrides = {"gpu": args.gpu, **({"batch_size": args.batch_size} if args.batch_size else {})}
+    overrides.update({key: getattr(args, key) for key in SIDE_FLAG_KEYS if getattr(args, key) is not None})
     if args.model == "auto":
         if args.space:
             raise UserError("--space applies to one family; --model auto uses each family's default space")
