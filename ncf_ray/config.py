@@ -277,14 +277,16 @@ def _coerce(owner: str, name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _replace(cls: type[T], base: T, values: dict[str, Any]) -> T:
-    """`base` with `values` applied after coercion; unknown keys are refused by name."""
+def _replace(cls: type[T], base: T, values: dict[str, Any], **ready: Any) -> T:
+    """`base` with `values` applied after coercion (and `ready` values as they are, in the same construction, so
+    fields checked together — a model's tasks and their weights — are checked once, together); unknown keys are
+    refused by name."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"unknown {cls.__name__} key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
     coerced = {k: _coerce(cls.__name__, k, v, getattr(base, k)) for k, v in values.items()}
-    return dataclasses.replace(base, **coerced)  # type: ignore[type-var]
+    return dataclasses.replace(base, **coerced, **ready)  # type: ignore[type-var]
 
 
 def build_model_config(base: ModelConfig | None = None, **overrides: Any) -> ModelConfig:
@@ -337,7 +339,7 @@ def build_train_config(base: TrainConfig | None = None, **overrides: Any) -> Tra
             raise UserError(f"task_weights={values['task_weights']!r} must be comma-separated numbers") from None
     if "task_weights" in values and isinstance(values["task_weights"], (list, tuple)):
         values["task_weights"] = tuple(float(w) for w in values["task_weights"])
-    return dataclasses.replace(_replace(TrainConfig, base, values), model=model_cfg)
+    return _replace(TrainConfig, base, values, model=model_cfg)
 
 
 # Defaults per family, chosen on the valid split of real MovieLens-1M (bench/RESULTS.md, "Defaults on real
