@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ncf_ray.artifact import Artifact, load_artifact
+from ncf_ray.context import encode_context
 from ncf_ray.errors import UserError
 from ncf_ray.metrics import csr_rows
 from ncf_ray.scoring import AllItemsScorer
@@ -81,6 +82,8 @@ class Recommender:
         exclude_seen: bool = True,
         candidates: Sequence[RawId] | None = None,
         recent_items: Sequence[Sequence[RawId] | None] | None = None,
+        context: Sequence[dict[str, Any] | None] | None = None,
+        objective: str = "click",
     ) -> list[dict[str, Any]]:
         """Top-k items for each user, in request order: {"user_id", "items": [{"item_id", "score"}],
         "cold_start"} (+ "unknown_items" when candidates are given). k is clipped to the items available.
@@ -88,13 +91,21 @@ class Recommender:
         `recent_items[j]` (raw ids, oldest first) is what user j just did: it extends a known user's stored
         history, and gives a user the model does not know (or `None`, an anonymous shopper) a personalised list
         from a model that reads history ("history": "request"). Those items are excluded like seen ones; unknown
-        ids are skipped and counted ("unknown_recent_items"). Without any history a user gets popularity."""
+        ids are skipped and counted ("unknown_recent_items"). Without any history a user gets popularity.
+
+        `context[j]` (hour, dow, device, ...: ncf_ray/context.py) is user j's request context for models that
+        read context; `objective` picks the head a multi-task model ranks by ("click" or "purchase")."""
         if isinstance(user_ids, (str, bytes)):
             raise UserError(f"user_ids must be a list of ids, got the string {user_ids!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise UserError(f"k={k!r} must be a positive integer")
         if recent_items is not None and len(recent_items) != len(user_ids):
             raise UserError(f"recent_items has {len(recent_items)} lists for {len(user_ids)} users")
+        if context is not None and len(context) != len(user_ids):
+            raise UserError(f"context has {len(context)} entries for {len(user_ids)} users")
+        task = self.check_objective(objective)
+        contexts = [self.context_ids(c) for c in context] if context is not None else [self.context_ids(None)] * len(
+            user_ids)
         keys = [None if u is None else str(u) for u in user_ids]
         cand_idx, unknown_items = self._candidates(candidates)
         recent = [self.check_recent_items(r) for r in recent_items] if recent_items is not None else [None] * len(keys)
@@ -107,7 +118,9 @@ class Recommender:
         if scored:
             users = torch.tensor([user_idx[p] for p in scored], dtype=torch.int64, device=self.device)
             extra = [recent[p][0] if recent[p] is not None else [] for p in scored]
-            for pos, items in zip(scored, self._top_known(users, int(k), exclude_seen, cand_idx, extra)):
+            ctx = (torch.tensor([contexts[p] for p in scored], dtype=torch.int64, device=self.device)
+                   if self.context_spec else None)
+            for pos, items in zip(scored, self._top_known(users, int(k), exclude_seen, cand_idx, extra, ctx, task)):
                 lists[pos] = items
         scored_set = set(scored)
         for pos in range(len(keys)):
@@ -125,6 +138,25 @@ class Recommender:
                 result["unknown_items"] = list(unknown_items)
             results.append(result)
         return results
+
+    @property
+    def context_spec(self) -> dict[str, Any] | None:
+        """The context columns the model reads (meta.json's "context"), or None."""
+        return self.artifact.inputs.context
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(getattr(self.model, "tasks", ("click",)))
+
+    def check_objective(self, objective: str) -> str | None:
+        """The task to rank by (None: the model's first, click); UserError for one the model does not predict."""
+        if objective not in self.tasks:
+            raise UserError(f"objective={objective!r}: this model predicts {', '.join(self.tasks)}")
+        return None if objective == self.tasks[0] else objective
+
+    def context_ids(self, raw: dict[str, Any] | None) -> list[int]:
+        """One request's context ids (ncf_ray/context.py); UserError naming a bad field."""
+        return encode_context(self.context_spec, raw)
 
     def _history_source(self, known: bool, scored: bool, recent: tuple[list[int], int] | None) -> str:
         """Which history a user's list came from: stored, stored+request, request, or none."""
@@ -177,10 +209,11 @@ class Recommender:
     @torch.inference_mode()
     def _top_known(
         self, users: Tensor, k: int, exclude_seen: bool, cand_idx: Tensor | None,
-        extra: list[list[int]] | None = None,
+        extra: list[list[int]] | None = None, context: Tensor | None = None, task: str | None = None,
     ) -> list[list[dict[str, Any]]]:
         """Top-k lists of users (user -1: unknown, scored from `extra` alone) with each one's `extra` request
-        items appended to its history and excluded like seen items."""
+        items appended to its history and excluded like seen items; `context` [B, K] and `task` as in
+        AllItemsScorer.top_k."""
         history = self._history(users, extra)
         known = users >= 0
         extra_rows = torch.tensor([r for r, more in enumerate(extra or []) for _ in more], dtype=torch.int64,
@@ -205,12 +238,13 @@ class Recommender:
             scores[pos, cols] = float("-inf")
 
         if cand_idx is None:
-            top_scores, top_items = self.scorer.top_k(users, k, mask_seen if exclude_seen else None, history)
+            top_scores, top_items = self.scorer.top_k(users, k, mask_seen if exclude_seen else None, history,
+                                                      context, task)
         elif len(cand_idx) == 0:
             return [[] for _ in range(len(users))]
         else:
-            reps = self.scorer.user_repr(users, history)
-            scores = self.model.score_all(reps, self.model.item_repr(cand_idx)).float()  # [B, candidates]
+            reps = self.scorer.user_repr(users, history, context)
+            scores = self._score_all(reps, self.model.item_repr(cand_idx), task)  # [B, candidates]
             if exclude_seen:
                 rows, cols = seen_pairs(torch.arange(len(users), device=self.device))
                 # Seen item index -> its column among the candidates (-1 when it is not a candidate).
@@ -222,6 +256,11 @@ class Recommender:
             top_scores, top_cols = torch.topk(scores, min(k, len(cand_idx)), dim=1)
             top_items = cand_idx[top_cols]
         return self._item_lists(top_items.cpu().numpy(), top_scores.cpu().numpy())
+
+    def _score_all(self, reps: Tensor, items: Tensor, task: str | None) -> Tensor:
+        if task is None:
+            return self.model.score_all(reps, items).float()
+        return self.model.score_all(reps, items, task=task).float()
 
     def _top_popular(self, k: int, cand_idx: Tensor | None, drop: set[int] | None = None) -> list[dict[str, Any]]:
         """The popularity list (over the candidates, when given), without the items in `drop`."""
@@ -246,11 +285,15 @@ class Recommender:
 
     # -------------------------------------------------------------------------------------------- score
     @torch.inference_mode()
-    def score(self, user_id: RawId, item_ids: Sequence[RawId]) -> dict[str, Any]:
+    def score(self, user_id: RawId, item_ids: Sequence[RawId], context: dict[str, Any] | None = None,
+              objective: str = "click") -> dict[str, Any]:
         """Scores of given items for one user: {"user_id", "scores": [{"item_id", "score" | None, "known"}],
-        "cold_start"}. Unknown items get score None and known False, in request order."""
+        "cold_start"}. Unknown items get score None and known False, in request order. `context` and
+        `objective` as in recommend."""
         if isinstance(item_ids, (str, bytes)):
             raise UserError(f"item_ids must be a list of ids, got the string {item_ids!r}")
+        task = self.check_objective(objective)
+        ctx_ids = self.context_ids(context)
         key = str(user_id)
         keys = [str(i) for i in item_ids]
         idx = [self.item_index.get(i, -1) for i in keys]
@@ -262,8 +305,9 @@ class Recommender:
             values = self._pop_score[known_idx.cpu()].tolist()
         else:
             user = torch.tensor([self.user_index[key]], dtype=torch.int64, device=self.device)
-            reps = self.scorer.user_repr(user, self._history(user))
-            values = self.model.score_all(reps, self.model.item_repr(known_idx))[0].float().cpu().tolist()
+            ctx = torch.tensor([ctx_ids], dtype=torch.int64, device=self.device) if self.context_spec else None
+            reps = self.scorer.user_repr(user, self._history(user), ctx)
+            values = self._score_all(reps, self.model.item_repr(known_idx), task)[0].cpu().tolist()
         it = iter(values)
         scores = [
             {"item_id": item, "score": next(it), "known": True}

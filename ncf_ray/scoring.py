@@ -134,10 +134,14 @@ class AllItemsScorer:
             self._catalogue = model.item_repr(None)  # [M, D]
             # Models without history have one representation per known user: computed once, gathered per request
             # (a history model's depends on the request's items, so it is computed per request).
-            self._users = None if self.history_len else model.user_repr(
+            # Context (hour, device, ...) comes with each request, so a context model's are per request too.
+            self.reads_context = int(getattr(model, "n_context_ids", 0)) > 0
+            self.tasks = tuple(getattr(model, "tasks", ("click",)))
+            self._users = None if self.history_len or self.reads_context else model.user_repr(
                 user_batch(torch.arange(int(model.n_users), device=self.device)))
         parts_of = getattr(model, "tower_parts", None)
-        parts = parts_of() if parts_of is not None else None
+        # The bf16 kernel is NeuMF's single tower head; multi-task heads are scored exactly.
+        parts = parts_of() if parts_of is not None and len(self.tasks) == 1 else None
         if precision == "fp32" or parts is None:
             self.precision = "fp32"
             if precision == "bf16" and parts is None:
@@ -192,13 +196,21 @@ class AllItemsScorer:
             self.note = f"bf16 kernel unavailable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); fp32"
             log.warning("ncf_ray scoring: %s", self.note)
 
-    def user_repr(self, users: Tensor, history: Tensor | None = None) -> Tensor:
-        """U [B, D] of the users (history [B, L] for models that read it)."""
+    def user_repr(self, users: Tensor, history: Tensor | None = None, context: Tensor | None = None) -> Tensor:
+        """U [B, D] of the users (history [B, L] for models that read it, context [B, K] for models that read
+        context; None = unknown context)."""
         if self.history_len and history is None:
             raise ValueError(f"{type(self.model).__name__} reads each user's last {self.history_len} items")
         if self._users is not None:
             return self._users[users.to(self.device)]
-        return self.model.user_repr(user_batch(users.to(self.device), history))
+        batch = user_batch(users.to(self.device), history)
+        batch.context = context
+        return self.model.user_repr(batch)
+
+    def _exact_scores(self, reps: Tensor, task: str | None) -> Tensor:
+        if task is None or task == self.tasks[0]:
+            return self.model.score_all(reps, self._catalogue).float()
+        return self.model.score_all(reps, self._catalogue, task=task).float()
 
     def _kernel_scores(self, reps: Tensor) -> Tensor:
         """One chunk of user representations through the kernel. The lock is held per chunk only: a caller on a
@@ -211,30 +223,32 @@ class AllItemsScorer:
                                 self._w_out, self._bias, u_dot, self._item_dot)
 
     @torch.inference_mode()
-    def scores(self, users: Tensor, history: Tensor | None = None) -> Tensor:
-        """[B, M] float32 logits of every user against all items (bf16 approximations unless `exact`)."""
-        reps = self.user_repr(users, history)
-        if self.exact:
-            return self.model.score_all(reps, self._catalogue).float()
+    def scores(self, users: Tensor, history: Tensor | None = None, context: Tensor | None = None,
+               task: str | None = None) -> Tensor:
+        """[B, M] float32 logits of every user against all items (bf16 approximations unless `exact`), for
+        `task` (None: the model's first, click)."""
+        reps = self.user_repr(users, history, context)
+        if self.exact or task not in (None, self.tasks[0]):
+            return self._exact_scores(reps, task)
         parts = [self._kernel_scores(reps[s : s + self._chunk]) for s in range(0, len(reps), self._chunk)]
         return torch.cat(parts) if parts else self._catalogue.new_zeros((0, self.n_items))
 
     @torch.inference_mode()
     def top_k(
         self, users: Tensor, k: int, exclude: Callable[[Tensor, Tensor], None] | None = None,
-        history: Tensor | None = None,
+        history: Tensor | None = None, context: Tensor | None = None, task: str | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(logits, item indices), each [B, min(k, M)], best first. `exclude(rows, scores)` may set scores to -inf
         in place (seen items; `rows` are positions in `users`); such items come back only when fewer than k
         others exist, with -inf."""
         users = users.to(self.device)
         rows = torch.arange(len(users), device=self.device)
-        if self.exact or len(users) == 0:
-            scores = self.scores(users, history)
+        if self.exact or len(users) == 0 or task not in (None, self.tasks[0]):
+            scores = self.scores(users, history, context, task)
             if exclude is not None:
                 exclude(rows, scores)
             return torch.topk(scores, min(k, self.n_items), dim=1)
-        reps = self.user_repr(users, history)
+        reps = self.user_repr(users, history, context)
         n = shortlist_size(k, self.n_items)
         values, items = [], []
         for s in range(0, len(users), self._chunk):
@@ -245,15 +259,16 @@ class AllItemsScorer:
             values.append(v)
             items.append(i)
         approx, short = torch.cat(values), torch.cat(items)
-        exact = self.exact_pairs(users, short, history)
+        exact = self.exact_pairs(users, short, history, context)
         exact[approx == float("-inf")] = float("-inf")  # excluded stays excluded
         top, order = torch.topk(exact, min(k, n), dim=1)
         return top, short.gather(1, order)
 
     @torch.inference_mode()
-    def exact_pairs(self, users: Tensor, items: Tensor, history: Tensor | None = None) -> Tensor:
-        """fp32 logits [B, s] of users[B] against their own items[B, s] through the model's forward."""
-        return self.model(Batch(user=users.to(self.device), item=items, history=history)).float()
+    def exact_pairs(self, users: Tensor, items: Tensor, history: Tensor | None = None,
+                    context: Tensor | None = None) -> Tensor:
+        """fp32 logits [B, s] (click) of users[B] against their own items[B, s] through the model's forward."""
+        return self.model(Batch(user=users.to(self.device), item=items, history=history, context=context)).float()
 
 
 __all__ = ["AllItemsScorer", "PRECISIONS", "bf16_is_fast", "shortlist_size", "reuse_large_allocations"]

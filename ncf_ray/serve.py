@@ -29,7 +29,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import torch
@@ -41,6 +41,7 @@ from ray import serve
 
 from ncf_ray.config import ServeConfig, build_serve_config
 from ncf_ray.errors import UserError
+from ncf_ray.inputs import describe as describe_inputs
 from ncf_ray.recommender import Recommender
 from ncf_ray.scoring import reuse_large_allocations
 
@@ -53,6 +54,9 @@ HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 # A raw id is an int or a string as the client knows it (never a float, bool or null).
 RawId = StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=256)]
 K = Annotated[StrictInt, Field(ge=1, le=MAX_K)]
+ContextBody = Annotated[dict[str, StrictInt | Annotated[StrictStr, Field(max_length=256)]] | None,
+                        Field(max_length=32)]
+Objective = Literal["click", "purchase"]
 
 
 # ------------------------------------------------------------------------------------------------ request bodies
@@ -68,6 +72,10 @@ class RecommendRequest(_Body):
     candidates: list[RawId] | None = Field(None, max_length=MAX_IDS)
     # What the user just did, oldest first (at most the model's history length; unknown ids are skipped).
     recent_items: list[RawId] | None = Field(None, max_length=MAX_IDS)
+    # The request's context for models trained with it (hour, dow, device, ...: ncf_ray/context.py).
+    context: ContextBody = None
+    # Which head a multi-task model ranks by: likely to click, or likely to buy.
+    objective: Objective = "click"
 
     @model_validator(mode="after")
     def _someone(self) -> "RecommendRequest":
@@ -82,6 +90,8 @@ class BatchRequest(_Body):
     exclude_seen: StrictBool = True
     # One list per user (same order as user_ids), or null for a user without one.
     recent_items: list[list[RawId] | None] | None = Field(None, max_length=MAX_IDS)
+    context: ContextBody = None  # one context for every user of the batch
+    objective: Objective = "click"
 
     @model_validator(mode="after")
     def _aligned(self) -> "BatchRequest":
@@ -93,6 +103,8 @@ class BatchRequest(_Body):
 class ScoreRequest(_Body):
     user_id: RawId
     item_ids: list[RawId] = Field(min_length=1, max_length=MAX_IDS)
+    context: ContextBody = None
+    objective: Objective = "click"
 
 
 class Item(BaseModel):
@@ -217,7 +229,8 @@ def _json(obj: Any) -> Response:
 def _batch_body(rec: Recommender, req: BatchRequest) -> bytes:
     """Score and encode a /recommend/batch answer in one go: on the bulk thread, so the event loops that
     carry HTTP do not hold the GIL encoding large bodies while the scorer waits for it."""
-    results = rec.recommend(req.user_ids, req.k, req.exclude_seen, recent_items=req.recent_items)
+    results = rec.recommend(req.user_ids, req.k, req.exclude_seen, recent_items=req.recent_items,
+                            context=[req.context] * len(req.user_ids), objective=req.objective)
     return orjson.dumps([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
 
 
@@ -273,14 +286,13 @@ class NCFServer:
         its own k (top-k lists are prefixes of the top-kmax list)."""
         rec = self._current()  # the whole batch uses one model, even if a swap lands meanwhile
         out: list[dict[str, Any]] = [{} for _ in reqs]
-        for exclude in (True, False):
-            pos = [i for i, r in enumerate(reqs) if r.exclude_seen is exclude]
-            if not pos:
-                continue
+        for exclude, objective in {(r.exclude_seen, r.objective) for r in reqs}:
+            pos = [i for i, r in enumerate(reqs) if r.exclude_seen is exclude and r.objective == objective]
             kmax = max(reqs[i].k for i in pos)
             recent = [reqs[i].recent_items for i in pos]
             results = rec.recommend([reqs[i].user_id for i in pos], kmax, exclude_seen=exclude,
-                                    recent_items=recent if any(r is not None for r in recent) else None)
+                                    recent_items=recent if any(r is not None for r in recent) else None,
+                                    context=[reqs[i].context for i in pos], objective=objective)
             for i, res in zip(pos, results):
                 out[i] = _answer(reqs[i].user_id, res, rec, reqs[i].k, reqs[i].recent_items is not None)
         return out
@@ -290,10 +302,14 @@ class NCFServer:
         """Top-k items for one user (or an anonymous shopper with recent_items); without any history the most
         popular items come back with cold_start true."""
         rec = self._current()
-        rec.check_recent_items(req.recent_items)  # a bad request fails alone, never the batch it would join
+        # A bad request fails alone, never the batch it would join.
+        rec.check_recent_items(req.recent_items)
+        rec.context_ids(req.context)
+        rec.check_objective(req.objective)
         if req.candidates is not None:  # a per-request candidate set cannot share a batch's item axis
             recent = None if req.recent_items is None else [req.recent_items]
-            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates, recent_items=recent)[0]
+            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates, recent_items=recent,
+                                context=[req.context], objective=req.objective)[0]
             return _json(_answer(req.user_id, res, rec, req.k))
         return _json(await self._recommend_batched(req))
 
@@ -302,6 +318,8 @@ class NCFServer:
         """Top-k for up to 1000 users in one forward pass."""
         for recent in req.recent_items or ():
             self._current().check_recent_items(recent)
+        self._current().context_ids(req.context)
+        self._current().check_objective(req.objective)
         body = await asyncio.get_running_loop().run_in_executor(self._bulk, _batch_body, self._current(), req)
         return Response(body, media_type="application/json")
 
@@ -309,7 +327,7 @@ class NCFServer:
     async def score(self, req: ScoreRequest) -> Response:
         """Model scores of the given items for one user; unknown items come back with score null, known false."""
         rec = self._current()
-        res = rec.score(req.user_id, req.item_ids)
+        res = rec.score(req.user_id, req.item_ids, context=req.context, objective=req.objective)
         res.update(user_id=req.user_id, model_version=rec.model_version)
         return _json(res)
 
@@ -329,6 +347,8 @@ class NCFServer:
             "scoring": {"precision": rec.scorer.precision, "note": rec.scorer.note},
             "created": art.created,
             "model": dataclasses.asdict(art.model_cfg),
+            # What the model reads beside ids, and the objectives /recommend takes.
+            "inputs": describe_inputs(art.inputs, art.model_cfg),
             "n_users": art.n_users,
             "n_items": art.n_items,
             "dataset_meta": art.dataset_meta,
