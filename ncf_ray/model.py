@@ -340,8 +340,11 @@ class RecModel(nn.Module):
             users = users.unsqueeze(-2)
         return users, items
 
-    def forward(self, batch: Batch) -> Tensor:
-        """Logits of tasks[0] (click), shaped like batch.item."""
+    def forward(self, batch: Batch, all_tasks: bool = False) -> Tensor | dict[str, Tensor]:
+        """Logits of tasks[0] (click), shaped like batch.item; with all_tasks, forward_tasks' dict (the engine
+        asks so through the module call, so DDP and compile wrappers see a forward)."""
+        if all_tasks:
+            return self.head_tasks(*self._reprs(batch))
         return self.head(*self._reprs(batch))
 
     def forward_tasks(self, batch: Batch) -> dict[str, Tensor]:

@@ -42,7 +42,8 @@ def test_pair_examples_layout_and_negatives_are_not_positives():
     sampler = NegativeSampler(users, items, n_items)
     ex = engine.pair_examples(users, items, sampler, 3, torch.Generator().manual_seed(1))
     assert len(ex) == users.numel() and ex.item.shape == (users.numel(), 4) and ex.per_row == 4
-    assert torch.equal(ex.labels[:, 0], torch.ones(len(ex))) and ex.labels[:, 1:].sum() == 0
+    assert list(ex.labels) == ["click"]
+    assert torch.equal(ex.labels["click"][:, 0], torch.ones(len(ex))) and ex.labels["click"][:, 1:].sum() == 0
     positive_keys = set((users * n_items + items).tolist())
     assert set((ex.user * n_items + ex.item[:, 0]).tolist()) == positive_keys  # every positive once
     neg_keys = (ex.user[:, None] * n_items + ex.item[:, 1:]).reshape(-1).tolist()
