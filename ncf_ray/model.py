@@ -183,8 +183,11 @@ class ContextPool(nn.Module):
 
     def forward(self, context: Tensor) -> Tensor:
         context = context.long()
-        count = (context > 0).sum(-1, keepdim=True).clamp(min=1)
-        return self.emb(context).sum(-2) / count
+        flat = context.reshape(-1, context.shape[-1])
+        # embedding_bag's padding_idx drops unknown ids from the sum whatever row 0 holds.
+        summed = F.embedding_bag(flat, self.emb.weight, mode="sum", padding_idx=0)
+        count = (flat > 0).sum(-1, keepdim=True).clamp(min=1)
+        return (summed / count).view(*context.shape[:-1], -1)
 
 
 class FeaturedEmbedding(nn.Embedding):
@@ -774,6 +777,7 @@ class SeqNCF(RecModel):
             raise UserError(f"user feature table has {side.user_features.n_rows} rows but the model has "
                             f"{n_users} users (built from another dataset?)")
         self.user_feat = FeaturePool(side.user_features, factors) if side.user_features is not None else None
+        self.id_dropout = side.id_dropout
         self.context_pool = ContextPool(side.n_context_ids, factors) if side.n_context_ids > 0 else None
         self.blocks = nn.ModuleList(CausalBlock(factors, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(factors)
@@ -818,6 +822,8 @@ class SeqNCF(RecModel):
         x = self.norm(x)
         if self.user_emb is not None and users is not None:
             known = users >= 0
+            if self.user_feat is not None and self.training and self.id_dropout > 0:
+                known = known & (torch.rand(users.shape, device=users.device) >= self.id_dropout)  # as items
             ids = self.user_emb(users.clamp(min=0)) * known[:, None]
             x = x + ids[:, None, :]
         if self.user_feat is not None and users is not None:
