@@ -10,6 +10,11 @@ Two kinds of examples, chosen by the model (`history_len`):
 - sequences (history models): the user's time-ordered items cut into windows of L, every position a next-item
   target with its own negatives (SASRec-style: one pass over a window trains L targets).
 Both become the same `Batch` and go through the same step.
+
+Labels are per task (`Examples.labels[task]`, the tasks of the model): click = 1 for the positive; purchase = 1
+for a positive whose event code is >= `purchase_from` (the funnel index of the purchase event); negatives are 0
+for every task. Context ids of a positive ([P, K]) travel with it, and its negatives share them. Sequence
+windows take events and context per target position from the Histories.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from ncf_ray.errors import UserError
 from ncf_ray.metrics import evaluate_sampled
 from ncf_ray.model import unwrap
 
-TASK = "click"
+TASK = "click"  # the first task of every model (forward's logits)
 
 
 class NonFiniteLoss(UserError):
@@ -85,9 +90,10 @@ class Examples:
 
     user: Tensor  # [R]
     item: Tensor  # [R, C] or [R, L, C]
-    labels: Tensor  # like item
+    labels: dict[str, Tensor]  # task -> like item
     history: Tensor | None = None  # [R, L]
     mask: Tensor | None = None  # [R, L]
+    context: Tensor | None = None  # [R, K] or [R, L, K] (per target)
 
     def __len__(self) -> int:
         return int(self.user.numel())
@@ -104,20 +110,45 @@ class Examples:
             sl: slice | Tensor = slice(start, start + size)
         else:
             sl = torch.arange(start, start + size, device=self.user.device) % n
-        return Batch(user=self.user[sl], item=self.item[sl], labels={TASK: self.labels[sl]},
+        return Batch(user=self.user[sl], item=self.item[sl], labels={k: v[sl] for k, v in self.labels.items()},
                      history=None if self.history is None else self.history[sl],
-                     mask=None if self.mask is None else self.mask[sl])
+                     mask=None if self.mask is None else self.mask[sl],
+                     context=None if self.context is None else self.context[sl])
+
+
+def task_labels(shape: torch.Size, tasks: tuple[str, ...], events: Tensor | None, purchase_from: int | None,
+                device: torch.device) -> dict[str, Tensor]:
+    """{task: labels [..., C]} with the positive in candidate 0 of each row: click 1, purchase 1 where the
+    positive's event (shaped like the leading dims) is >= purchase_from, every negative 0."""
+    out = {}
+    for task in tasks:
+        labels = torch.zeros(shape, device=device)
+        if task == "click":
+            labels[..., 0] = 1.0
+        elif task == "purchase":
+            if events is None or purchase_from is None:
+                raise UserError("a purchase task needs events in the data and purchase_from (the purchase event's "
+                                f"index); got events={'none' if events is None else 'given'}, "
+                                f"purchase_from={purchase_from}")
+            labels[..., 0] = (events.to(device) >= purchase_from).float()
+        else:
+            raise UserError(f"task={task!r} has no labels (known: click, purchase)")
+        out[task] = labels
+    return out
 
 
 def pair_examples(users: Tensor, items: Tensor, sampler: NegativeSampler, negatives: int,
-                  generator: torch.Generator | None = None) -> Examples:
-    """Each positive with `negatives` fresh negatives: item [P, 1 + n] (the positive first), shuffled rows."""
+                  generator: torch.Generator | None = None, *, events: Tensor | None = None,
+                  context: Tensor | None = None, purchase_from: int | None = None,
+                  tasks: tuple[str, ...] = (TASK,)) -> Examples:
+    """Each positive with `negatives` fresh negatives: item [P, 1 + n] (the positive first), shuffled rows;
+    labels per task (see task_labels), context [P, K] carried along (the negatives share it)."""
     neg = sampler.sample(users, negatives, generator=generator)
     cand = torch.cat([items[:, None], neg], 1)
-    labels = torch.zeros(cand.shape, device=cand.device)
-    labels[:, 0] = 1.0
+    labels = task_labels(cand.shape, tasks, events, purchase_from, cand.device)
     perm = torch.randperm(users.numel(), device=users.device, generator=generator)
-    return Examples(users[perm], cand[perm], labels[perm])
+    return Examples(users[perm], cand[perm], {k: v[perm] for k, v in labels.items()},
+                    context=None if context is None else context.to(users.device)[perm])
 
 
 def sequence_windows(hist: Histories, users: Tensor, length: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,32 +170,45 @@ def sequence_windows(hist: Histories, users: Tensor, length: int) -> tuple[Tenso
 
 
 def sequence_examples(hist: Histories, users: Tensor, length: int, sampler: NegativeSampler, negatives: int,
-                      generator: torch.Generator | None = None) -> Examples:
+                      generator: torch.Generator | None = None, *, purchase_from: int | None = None,
+                      tasks: tuple[str, ...] = (TASK,)) -> Examples:
     """Windows of `users`' histories, every position a target with `negatives` fresh negatives:
-    history [W, L], item [W, L, 1 + n], mask [W, L] (False = padding, no loss)."""
+    history [W, L], item [W, L, 1 + n], mask [W, L] (False = padding, no loss); labels per task from the
+    targets' events (hist.events), context [W, L, K] of each target (hist.context) when the CSR carries it."""
     w_user, ends, mask = sequence_windows(hist, users, length)
     history = hist.windows(ends, w_user, length)
     idx = (ends[:, None] - length + 1 + torch.arange(length, device=ends.device)).clamp(min=0)
-    target = hist.items[idx.clamp(max=max(hist.items.numel() - 1, 0))]
+    idx = idx.clamp(max=max(hist.items.numel() - 1, 0))
+    target = hist.items[idx]
     rows = w_user[:, None].expand(-1, length).reshape(-1)
     neg = sampler.sample(rows, negatives, generator=generator).view(len(w_user), length, negatives)
     cand = torch.cat([target[..., None], neg], -1)
-    labels = torch.zeros(cand.shape, device=cand.device)
-    labels[..., 0] = 1.0
+    events = None if hist.events is None or hist.events.numel() == 0 else hist.events[idx]
+    labels = task_labels(cand.shape, tasks, events, purchase_from, cand.device)
+    context = None if hist.context is None or hist.context.shape[0] == 0 else hist.context[idx]
     perm = torch.randperm(len(w_user), device=ends.device, generator=generator)
-    return Examples(w_user[perm], cand[perm], labels[perm], history[perm], mask[perm])
+    return Examples(w_user[perm], cand[perm], {k: v[perm] for k, v in labels.items()}, history[perm], mask[perm],
+                    None if context is None else context[perm])
 
 
 def make_examples(model: nn.Module, users: Tensor, items: Tensor, hist: Histories | None,
-                  sampler: NegativeSampler, negatives: int, generator: torch.Generator | None = None) -> Examples:
+                  sampler: NegativeSampler, negatives: int, generator: torch.Generator | None = None,
+                  events: Tensor | None = None, context: Tensor | None = None,
+                  purchase_from: int | None = None) -> Examples:
     """The examples `model` trains on: sequence windows of the users' histories for models that read history
-    (`history_len` > 0), else one row per positive (users[j], items[j])."""
-    length = int(getattr(unwrap(model), "history_len", 0))
+    (`history_len` > 0; events/context then come from `hist`), else one row per positive (users[j], items[j])
+    with its events[j] and context[j]. Labels for each of the model's tasks; purchase_from is the event index
+    from which a positive counts as a purchase."""
+    net = unwrap(model)
+    tasks = tuple(getattr(net, "tasks", (TASK,)))
+    length = int(getattr(net, "history_len", 0))
     if length > 0:
         if hist is None:
             raise ValueError("a history model needs the users' histories to build examples")
-        return sequence_examples(hist, torch.unique(users), length, sampler, negatives, generator)
-    return pair_examples(users, items, sampler, negatives, generator)
+        return sequence_examples(hist, torch.unique(users), length, sampler, negatives, generator,
+                                 purchase_from=purchase_from, tasks=tasks)
+    return pair_examples(users, items, sampler, negatives, generator, events=events, context=context,
+                         purchase_from=purchase_from, tasks=tasks)
 
 
 def rows_per_step(batch_size: int, examples: Examples) -> int:
@@ -177,17 +221,28 @@ def steps_for(n_rows: int, rows: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------- steps
-def batch_loss(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None) -> Tensor:
-    """Mean binary cross-entropy of the batch's candidates (padding positions of sequence windows excluded)."""
-    device = batch.user.device
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = model(batch)
-    labels = batch.labels[TASK]
-    if batch.mask is None:
+def _bce(logits: Tensor, labels: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean binary cross-entropy of the candidates (padding positions of sequence windows excluded)."""
+    if mask is None:
         return F.binary_cross_entropy_with_logits(logits.float(), labels)
-    weight = batch.mask[..., None].expand_as(labels).float()
+    weight = mask[..., None].expand_as(labels).float()
     loss = F.binary_cross_entropy_with_logits(logits.float(), labels, weight=weight, reduction="sum")
     return loss / weight.sum().clamp(min=1.0)
+
+
+def batch_loss(model: nn.Module, batch: Batch, amp_dtype: torch.dtype | None = None,
+               task_weights: dict[str, float] | None = None) -> Tensor:
+    """Mean binary cross-entropy of the batch's candidates; for a multi-task model the sum over its tasks of
+    task_weights[task] (default 1) times that task's mean BCE. Multi-task logits come through
+    `model(batch, all_tasks=True)`, so DDP / compile wrappers see an ordinary forward call."""
+    device = batch.user.device
+    tasks = tuple(getattr(unwrap(model), "tasks", (TASK,)))
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(batch) if len(tasks) == 1 else model(batch, all_tasks=True)
+    if len(tasks) == 1:
+        return _bce(logits, batch.labels[tasks[0]], batch.mask)
+    weights = task_weights or {}
+    return sum(float(weights.get(t, 1.0)) * _bce(logits[t], batch.labels[t], batch.mask) for t in tasks)
 
 
 def train_epoch(
@@ -199,6 +254,7 @@ def train_epoch(
     lr_for_step: Callable[[int], float] | None = None,
     amp_dtype: torch.dtype | None = None,
     epoch: int = 0,
+    task_weights: dict[str, float] | None = None,
 ) -> float:
     """`steps` optimiser steps over `rows`-row slices of `examples` (wrapping around). Returns the mean loss;
     raises NonFiniteLoss when it is NaN or infinite (one host sync per epoch, not per step)."""
@@ -211,7 +267,8 @@ def train_epoch(
             lr = lr_for_step(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        loss = batch_loss(model, examples.batch((step * rows) % max(len(examples), 1), rows), amp_dtype)
+        loss = batch_loss(model, examples.batch((step * rows) % max(len(examples), 1), rows), amp_dtype,
+                          task_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -230,27 +287,29 @@ class GraphedStep:
     """The whole train step (forward, loss, backward, fused Adam) captured once as a CUDA graph and replayed:
     per step the host only copies the batch into static buffers and sets the lr tensor, so launch overhead
     vanishes. Needs fixed-size batches (Examples.batch wraps around) and an optimiser built with
-    `capturable=True` and a tensor lr (see `graph_optimizer`). CUDA only."""
+    `capturable=True` and a tensor lr (see `graph_optimizer`). CUDA only. Multi-task models and context
+    capture the same way (every task's labels and the context are static buffers too)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, warmup: Batch,
-                 amp_dtype: torch.dtype | None) -> None:
+                 amp_dtype: torch.dtype | None, task_weights: dict[str, float] | None = None) -> None:
         self.model, self.optimizer, self.amp_dtype = model, optimizer, amp_dtype
         self.static = Batch(user=warmup.user.clone(), item=warmup.item.clone(),
                             labels={k: v.clone() for k, v in warmup.labels.items()},
                             history=None if warmup.history is None else warmup.history.clone(),
-                            mask=None if warmup.mask is None else warmup.mask.clone())
+                            mask=None if warmup.mask is None else warmup.mask.clone(),
+                            context=None if warmup.context is None else warmup.context.clone())
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream (allocator, cuBLAS handles), as the docs advise
             for _ in range(3):
                 optimizer.zero_grad(set_to_none=True)
-                batch_loss(model, self.static, amp_dtype).backward()
+                batch_loss(model, self.static, amp_dtype, task_weights).backward()
                 optimizer.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
-            self.loss = batch_loss(model, self.static, amp_dtype)
+            self.loss = batch_loss(model, self.static, amp_dtype, task_weights)
             self.loss.backward()
             optimizer.step()
 
@@ -264,6 +323,8 @@ class GraphedStep:
             s.history.copy_(batch.history)
         if s.mask is not None:
             s.mask.copy_(batch.mask)
+        if s.context is not None:
+            s.context.copy_(batch.context)
         for group in self.optimizer.param_groups:
             group["lr"].fill_(lr)  # a device tensor: no host sync, captured by the graph
         self.graph.replay()
@@ -293,7 +354,8 @@ def fit_plain(
     model: nn.Module, users: Tensor, items: Tensor, n_items: int, epochs: int, *, negatives: int = 4,
     batch_size: int = 8192, lr: float = 2e-3, base_batch_size: int = 1024, warmup_epochs: float = 1.0,
     weight_decay: float = 0.0, hist: Histories | None = None, generator: torch.Generator | None = None,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None, events: Tensor | None = None, context: Tensor | None = None,
+    purchase_from: int | None = None, task_weights: dict[str, float] | None = None,
 ) -> list[dict[str, float]]:
     """The single-process loop: the worker loop's recipe (examples, schedule, steps) without Ray or DDP, for
     the plain-torch baseline of `ncf-ray bench train`, tests and experiments. Returns per-epoch loss and
@@ -304,12 +366,13 @@ def fit_plain(
     optimizer = build_optimizer(model, lr0, weight_decay, device)
     out = []
     for epoch in range(epochs):
-        examples = make_examples(model, users, items, hist, sampler, negatives, generator)
+        examples = make_examples(model, users, items, hist, sampler, negatives, generator, events, context,
+                                 purchase_from)
         rows = rows_per_step(batch_size, examples)
         steps = steps_for(len(examples), rows)
         with Timer(device) as t:
             loss = train_epoch(model, optimizer, examples, rows, steps,
-                               schedule(lr0, epoch, steps, warmup_epochs, epochs), amp_dtype, epoch)
+                               schedule(lr0, epoch, steps, warmup_epochs, epochs), amp_dtype, epoch, task_weights)
         out.append({"epoch": epoch + 1, "loss": loss, "seconds": t.seconds,
                     "samples_per_second": steps * rows * examples.per_row / max(t.seconds, 1e-9)})
     return out

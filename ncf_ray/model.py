@@ -17,8 +17,21 @@ tower head (`tower_logits`) is a function of (U, I) and is shared with other fam
 and MF are dot products of their representations (MF folds its biases into U and I), which keeps them open to
 ANN retrieval over `item_repr`.
 
+Side features, context, multi-task (all optional; without them a model is exactly the ID-only single-task one):
+- `item_features` / `user_features` (batch.FeatureTable): every id embedding of that side is a FeaturedEmbedding,
+  id embedding (zeroed per row with prob `id_dropout` in training) + masked mean of the entity's feature
+  embeddings (+ a projection of its dense vector). An item never seen in training is scored from its features.
+- `n_context_ids` > 0: the pooled embedding of batch.context [B, K] (0 = unknown, None = all unknown) joins the
+  user representation.
+- `tasks=("click", "purchase")`: one logit per task from the family's interaction vector (`interaction(U, I)`:
+  U*I for dot families, [GMF product ; tower output] for NeuMF/MLP), through one linear head per task
+  (`task_mixture="shared"`) or `experts` small MLP experts mixed by a softmax gate per task ("mmoe").
+  forward() is the logit of tasks[0] (click); forward_tasks() gives every task's.
+
 Parameter names are those of the earlier `model(users, items)` classes, so their artifacts load unchanged; a test
-pins each model's logits on a seeded batch. Config never reaches inside: `build_model` takes flat args.
+pins each model's logits on a seeded batch. Feature tables are non-persistent buffers: the state_dict holds
+weights only (the tables travel in the artifact's features/). Config never reaches inside: `build_model` takes
+flat args.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ncf_ray.batch import Batch
+from ncf_ray.batch import Batch, FeatureTable
 from ncf_ray.errors import UserError
 
 if TYPE_CHECKING:
@@ -91,17 +104,176 @@ def check_layers(layers: Sequence[int], dropout: float) -> tuple[int, ...]:
     return layers
 
 
+TASKS = ("click", "purchase")
+TASK_MIXTURES = ("shared", "mmoe")
+
+
+def check_tasks(tasks: Sequence[str], task_mixture: str, experts: int) -> tuple[str, ...]:
+    tasks = tuple(str(t) for t in tasks) or ("click",)
+    if tasks[0] != "click" or len(set(tasks)) != len(tasks) or any(t not in TASKS for t in tasks):
+        raise UserError(f"tasks={list(tasks)} must start with click and name each of {', '.join(TASKS)} at most once")
+    if task_mixture not in TASK_MIXTURES:
+        raise UserError(f"task_mixture={task_mixture!r} is not one of {', '.join(TASK_MIXTURES)}")
+    if experts <= 0:
+        raise UserError(f"experts={experts} must be > 0")
+    return tasks
+
+
+def check_id_dropout(id_dropout: float) -> float:
+    if not 0.0 <= id_dropout <= 1.0:
+        raise UserError(f"id_dropout={id_dropout} must be in [0, 1]")
+    return float(id_dropout)
+
+
+# ------------------------------------------------------------------------------------------------ features
+class FeaturePool(nn.Module):
+    """The pooled side features of an entity table: masked mean of the embeddings of each row's non-padding
+    ids (one nn.Embedding over the table's global id space, padding_idx 0) plus a bias-free projection of its
+    dense vector. forward(rows [...]) -> [..., dim]; a negative row (unknown user, sequence padding) gives zeros.
+
+    The table is a non-persistent buffer (it is data, not weights), and it is fixed, so the catalogue cache of
+    item_repr stays valid."""
+
+    def __init__(self, table: FeatureTable, dim: int) -> None:
+        super().__init__()
+        self.n_rows = table.n_rows
+        self.emb = nn.Embedding(max(table.n_ids, 1), dim, padding_idx=0)
+        init_embedding(self.emb)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+        ids = table.ids.long()
+        self.register_buffer("ids", ids, persistent=False)
+        # Masked mean: divide the sum over slots by the number of real (non-padding) ids, at least 1.
+        self.register_buffer("inv_count", 1.0 / (ids > 0).sum(1, keepdim=True).clamp(min=1).float(), persistent=False)
+        self.proj = nn.Linear(table.dense_dim, dim, bias=False) if table.dense_dim else None
+        self.register_buffer("dense", None if table.dense is None else table.dense.float(), persistent=False)
+
+    def pooled(self, rows: Tensor) -> Tensor:
+        """[R, dim] of table rows [R] (all >= 0)."""
+        if self.ids.shape[1]:
+            out = F.embedding_bag(self.ids[rows], self.emb.weight, mode="sum", padding_idx=0) * self.inv_count[rows]
+        else:
+            out = self.emb.weight.new_zeros((rows.numel(), self.emb.embedding_dim))
+        if self.proj is not None:
+            out = out + self.proj(self.dense[rows])
+        return out
+
+    def forward(self, rows: Tensor) -> Tensor:
+        flat = rows.reshape(-1)
+        known = flat >= 0
+        safe = flat.clamp(min=0)
+        if flat.numel() > self.n_rows:
+            # More lookups than rows (a training batch of candidates): pool every row once and gather, so the
+            # cost stops growing with the batch and the backward pass sums per row, not per lookup.
+            out = self.pooled(torch.arange(self.n_rows, device=flat.device))[safe]
+        else:
+            out = self.pooled(safe)
+        return (out * known[:, None].to(out.dtype)).view(*rows.shape, -1)
+
+
+class ContextPool(nn.Module):
+    """Masked mean of the embeddings of a context row's known ids: [..., K] -> [..., dim] (0 = unknown)."""
+
+    def __init__(self, n_ids: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(n_ids, dim, padding_idx=0)
+        init_embedding(self.emb)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+
+    def forward(self, context: Tensor) -> Tensor:
+        context = context.long()
+        flat = context.reshape(-1, context.shape[-1])
+        # embedding_bag's padding_idx drops unknown ids from the sum whatever row 0 holds.
+        summed = F.embedding_bag(flat, self.emb.weight, mode="sum", padding_idx=0)
+        count = (flat > 0).sum(-1, keepdim=True).clamp(min=1)
+        return (summed / count).view(*context.shape[:-1], -1)
+
+
+class FeaturedEmbedding(nn.Embedding):
+    """An nn.Embedding of entity ids (same `weight`, so an ID-only model's parameter names and logits are
+    unchanged) that can add the entity's pooled side features and, on the user side, the pooled context:
+
+        out = weight[idx] * keep + features(idx - shift) + context_pool(context)
+
+    keep ~ Bernoulli(1 - id_dropout) per looked-up row in training, 1 in eval; id dropout applies only where a
+    feature table exists (it teaches the model to score from features, which cold entities are left with).
+    `shift`: how far idx is from the table row (1 for the sequence model's item_idx + 1 ids, 0 = padding)."""
+
+    def __init__(self, n: int, dim: int, table: FeatureTable | None = None, id_dropout: float = 0.0,
+                 n_context_ids: int = 0, shift: int = 0, padding_idx: int | None = None) -> None:
+        super().__init__(n, dim, padding_idx=padding_idx)
+        if table is not None and table.n_rows != n - shift:
+            raise UserError(f"feature table has {table.n_rows} rows but the model has {n - shift} entities "
+                            "(built from another dataset?)")
+        self.id_dropout = check_id_dropout(id_dropout) if table is not None else 0.0
+        self.shift = int(shift)
+        self.features = FeaturePool(table, dim) if table is not None else None
+        self.context = ContextPool(n_context_ids, dim) if n_context_ids > 0 else None
+
+    def keep_mask(self, idx: Tensor) -> Tensor | None:
+        """Which id rows survive id dropout (None: all of them)."""
+        if not self.training or self.id_dropout <= 0.0:
+            return None
+        return torch.rand(idx.shape, device=idx.device) >= self.id_dropout
+
+    def forward(self, idx: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        out = super().forward(idx)
+        if self.features is None and self.context is None:
+            return out
+        keep = self.keep_mask(idx) if keep is None else keep
+        if keep is not None:
+            out = out * keep[..., None].to(out.dtype)
+        if self.features is not None:
+            out = out + self.features(idx - self.shift)
+        if self.context is not None and context is not None:
+            out = out + self.context(context)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ task heads
+class TaskHeads(nn.Module):
+    """One logit per task from a family's interaction vector z [..., W]: `shared` = one Linear(W, 1) per task;
+    `mmoe` (Ma et al., KDD 2018) = `experts` small ReLU experts over z, mixed per task by a softmax gate over z,
+    then that task's Linear."""
+
+    def __init__(self, width: int, tasks: tuple[str, ...], mixture: str, experts: int) -> None:
+        super().__init__()
+        self.tasks, self.mixture = tasks, mixture
+        if mixture == "mmoe":
+            self.experts = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.ReLU()) for _ in range(experts))
+            self.gates = nn.ModuleDict({t: nn.Linear(width, experts) for t in tasks})
+            for expert in self.experts:
+                init_hidden(expert[0])
+        self.out = nn.ModuleDict({t: nn.Linear(width, 1) for t in tasks})
+        for lin in self.out.values():
+            init_prediction(lin)
+
+    def forward(self, z: Tensor, tasks: Sequence[str] | None = None) -> dict[str, Tensor]:
+        tasks = tuple(tasks or self.tasks)
+        if self.mixture == "shared":
+            return {t: self.out[t](z)[..., 0] for t in tasks}
+        e = torch.stack([expert(z) for expert in self.experts], -2)  # [..., E, W]
+        out = {}
+        for t in tasks:
+            gate = torch.softmax(self.gates[t](z), -1)
+            out[t] = self.out[t]((gate[..., None] * e).sum(-2))[..., 0]
+        return out
+
+
 # ------------------------------------------------------------------------------------------------ base
 class RecModel(nn.Module):
     """The contract every family implements (see the module docstring). Subclasses set n_users, n_items and
     `history_len` (> 0: the batch must carry the user's last history_len items) and define user_repr,
-    _item_repr and head; score_all has a chunked default that dot-product models replace with one matmul."""
+    _item_repr, _head (the single-task logit) and interaction (the vector multi-task heads read); _score_all has
+    a chunked default that dot-product models replace with one matmul. `_init_tasks` adds the task heads."""
 
     n_users: int
     n_items: int
     history_len: int = 0
     # Widest per-pair tensor head() builds, in floats (sizes score_all's user chunks).
     pair_width: int = 1
+    tasks: tuple[str, ...] = ("click",)
 
     def user_repr(self, batch: Batch) -> Tensor:
         raise NotImplementedError
@@ -109,8 +281,44 @@ class RecModel(nn.Module):
     def _item_repr(self, items: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def head(self, users: Tensor, items: Tensor) -> Tensor:
+    def _head(self, users: Tensor, items: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def interaction(self, users: Tensor, items: Tensor) -> Tensor:
+        """z [..., W]: what the family's own prediction layer reads, for the task heads (broadcasts like head)."""
+        raise NotImplementedError
+
+    def _init_tasks(self, tasks: Sequence[str], task_mixture: str, experts: int, width: int) -> None:
+        """Task heads over the interaction vector (of `width` floats) when there is more than one task; a
+        single-task model keeps the family's own head, parameters and logits."""
+        self.tasks = check_tasks(tasks, task_mixture, experts)
+        self.task_mixture, self.n_experts = task_mixture, int(experts)
+        self.task_heads = TaskHeads(width, self.tasks, task_mixture, experts) if len(self.tasks) > 1 else None
+        if self.task_heads is not None:
+            self.pair_width = max(self.pair_width, width * (experts + 2 if task_mixture == "mmoe" else 1))
+
+    @property
+    def multitask(self) -> bool:
+        return len(self.tasks) > 1
+
+    def _task(self, task: str | None) -> str:
+        task = self.tasks[0] if task is None else task
+        if task not in self.tasks:
+            raise UserError(f"task={task!r} is not one of this model's tasks {', '.join(self.tasks)}")
+        return task
+
+    def head(self, users: Tensor, items: Tensor, task: str | None = None) -> Tensor:
+        """Logits of `task` (None: tasks[0]) for representations U and I, broadcasting over leading dims."""
+        task = self._task(task)
+        if not self.multitask:
+            return self._head(users, items)
+        return self.task_heads(self.interaction(users, items), (task,))[task]
+
+    def head_tasks(self, users: Tensor, items: Tensor) -> dict[str, Tensor]:
+        """{task: logits} of every task (the interaction vector computed once)."""
+        if not self.multitask:
+            return {self.tasks[0]: self._head(users, items)}
+        return self.task_heads(self.interaction(users, items))
 
     def item_repr(self, items: Tensor | None = None) -> Tensor:
         """I [..., D] of `items` (any shape), or of every item [M, D] when None. The whole-catalogue table is cached
@@ -128,23 +336,44 @@ class RecModel(nn.Module):
         self.__dict__["_item_cache"] = (key, table) if cacheable else None
         return table
 
-    def forward(self, batch: Batch) -> Tensor:
-        """Logits shaped like batch.item."""
+    def _reprs(self, batch: Batch) -> tuple[Tensor, Tensor]:
         users = self.user_repr(batch)
         items = self.item_repr(batch.item)
         while users.dim() < items.dim():
             users = users.unsqueeze(-2)
-        return self.head(users, items)
+        return users, items
 
-    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
-        """Logits [B, M] of user representations [B, D] against item representations [M, D]."""
+    def forward(self, batch: Batch, all_tasks: bool = False) -> Tensor | dict[str, Tensor]:
+        """Logits of tasks[0] (click), shaped like batch.item; with all_tasks, forward_tasks' dict (the engine
+        asks so through the module call, so DDP and compile wrappers see a forward)."""
+        if all_tasks:
+            return self.head_tasks(*self._reprs(batch))
+        return self.head(*self._reprs(batch))
+
+    def forward_tasks(self, batch: Batch) -> dict[str, Tensor]:
+        """{task: logits shaped like batch.item} for every task of the model."""
+        return self.head_tasks(*self._reprs(batch))
+
+    def _chunked(self, users: Tensor, items: Tensor, head: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
         chunk = chunk_users(items.shape[0], self.pair_width, items.device)
-        parts = [self.head(users[s : s + chunk, None, :], items[None]) for s in range(0, users.shape[0], chunk)]
+        parts = [head(users[s : s + chunk, None, :], items[None]) for s in range(0, users.shape[0], chunk)]
         return torch.cat(parts) if parts else users.new_zeros((0, items.shape[0]))
 
-    def score_items(self, batch: Batch, items: Tensor | None = None) -> Tensor:
+    def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
+        return self._chunked(users, items, self._head)
+
+    def score_all(self, users: Tensor, items: Tensor, task: str | None = None) -> Tensor:
+        """Logits [B, M] of `task` (None: tasks[0]) of user representations [B, D] against item representations
+        [M, D]."""
+        task = self._task(task)
+        if not self.multitask:
+            return self._score_all(users, items)
+        return self._chunked(users, items, lambda u, i: self.head(u, i, task))
+
+    def score_items(self, batch: Batch, items: Tensor | None = None, task: str | None = None) -> Tensor:
         """Logits [B, M] of the batch's users against `items` [M] (every item when None); batch.item is unused."""
-        return self.score_all(self.user_repr(batch), self.item_repr(items))
+        users, catalogue = self.user_repr(batch), self.item_repr(items)
+        return self.score_all(users, catalogue) if task is None else self.score_all(users, catalogue, task)
 
     @property
     def device(self) -> torch.device:
@@ -155,9 +384,37 @@ class RecModel(nn.Module):
         return super().train(mode)
 
 
-def user_batch(users: Tensor, history: Tensor | None = None) -> Batch:
+def user_batch(users: Tensor, history: Tensor | None = None, context: Tensor | None = None) -> Batch:
     """A Batch for scoring users against items chosen later (score_items, the serving scorer)."""
-    return Batch(user=users, item=users.new_zeros((users.shape[0], 0)), history=history)
+    return Batch(user=users, item=users.new_zeros((users.shape[0], 0)), history=history, context=context)
+
+
+@dataclass
+class SideInputs:
+    """The optional inputs every family takes beyond IDs (see the module docstring); defaults = ID-only."""
+
+    item_features: FeatureTable | None = None
+    user_features: FeatureTable | None = None
+    n_context_ids: int = 0
+    id_dropout: float = 0.0
+    tasks: tuple[str, ...] = ("click",)
+    task_mixture: str = "shared"
+    experts: int = 4
+
+    def __post_init__(self) -> None:
+        check_id_dropout(self.id_dropout)
+        if self.n_context_ids < 0:
+            raise UserError(f"n_context_ids={self.n_context_ids} must be >= 0")
+        self.tasks = check_tasks(self.tasks, self.task_mixture, self.experts)
+
+    def user_embedding(self, n: int, dim: int, shift: int = 0, padding_idx: int | None = None) -> FeaturedEmbedding:
+        return FeaturedEmbedding(n, dim, self.user_features, self.id_dropout, self.n_context_ids, shift, padding_idx)
+
+    def item_embedding(self, n: int, dim: int, shift: int = 0, padding_idx: int | None = None) -> FeaturedEmbedding:
+        return FeaturedEmbedding(n, dim, self.item_features, self.id_dropout, 0, shift, padding_idx)
+
+
+ID_ONLY = SideInputs()
 
 
 # ------------------------------------------------------------------------------------------------ tower head
@@ -166,12 +423,13 @@ class Tower(nn.Module):
     widths. The first Linear is applied split (W_u p_u and W_i q_i + b) by the representations; `hidden` holds
     the rest."""
 
-    def __init__(self, n_users: int, n_items: int, layers: Sequence[int], dropout: float) -> None:
+    def __init__(self, n_users: int, n_items: int, layers: Sequence[int], dropout: float,
+                 side: SideInputs = ID_ONLY) -> None:
         super().__init__()
         layers = check_layers(layers, dropout)
         self.layers = layers
-        self.user_emb = nn.Embedding(n_users, layers[0] // 2)
-        self.item_emb = nn.Embedding(n_items, layers[0] // 2)
+        self.user_emb = side.user_embedding(n_users, layers[0] // 2)
+        self.item_emb = side.item_embedding(n_items, layers[0] // 2)
         self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(layers[:-1], layers[1:]))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_features = layers[-1]
@@ -183,9 +441,9 @@ class Tower(nn.Module):
         for lin in self.linears:
             init_hidden(lin)
 
-    def user_half(self, users: Tensor) -> Tensor:
+    def user_half(self, users: Tensor, context: Tensor | None = None) -> Tensor:
         """W_u p_u [B, h1] (or p_u itself when the tower has no hidden layer)."""
-        emb = self.user_emb(users)
+        emb = self.user_emb(users, context)
         if not self.linears:
             return emb
         return emb @ self.linears[0].weight[:, : emb.shape[-1]].t()
@@ -215,6 +473,18 @@ def tower_logits(
     return x @ w_out
 
 
+def tower_hidden(u_half: Tensor, i_half: Tensor, hidden: Sequence[nn.Linear], dropout: Callable[[Tensor], Tensor],
+                 split: bool) -> Tensor:
+    """The tower's last hidden layer (what tower_logits dots with w_out): the interaction vector of the MLP
+    half for task heads. `split` (no hidden linears): concat[p_u, q_i] itself."""
+    if split:
+        return torch.cat(torch.broadcast_tensors(u_half, i_half), -1)
+    x = dropout(torch.relu(u_half + i_half))
+    for lin in hidden:
+        x = dropout(torch.relu(lin(x)))
+    return x
+
+
 @dataclass
 class TowerParts:
     """What the serving scorer's fused kernel needs from a model with NeuMF's tower head: U and I are
@@ -229,46 +499,52 @@ class TowerParts:
 
 # ------------------------------------------------------------------------------------------------ ID models
 class GMF(RecModel):
-    """Generalized Matrix Factorization: h^T (p_u * q_i) + b. U = p_u, I = q_i."""
+    """Generalized Matrix Factorization: h^T (p_u * q_i) + b. U = p_u, I = q_i. Interaction z = U * I.
+    `side` (SideInputs via build_model's keyword args) adds features, context and task heads."""
 
-    def __init__(self, n_users: int, n_items: int, factors: int) -> None:
+    def __init__(self, n_users: int, n_items: int, factors: int, side: SideInputs = ID_ONLY) -> None:
         super().__init__()
         check_sizes(n_users, n_items)
         check_factors(factors)
         self.n_users, self.n_items, self.factors = n_users, n_items, factors
-        self.user_emb = nn.Embedding(n_users, factors)
-        self.item_emb = nn.Embedding(n_items, factors)
+        self.user_emb = side.user_embedding(n_users, factors)
+        self.item_emb = side.item_embedding(n_items, factors)
         self.predict = nn.Linear(factors, 1)
         self.pair_width = factors
         init_embedding(self.user_emb)
         init_embedding(self.item_emb)
         init_prediction(self.predict)
+        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors)
 
     def user_repr(self, batch: Batch) -> Tensor:
-        return self.user_emb(batch.user)
+        return self.user_emb(batch.user, batch.context)
 
     def _item_repr(self, items: Tensor) -> Tensor:
         return self.item_emb(items)
 
-    def head(self, users: Tensor, items: Tensor) -> Tensor:
+    def _head(self, users: Tensor, items: Tensor) -> Tensor:
         return (users * items) @ self.predict.weight[0] + self.predict.bias[0]
 
-    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+    def interaction(self, users: Tensor, items: Tensor) -> Tensor:
+        return users * items
+
+    def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
         # h^T (u * i) = (u * h) @ i^T: one matmul.
         return (users * self.predict.weight[0]) @ items.t() + self.predict.bias
 
 
 class MF(RecModel):
     """Matrix factorization with biases: p_u . q_i + b_u + b_i + b, as a pure dot product:
-    U = [p_u, b_u, 1], I = [q_i, 1, b_i] (the global bias is added by the head)."""
+    U = [p_u, b_u, 1], I = [q_i, 1, b_i] (the global bias is added by the head). Interaction z = U * I.
+    `side` (SideInputs via build_model's keyword args) adds features, context and task heads. The id biases are id parameters too: id dropout drops them with the id embedding."""
 
-    def __init__(self, n_users: int, n_items: int, factors: int) -> None:
+    def __init__(self, n_users: int, n_items: int, factors: int, side: SideInputs = ID_ONLY) -> None:
         super().__init__()
         check_sizes(n_users, n_items)
         check_factors(factors)
         self.n_users, self.n_items, self.factors = n_users, n_items, factors
-        self.user_emb = nn.Embedding(n_users, factors)
-        self.item_emb = nn.Embedding(n_items, factors)
+        self.user_emb = side.user_embedding(n_users, factors)
+        self.item_emb = side.item_embedding(n_items, factors)
         self.user_bias = nn.Embedding(n_users, 1)
         self.item_bias = nn.Embedding(n_items, 1)
         self.bias = nn.Parameter(torch.zeros(1))
@@ -277,49 +553,67 @@ class MF(RecModel):
         init_embedding(self.item_emb)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
+        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors + 2)
+
+    @staticmethod
+    def _bias(emb: FeaturedEmbedding, bias: nn.Embedding, idx: Tensor, context: Tensor | None = None
+              ) -> tuple[Tensor, Tensor]:
+        keep = emb.keep_mask(idx)
+        b = bias(idx)
+        return emb(idx, context, keep), b if keep is None else b * keep[..., None].to(b.dtype)
 
     def user_repr(self, batch: Batch) -> Tensor:
-        u = batch.user
-        return torch.cat([self.user_emb(u), self.user_bias(u), torch.ones_like(self.user_bias(u))], -1)
+        emb, bias = self._bias(self.user_emb, self.user_bias, batch.user, batch.context)
+        return torch.cat([emb, bias, torch.ones_like(bias)], -1)
 
     def _item_repr(self, items: Tensor) -> Tensor:
-        bias = self.item_bias(items)
-        return torch.cat([self.item_emb(items), torch.ones_like(bias), bias], -1)
+        emb, bias = self._bias(self.item_emb, self.item_bias, items)
+        return torch.cat([emb, torch.ones_like(bias), bias], -1)
 
-    def head(self, users: Tensor, items: Tensor) -> Tensor:
+    def _head(self, users: Tensor, items: Tensor) -> Tensor:
         return (users * items).sum(-1) + self.bias[0]
 
-    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+    def interaction(self, users: Tensor, items: Tensor) -> Tensor:
+        return users * items
+
+    def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
         return users @ items.t() + self.bias
 
 
 class MLP(RecModel):
-    """NCF's MLP: a ReLU tower over concat[p_u, q_i], then a linear prediction layer. U = W_u p_u, I = W_i q_i + b."""
+    """NCF's MLP: a ReLU tower over concat[p_u, q_i], then a linear prediction layer. U = W_u p_u, I = W_i q_i + b.
+    Interaction z = the tower's last hidden layer. `side` (SideInputs via build_model's keyword args) adds features, context and task heads."""
 
-    def __init__(self, n_users: int, n_items: int, layers: Sequence[int], dropout: float = 0.0) -> None:
+    def __init__(self, n_users: int, n_items: int, layers: Sequence[int], dropout: float = 0.0,
+                 side: SideInputs = ID_ONLY) -> None:
         super().__init__()
         check_sizes(n_users, n_items)
         self.n_users, self.n_items = n_users, n_items
-        self.tower = Tower(n_users, n_items, layers, dropout)
+        self.tower = Tower(n_users, n_items, layers, dropout, side)
         self.layers = self.tower.layers
         self.predict = nn.Linear(self.tower.out_features, 1)
         self.pair_width = self.tower.pair_width
         self.factors = 0  # no GMF branch: the whole representation is the tower's
         init_prediction(self.predict)
+        self._init_tasks(side.tasks, side.task_mixture, side.experts, self.tower.out_features)
 
     def user_repr(self, batch: Batch) -> Tensor:
-        return self.tower.user_half(batch.user)
+        return self.tower.user_half(batch.user, batch.context)
 
     def _item_repr(self, items: Tensor) -> Tensor:
         return self.tower.item_half(items)
 
-    def head(self, users: Tensor, items: Tensor) -> Tensor:
+    def _head(self, users: Tensor, items: Tensor) -> Tensor:
         t = self.tower
         split = users if not t.linears else None
         return tower_logits(users, items, t.linears[1:], t.dropout, self.predict.weight[0], split) + self.predict.bias[0]
 
+    def interaction(self, users: Tensor, items: Tensor) -> Tensor:
+        t = self.tower
+        return tower_hidden(users, items, t.linears[1:], t.dropout, not t.linears)
+
     def tower_parts(self) -> TowerParts | None:
-        if not self.tower.linears:
+        if not self.tower.linears or self.multitask:
             return None
         w = self.predict.weight[0]
         return TowerParts(0, self.tower.linears[1:], w[:0], w, self.predict.bias)
@@ -327,39 +621,51 @@ class MLP(RecModel):
 
 class NeuMF(RecModel):
     """Neural Matrix Factorization: a GMF branch and an MLP tower with their own embeddings, concatenated into one
-    linear prediction layer. U = [p_u^gmf, W_u p_u^mlp], I = [q_i^gmf, W_i q_i^mlp + b]."""
+    linear prediction layer. U = [p_u^gmf, W_u p_u^mlp], I = [q_i^gmf, W_i q_i^mlp + b].
+    Interaction z = [U_gmf * I_gmf ; the tower's last hidden layer] (what `predict` reads). `side` (SideInputs via build_model's keyword args) adds features, context and task heads.
+    The GMF and MLP halves each pool their own feature (and context) embeddings: they differ in width, and
+    pretraining copies each half from its own model."""
 
     def __init__(
-        self, n_users: int, n_items: int, factors: int, layers: Sequence[int], dropout: float = 0.0
+        self, n_users: int, n_items: int, factors: int, layers: Sequence[int], dropout: float = 0.0,
+        side: SideInputs = ID_ONLY,
     ) -> None:
         super().__init__()
         check_sizes(n_users, n_items)
         check_factors(factors)
         self.n_users, self.n_items, self.factors = n_users, n_items, factors
-        self.gmf_user_emb = nn.Embedding(n_users, factors)
-        self.gmf_item_emb = nn.Embedding(n_items, factors)
-        self.tower = Tower(n_users, n_items, layers, dropout)
+        self.gmf_user_emb = side.user_embedding(n_users, factors)
+        self.gmf_item_emb = side.item_embedding(n_items, factors)
+        self.tower = Tower(n_users, n_items, layers, dropout, side)
         self.layers = self.tower.layers
         self.predict = nn.Linear(factors + self.tower.out_features, 1)
         self.pair_width = self.tower.pair_width
         init_embedding(self.gmf_user_emb)
         init_embedding(self.gmf_item_emb)
         init_prediction(self.predict)
+        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors + self.tower.out_features)
 
     def user_repr(self, batch: Batch) -> Tensor:
-        return torch.cat([self.gmf_user_emb(batch.user), self.tower.user_half(batch.user)], -1)
+        return torch.cat([self.gmf_user_emb(batch.user, batch.context),
+                          self.tower.user_half(batch.user, batch.context)], -1)
 
     def _item_repr(self, items: Tensor) -> Tensor:
         return torch.cat([self.gmf_item_emb(items), self.tower.item_half(items)], -1)
 
-    def head(self, users: Tensor, items: Tensor) -> Tensor:
+    def interaction(self, users: Tensor, items: Tensor) -> Tensor:
+        f, t = self.factors, self.tower
+        gmf = users[..., :f] * items[..., :f]
+        tower = tower_hidden(users[..., f:], items[..., f:], t.linears[1:], t.dropout, not t.linears)
+        return torch.cat([gmf, tower], -1)  # both broadcast U against I: same leading shape
+
+    def _head(self, users: Tensor, items: Tensor) -> Tensor:
         f, t, w = self.factors, self.tower, self.predict.weight[0]
         gmf = (users[..., :f] * items[..., :f]) @ w[:f]
         split = users[..., f:] if not t.linears else None
         tower = tower_logits(users[..., f:], items[..., f:], t.linears[1:], t.dropout, w[f:], split)
         return gmf + tower + self.predict.bias[0]
 
-    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+    def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
         # The GMF half is one matmul; only the tower needs the chunked per-pair pass.
         f, w = self.factors, self.predict.weight[0]
         gmf = (users[:, :f] * w[:f]) @ items[:, :f].t() + self.predict.bias
@@ -373,7 +679,7 @@ class NeuMF(RecModel):
         return gmf + torch.cat(parts) if parts else gmf
 
     def tower_parts(self) -> TowerParts | None:
-        if not self.tower.linears:
+        if not self.tower.linears or self.multitask:
             return None
         f, w = self.factors, self.predict.weight[0]
         return TowerParts(f, self.tower.linears[1:], w[:f], w[f:], self.predict.bias)
@@ -442,11 +748,16 @@ class SeqNCF(RecModel):
     and attention never reads padding, so padding never changes a score. Position t attends to positions <= t
     only: in sequence training the output at every position is the state that predicts the next item.
     `use_user_id` adds the user-id embedding to the state (users unknown to the model, user = -1, get none).
-    U = [state] (dot) or [state, W_u state] (neumf); I = [e_i] or [e_i, W_i e_i + b]."""
+    U = [state] (dot) or [state, W_u state] (neumf); I = [e_i] or [e_i, W_i e_i + b].
+
+    Side inputs: item features join every item vector, history positions and candidates alike (one
+    FeaturedEmbedding); user features (a pool of their own, zeros for unknown users) join the state with the
+    user id; context (batch.context [B, K], or [B, L, K] per target in sequence training) joins the state in
+    user_repr. Interaction z = U * I (dot) or [GMF product ; tower hidden] (neumf)."""
 
     def __init__(self, n_users: int, n_items: int, factors: int = 64, history_len: int = 50, blocks: int = 2,
                  heads: int = 1, dropout: float = 0.2, head: str = "dot", layers: Sequence[int] = (),
-                 use_user_id: bool = False) -> None:
+                 use_user_id: bool = False, side: SideInputs = ID_ONLY) -> None:
         super().__init__()
         check_sizes(n_users, n_items)
         check_factors(factors)
@@ -458,9 +769,16 @@ class SeqNCF(RecModel):
             raise UserError(f"dropout={dropout} must be in [0, 1)")
         self.n_users, self.n_items, self.factors = n_users, n_items, factors
         self.history_len, self.head_kind, self.use_user_id = int(history_len), head, bool(use_user_id)
-        self.item_emb = nn.Embedding(n_items + 1, factors, padding_idx=0)  # index = item_idx + 1, 0 = padding
+        # index = item_idx + 1, 0 = padding (so the feature table row is index - 1)
+        self.item_emb = side.item_embedding(n_items + 1, factors, shift=1, padding_idx=0)
         self.pos_emb = nn.Embedding(self.history_len, factors)
         self.user_emb = nn.Embedding(n_users, factors) if use_user_id else None
+        if side.user_features is not None and side.user_features.n_rows != n_users:
+            raise UserError(f"user feature table has {side.user_features.n_rows} rows but the model has "
+                            f"{n_users} users (built from another dataset?)")
+        self.user_feat = FeaturePool(side.user_features, factors) if side.user_features is not None else None
+        self.id_dropout = side.id_dropout
+        self.context_pool = ContextPool(side.n_context_ids, factors) if side.n_context_ids > 0 else None
         self.blocks = nn.ModuleList(CausalBlock(factors, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(factors)
         self.drop = nn.Dropout(dropout)
@@ -483,6 +801,8 @@ class SeqNCF(RecModel):
             self.predict = nn.Linear(factors + tower[-1], 1)
             init_prediction(self.predict)
             self.pair_width = max(tower[1:])
+        self._init_tasks(side.tasks, side.task_mixture, side.experts,
+                         factors if head == "dot" else factors + self.layers[-1])
 
     # -- user side
     def states(self, history: Tensor, users: Tensor | None = None) -> Tensor:
@@ -502,8 +822,12 @@ class SeqNCF(RecModel):
         x = self.norm(x)
         if self.user_emb is not None and users is not None:
             known = users >= 0
+            if self.user_feat is not None and self.training and self.id_dropout > 0:
+                known = known & (torch.rand(users.shape, device=users.device) >= self.id_dropout)  # as items
             ids = self.user_emb(users.clamp(min=0)) * known[:, None]
             x = x + ids[:, None, :]
+        if self.user_feat is not None and users is not None:
+            x = x + self.user_feat(users)[:, None, :]  # an unknown user (-1) gets zeros
         return x
 
     def user_repr(self, batch: Batch) -> Tensor:
@@ -512,6 +836,9 @@ class SeqNCF(RecModel):
         history = batch.history[:, -self.history_len :]
         states = self.states(history, batch.user)
         state = states if batch.mask is not None else states[:, -1]  # every position in sequence training
+        if self.context_pool is not None and batch.context is not None:
+            ctx = self.context_pool(batch.context)  # [B, D], or [B, L, D] with a context per target
+            state = state + (ctx[:, None, :] if ctx.dim() < state.dim() else ctx)
         if self.head_kind == "dot":
             return state
         first = self.linears[0]
@@ -525,45 +852,65 @@ class SeqNCF(RecModel):
         first = self.linears[0]
         return torch.cat([emb, emb @ first.weight[:, self.factors :].t() + first.bias], -1)
 
-    def head(self, users: Tensor, items: Tensor) -> Tensor:
+    def _head(self, users: Tensor, items: Tensor) -> Tensor:
         if self.head_kind == "dot":
             return (users * items).sum(-1)
         f, w = self.factors, self.predict.weight[0]
         gmf = (users[..., :f] * items[..., :f]) @ w[:f]
         return gmf + tower_logits(users[..., f:], items[..., f:], self.linears[1:], self.drop, w[f:]) + self.predict.bias[0]
 
-    def score_all(self, users: Tensor, items: Tensor) -> Tensor:
+    def interaction(self, users: Tensor, items: Tensor) -> Tensor:
+        if self.head_kind == "dot":
+            return users * items
+        f = self.factors
+        tower = tower_hidden(users[..., f:], items[..., f:], self.linears[1:], self.drop, False)
+        return torch.cat([users[..., :f] * items[..., :f], tower], -1)
+
+    def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
         if self.head_kind == "dot":
             return users @ items.t()
-        return super().score_all(users, items)
+        return super()._score_all(users, items)
 
     def tower_parts(self) -> TowerParts | None:
-        if self.head_kind != "neumf":
+        if self.head_kind != "neumf" or self.multitask:
             return None
         f, w = self.factors, self.predict.weight[0]
         return TowerParts(f, self.linears[1:], w[:f], w[f:], self.predict.bias)
 
 
 # ------------------------------------------------------------------------------------------------ registry
+def side_inputs(a: dict[str, Any]) -> SideInputs:
+    """The SideInputs of build_model's flat args (absent or None = the ID-only single-task default)."""
+    def get(key: str, default: Any) -> Any:
+        value = a.get(key)
+        return default if value is None else value
+
+    return SideInputs(item_features=a.get("item_features"), user_features=a.get("user_features"),
+                      n_context_ids=int(get("n_context_ids", 0)), id_dropout=float(get("id_dropout", 0.0)),
+                      tasks=tuple(get("tasks", ("click",))), task_mixture=str(get("task_mixture", "shared")),
+                      experts=int(get("experts", 4)))
+
+
 def _gmf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
-    return GMF(n_users, n_items, a["factors"])
+    return GMF(n_users, n_items, a["factors"], side_inputs(a))
 
 
 def _mf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
-    return MF(n_users, n_items, a["factors"])
+    return MF(n_users, n_items, a["factors"], side_inputs(a))
 
 
 def _mlp(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
-    return MLP(n_users, n_items, a["layers"], a.get("dropout", 0.0))
+    return MLP(n_users, n_items, a["layers"], a.get("dropout", 0.0), side_inputs(a))
 
 
 def _neumf(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
-    return NeuMF(n_users, n_items, a["factors"], a["layers"], a.get("dropout", 0.0))
+    return NeuMF(n_users, n_items, a["factors"], a["layers"], a.get("dropout", 0.0), side_inputs(a))
 
 
 def _seq(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
     return SeqNCF(n_users, n_items, a["factors"], a.get("history_len", 50), a.get("blocks", 2), a.get("heads", 1),
-                  a.get("dropout", 0.2), a.get("head", "dot"), a.get("layers", ()), a.get("use_user_id", False))
+                  a.get("dropout", 0.2), a.get("head", "dot"), a.get("layers", ()), a.get("use_user_id", False),
+                  side_inputs(a))
 
 
 def _ease(n_users: int, n_items: int, a: dict[str, Any]) -> RecModel:
@@ -593,7 +940,9 @@ CLOSED_FORM = ("ease", "pop")
 
 
 def build_model(name: str, n_users: int, n_items: int, **args: Any) -> RecModel:
-    """A model of family `name` from flat args (factors, layers, dropout, and each family's own)."""
+    """A model of family `name` from flat args (factors, layers, dropout, and each family's own), plus the
+    optional side inputs of every trained family: item_features / user_features (FeatureTable), n_context_ids,
+    id_dropout, tasks, task_mixture, experts (see SideInputs; absent = ID-only, one task "click")."""
     if name not in REGISTRY:
         raise UserError(f"model={name!r} is not one of {', '.join(REGISTRY)}")
     return REGISTRY[name](n_users, n_items, args)
@@ -638,6 +987,13 @@ def naive_score_items(model: RecModel, users: Tensor, items: Tensor | None = Non
 
 __all__ = [
     "Batch",
+    "FeatureTable",
+    "FeaturedEmbedding",
+    "FeaturePool",
+    "ContextPool",
+    "SideInputs",
+    "TaskHeads",
+    "TASKS",
     "RecModel",
     "GMF",
     "MLP",
@@ -653,6 +1009,7 @@ __all__ = [
     "user_batch",
     "naive_score_items",
     "tower_logits",
+    "tower_hidden",
     "TowerParts",
     "SCORE_CHUNK_ELEMENTS",
     "GPU_SCORE_CHUNK_ELEMENTS",

@@ -42,7 +42,8 @@ def test_pair_examples_layout_and_negatives_are_not_positives():
     sampler = NegativeSampler(users, items, n_items)
     ex = engine.pair_examples(users, items, sampler, 3, torch.Generator().manual_seed(1))
     assert len(ex) == users.numel() and ex.item.shape == (users.numel(), 4) and ex.per_row == 4
-    assert torch.equal(ex.labels[:, 0], torch.ones(len(ex))) and ex.labels[:, 1:].sum() == 0
+    assert list(ex.labels) == ["click"]
+    assert torch.equal(ex.labels["click"][:, 0], torch.ones(len(ex))) and ex.labels["click"][:, 1:].sum() == 0
     positive_keys = set((users * n_items + items).tolist())
     assert set((ex.user * n_items + ex.item[:, 0]).tolist()) == positive_keys  # every positive once
     neg_keys = (ex.user[:, None] * n_items + ex.item[:, 1:]).reshape(-1).tolist()
@@ -90,6 +91,36 @@ def test_histories_last_and_append():
     assert hist.last(torch.tensor([0, 1, 2]), 2).tolist() == [[9, 6], [0, 8], [0, 0]]  # time order: 6, 8, 5
     grown = hist.append(torch.tensor([0, 2]), torch.tensor([1, 2]))
     assert grown.last(torch.tensor([0, 1, 2]), 4).tolist() == [[7, 9, 6, 2], [0, 0, 0, 8], [0, 0, 0, 3]]
+
+
+def test_histories_keep_events_and_context_aligned_with_items():
+    hist = Histories.from_arrays([0, 0, 1, 0], [5, 6, 7, 8], [30, 10, 5, 20], 3, events=[2, 0, 1, 1],
+                                 context=[[1, 2], [3, 4], [5, 6], [7, 8]])
+    assert hist.items.tolist() == [6, 8, 5, 7] and hist.events.tolist() == [0, 1, 2, 1]  # moved with their items
+    assert hist.context.tolist() == [[3, 4], [7, 8], [1, 2], [5, 6]]
+    grown = hist.append(torch.tensor([0, 2]), torch.tensor([1, 2]), events=torch.tensor([2, 1]))
+    assert grown.items.tolist() == [6, 8, 5, 1, 7, 2] and grown.events.tolist() == [0, 1, 2, 2, 1, 1]
+    assert grown.context.tolist()[3] == [0, 0] and grown.context.tolist()[5] == [0, 0]  # no context given: unknown
+    users = torch.tensor([0, 1, 2])
+    ends = grown.indptr[users + 1]
+    assert grown.gather(grown.events, ends, users, 3).tolist() == [[1, 2, 2], [0, 0, 1], [0, 0, 1]]
+    assert grown.gather(grown.context, ends, users, 2).tolist() == [[[1, 2], [0, 0]], [[0, 0], [5, 6]],
+                                                                    [[0, 0], [0, 0]]]
+    assert Histories.from_arrays([0], [1], None, 1).append(torch.tensor([0]), torch.tensor([2])).events is None
+
+
+def test_context_reaches_the_sequence_model_per_target():
+    users, items, n_users, n_items = _toy(n_users=10, per_user=5)
+    context = (items % 3 + 1)[:, None]
+    hist = Histories.from_arrays(users.numpy(), items.numpy(), None, n_users, context=context.numpy())
+    torch.manual_seed(0)
+    model = build_model("seq", n_users, n_items, factors=8, history_len=4, blocks=1, n_context_ids=4)
+    rows = engine.fit_plain(model, users, items, n_items, 2, negatives=2, batch_size=64, hist=hist,
+                            generator=torch.Generator().manual_seed(0))
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    ex = engine.make_examples(model, users, items, hist, NegativeSampler(users, items, n_items), 2)
+    assert ex.context.shape == (*ex.mask.shape, 1)
+    assert torch.equal(ex.context[..., 0][ex.mask], ex.item[..., 0][ex.mask] % 3 + 1)
 
 
 def test_one_epoch_lowers_the_loss():
