@@ -381,11 +381,13 @@ def fit_plain(
 # ------------------------------------------------------------------------------------------- validation
 def sampled_sums(
     model: nn.Module, users: Tensor, pos_items: Tensor, neg_items: Tensor, k: int,
-    histories: Histories | None = None,
+    histories: Histories | None = None, context: Tensor | None = None, task: str | None = None,
 ) -> Tensor:
     """[hit_sum, ndcg_sum, n] of the leave-one-out protocol on the users' device: sums, not means, so
-    data-parallel ranks can all-reduce them."""
-    sums = evaluate_sampled(model, users, pos_items, neg_items, k=k, reduce=False, histories=histories)
+    data-parallel ranks can all-reduce them. `context` [n, K]: each held-out event's context; `task`: the head
+    to rank by (None: the model's first)."""
+    sums = evaluate_sampled(model, users, pos_items, neg_items, k=k, reduce=False, histories=histories,
+                            context=context, task=task)
     return torch.tensor([sums["hit_sum"], sums["ndcg_sum"], sums["n"]], dtype=torch.float64, device=users.device)
 
 

@@ -24,7 +24,8 @@ from ncf_ray.model import unwrap
 
 def train_histories(data: Dataset, device: torch.device | str = "cpu") -> Histories:
     """Each user's train items in time order (file order where the log had no timestamps)."""
-    return Histories.from_arrays(data.train_users, data.train_items, data.train_times, data.n_users, device)
+    return Histories.from_arrays(data.train_users, data.train_items, data.train_times, data.n_users, device,
+                                 events=data.train_events, context=data.train_context)
 
 
 def split_histories(data: Dataset, split: str, device: torch.device | str = "cpu",
@@ -33,8 +34,19 @@ def split_histories(data: Dataset, split: str, device: torch.device | str = "cpu
     hist = train if train is not None else train_histories(data, device)
     if split == "valid":
         return hist
-    users = torch.arange(data.n_users, device=hist.indptr.device)
-    return hist.append(users, torch.as_tensor(data.valid_items, device=hist.indptr.device))
+    device = hist.indptr.device
+    users = torch.arange(data.n_users, device=device)
+    return hist.append(users, torch.as_tensor(data.valid_items, device=device),
+                       *held_out_extras(data, "valid", device))
+
+
+def held_out_extras(data: Dataset, split: str, device: torch.device | str = "cpu",
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(events [n_users], context [n_users, K]) of each user's held-out `split` event, as tensors (or None), for
+    Histories.append."""
+    events, context = getattr(data, f"{split}_events", None), getattr(data, f"{split}_context", None)
+    return (None if events is None else torch.as_tensor(events, device=device),
+            None if context is None else torch.as_tensor(context, device=device))
 
 
 def split_arrays(data: Dataset, split: str) -> tuple[np.ndarray, np.ndarray]:

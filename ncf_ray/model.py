@@ -301,6 +301,11 @@ class RecModel(nn.Module):
     def multitask(self) -> bool:
         return len(self.tasks) > 1
 
+    @property
+    def reads_context(self) -> bool:
+        """Whether user_repr reads batch.context (then a user's representation depends on the request)."""
+        return any(isinstance(m, ContextPool) for m in self.modules())
+
     def _task(self, task: str | None) -> str:
         task = self.tasks[0] if task is None else task
         if task not in self.tasks:

@@ -135,7 +135,7 @@ class AllItemsScorer:
             # Models without history have one representation per known user: computed once, gathered per request
             # (a history model's depends on the request's items, so it is computed per request).
             # Context (hour, device, ...) comes with each request, so a context model's are per request too.
-            self.reads_context = int(getattr(model, "n_context_ids", 0)) > 0
+            self.reads_context = bool(getattr(model, "reads_context", False))
             self.tasks = tuple(getattr(model, "tasks", ("click",)))
             self._users = None if self.history_len or self.reads_context else model.user_repr(
                 user_batch(torch.arange(int(model.n_users), device=self.device)))

@@ -40,7 +40,7 @@ from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import Dataset, check_dataset_dir, load_dataset, read_meta
 from ncf_ray.data.sampler import BloomFilter, NegativeSampler, bloom_from_parquet
 from ncf_ray.errors import UserError
-from ncf_ray.evaluation import evaluate_model, purchase_users, split_context, train_histories
+from ncf_ray.evaluation import evaluate_model, held_out_extras, purchase_users, split_context, train_histories
 from ncf_ray.inputs import (
     PURCHASE,
     ModelInputs,
@@ -325,7 +325,8 @@ def training_positives(data: Dataset, refit: bool, device: torch.device | str = 
     if refit:
         every = torch.arange(data.n_users)
         valid, test = torch.from_numpy(data.valid_items), torch.from_numpy(data.test_items)
-        hist = hist.append(every.to(device), valid.to(device)).append(every.to(device), test.to(device))
+        hist = hist.append(every.to(device), valid.to(device), *held_out_extras(data, "valid", device)).append(
+            every.to(device), test.to(device), *held_out_extras(data, "test", device))
         users, items = torch.cat([users, every, every]), torch.cat([items, valid, test])
     return users.to(device), items.to(device), hist
 
