@@ -65,6 +65,27 @@ def dedup_latest(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.
     return order[last]
 
 
+def dedup_events(users: np.ndarray, items: np.ndarray, times: np.ndarray, events: np.ndarray | None,
+                 window: int | None = None, keep_all: bool = False) -> np.ndarray:
+    """Indices of the rows to keep, sorted by (user, item, time).
+
+    One row per (user, item) — or per (user, item, time // window) with a window in seconds: the strongest
+    event (highest funnel index), and among rows of that event the latest. `keep_all` keeps every row. Without
+    events and a window this is `dedup_latest`."""
+    if keep_all:
+        return np.lexsort((times, items, users))
+    if events is None and window is None:
+        return dedup_latest(users, items, times)
+    ev = np.zeros(users.size, np.int8) if events is None else events
+    win = np.zeros(users.size, np.int64) if window is None else times // np.int64(window)
+    order = np.lexsort((times, ev, win, items, users))
+    u, i, w = users[order], items[order], win[order]
+    last = np.ones(order.size, bool)
+    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1]) | (w[1:] != w[:-1])
+    kept = order[last]
+    return kept[np.lexsort((times[kept], items[kept], users[kept]))]
+
+
 @dataclass
 class Split:
     """Leave-one-out split over contiguous user indices 0..n_users-1 (each with >= 3 interactions)."""
@@ -76,24 +97,79 @@ class Split:
     valid_times: np.ndarray
     test_items: np.ndarray
     test_times: np.ndarray
+    # Shop logs only (None otherwise): event index per row, and context ids [rows, K] (contract.md 1-2).
+    train_events: np.ndarray | None = None
+    valid_events: np.ndarray | None = None
+    test_events: np.ndarray | None = None
+    train_context: np.ndarray | None = None
+    valid_context: np.ndarray | None = None
+    test_context: np.ndarray | None = None
 
 
-def split_leave_one_out(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int) -> Split:
-    """Test = each user's latest interaction, valid = the latest remaining one, train = the rest. Ties in time
-    break by item index (the larger counts as later), so the split is deterministic. Train keeps (user, time,
-    item) order."""
-    order = np.lexsort((items, times, users))
-    u, i, t = users[order], items[order], times[order]
-    counts = np.bincount(u, minlength=n_users)
+def split_rows(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int,
+               events: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leave-one-out as row indices: (train rows in (user, time, item) order, valid row per user, test row per
+    user). Test = each user's latest interaction, valid = the latest remaining one. Ties in time break by item
+    index (the larger counts as later), then by event (the stronger counts as later), so it is deterministic."""
+    keys = (items, times, users) if events is None else (events, items, times, users)
+    order = np.lexsort(keys)
+    counts = np.bincount(users, minlength=n_users)
     if counts.size != n_users or (counts < 2).any():
         short = int(np.flatnonzero(counts < 2)[0])
         raise ValueError(f"user index {short} has {counts[short]} interactions; leave-one-out needs >= 2")
     last = np.cumsum(counts) - 1
-    held = np.zeros(u.size, bool)
+    held = np.zeros(order.size, bool)
     held[last] = True
     held[last - 1] = True
-    keep = ~held
-    return Split(u[keep], i[keep], t[keep], i[last - 1], t[last - 1], i[last], t[last])
+    return order[~held], order[last - 1], order[last]
+
+
+def split_leave_one_out(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int) -> Split:
+    """`split_rows` gathered into a Split. Train keeps (user, time, item) order."""
+    tr, va, te = split_rows(users, items, times, n_users)
+    return Split(users[tr], items[tr], times[tr], items[va], times[va], items[te], times[te])
+
+
+# ============================================================================================ context
+HOUR, DOW = "hour", "dow"
+EPOCH_DOW = 3  # 1970-01-01 was a Thursday; Monday = 0
+
+
+def hour_dow(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTC hour of day (0..23) and day of week (0..6, Monday = 0) of int seconds since the epoch."""
+    t = np.asarray(times, dtype=np.int64)
+    return (t // 3600) % 24, (t // 86400 + EPOCH_DOW) % 7
+
+
+def encode_context(times: np.ndarray | None, categorical: dict[str, tuple[np.ndarray, np.ndarray]],
+                   train_rows: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per-row global context ids [n, K] int64 and meta["context"] (contract.md 2).
+
+    `times` (None: no time context) gives the hour and dow columns; `categorical` maps a column name to (codes
+    into its raw vocab, raw vocab of str). A categorical column's vocab is its non-empty values seen in the
+    `train_rows`, sorted; other values (valid/test only, or '') map to 0, the global unknown id."""
+    cols: list[np.ndarray] = []
+    specs: list[dict[str, Any]] = []
+    offset = 1
+    if times is not None:
+        hour, dow = hour_dow(times)
+        for name, values, size in ((HOUR, hour, 24), (DOW, dow, 7)):
+            cols.append(offset + values)
+            specs.append({"name": name, "kind": name, "offset": offset, "size": size})
+            offset += size
+    for name, (codes, raw_vocab) in categorical.items():
+        in_train = np.zeros(raw_vocab.size, bool)
+        in_train[codes[train_rows]] = True
+        in_train &= raw_vocab != ""
+        vocab = raw_vocab[in_train]
+        ids = np.where(in_train, offset + np.cumsum(in_train) - 1, 0)
+        cols.append(ids[codes])
+        specs.append({"name": name, "kind": "categorical", "offset": offset, "size": int(vocab.size),
+                      "vocab": vocab.tolist()})
+        offset += int(vocab.size)
+    n = train_rows.size if not cols else cols[0].size
+    ids = np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
+    return ids, {"n_ids": offset, "columns": specs}
 
 
 def _is_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -159,6 +235,8 @@ class RawLog:
     below_min: int = 0
     example: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    events: np.ndarray | None = None  # int8 funnel index per row, when the log has an event column
+    context: dict[str, pa.Array] = field(default_factory=dict)  # raw text per context column (name -> values)
 
 
 def _ids_to_array(chunks: list[pa.Array]) -> Any:
@@ -205,7 +283,8 @@ def collect(ds: Any) -> RawLog:
     """Drain a normalised dataset (streaming, block by block) into arrays of its good rows."""
     from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL
 
-    users, items, times = [], [], []
+    users, items, times, events = [], [], [], []
+    context: dict[str, list[pa.Array]] = {}
     log = RawLog(None, None, np.empty(0, np.int64))
     with _task_errors_as_user_errors():
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -223,8 +302,15 @@ def collect(ds: Any) -> RawLog:
             users.append(batch.column(S.USER_COL).combine_chunks())
             items.append(batch.column(S.ITEM_COL).combine_chunks())
             times.append(batch.column(S.TIME_COL).to_numpy())
+            if S.EVENT_COL in batch.column_names:
+                events.append(batch.column(S.EVENT_COL).to_numpy())
+            for name in batch.column_names:
+                if name.startswith(S.CONTEXT_PREFIX):
+                    context.setdefault(name[len(S.CONTEXT_PREFIX):], []).append(batch.column(name).combine_chunks())
     log.users, log.items = _ids_to_array(users), _ids_to_array(items)
     log.times = np.concatenate(times) if times else np.empty(0, np.int64)
+    log.events = np.concatenate(events).astype(np.int8) if events else None
+    log.context = {k: pa.chunked_array(v, pa.string()).combine_chunks() for k, v in context.items()}
     return log
 
 
@@ -255,15 +341,51 @@ class Built:
     n_interactions: int
     valid_from: str = "latest remaining interaction per user (by time)"
     timestamps: bool = True  # False: the source had none; times are line numbers in file order
+    shop: dict[str, Any] = field(default_factory=dict)  # meta.json fields of events/context (absent: ID-only)
 
 
-def build_loo(log: RawLog, cfg: DataConfig) -> Built:
-    """Dedup, sparse-user filter, contiguous indices, leave-one-out split, eval negatives."""
+def _dedup_rule(cfg: DataConfig, has_events: bool) -> str:
+    if cfg.keep_all_events:
+        return "none (every event kept)"
+    what = "strongest event, latest among those" if has_events else "latest"
+    per = f"(user, item, {cfg.dedup_window}s window)" if cfg.dedup_window else "(user, item)"
+    return f"{what}, per {per}"
+
+
+def encode_item_ids(log_items: Any, table_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Item codes of the log rows and the vocab of the sorted union of the log's and a side table's ids, plus
+    how many of the table's ids the log lacks (cold items). The union keeps `encode_ids`' rule: ints sort
+    numerically when every id of both is an integer, else everything is text."""
+    if table_ids is None or table_ids.size == 0:
+        codes, vocab = encode_ids(log_items)
+        return codes, vocab, 0
+    from ncf_ray.data.sources import canonical_ints
+
+    table_text = pa.array(np.asarray(table_ids, dtype=str).tolist(), pa.string())
+    if isinstance(log_items, np.ndarray) and bool(canonical_ints(table_text).all()):
+        both: Any = np.concatenate([log_items, np.asarray(pc.cast(table_text, pa.int64()))])
+    else:
+        log_text = (pa.array(log_items.astype(str).tolist(), pa.string()) if isinstance(log_items, np.ndarray)
+                    else log_items)
+        both = pa.concat_arrays([log_text, table_text])
+    codes, vocab = encode_ids(both)
+    n = len(log_items)
+    cold = np.setdiff1d(codes[n:], codes[:n]).size
+    return codes[:n], vocab, int(cold)
+
+
+def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = None) -> Built:
+    """Dedup, sparse-user filter, contiguous indices, leave-one-out split, eval negatives; events and context
+    travel with their rows. `item_table_ids` (an item side table's raw ids) join the item vocab: items with no
+    interactions stay as cold items (train count 0)."""
     ucode, uvocab = encode_ids(log.users)
-    icode, ivocab = encode_ids(log.items)
-    keep = dedup_latest(ucode, icode, log.times)  # sorted by (user code, item code)
+    icode, ivocab, _ = encode_item_ids(log.items, item_table_ids)
+    ctx_codes = {name: encode_ids(values) for name, values in log.context.items()}
+    keep = dedup_events(ucode, icode, log.times, log.events, cfg.dedup_window, cfg.keep_all_events)
     duplicates = ucode.size - keep.size
     u, i, t = ucode[keep], icode[keep], log.times[keep]
+    ev = log.events[keep] if log.events is not None else None
+    ctx_codes = {name: (codes[keep], vocab) for name, (codes, vocab) in ctx_codes.items()}
     del ucode, icode, keep
 
     counts = np.bincount(u, minlength=uvocab.size)
@@ -274,22 +396,63 @@ def build_loo(log: RawLog, cfg: DataConfig) -> Built:
         raise UserError(f"everything filtered out: no user has >= {cfg.min_user_interactions} distinct "
                         f"interactions (--min-user-interactions); most has {int(counts.max())}")
     u, i, t = u[rows_ok], i[rows_ok], t[rows_ok]
-    # Contiguous indices that keep the sorted raw-id order.
+    ev = ev[rows_ok] if ev is not None else None
+    ctx_codes = {name: (codes[rows_ok], vocab) for name, (codes, vocab) in ctx_codes.items()}
+    # Contiguous indices that keep the sorted raw-id order; a side table's items stay (cold: no interactions).
     user_new = np.cumsum(user_ok) - 1
     item_ok = np.zeros(ivocab.size, bool)
     item_ok[i] = True
+    if item_table_ids is not None and item_table_ids.size:
+        item_ok[_table_codes(ivocab, item_table_ids)] = True
     item_new = np.cumsum(item_ok) - 1
     u, i = user_new[u], item_new[i]
     n_users, n_items = int(user_ok.sum()), int(item_ok.sum())
 
-    pos_keys = u * np.int64(n_items) + i  # still sorted by (user, item): dedup's order survives the remap
-    split = split_leave_one_out(u, i, t, n_users)
+    # Sorted by (user, item): dedup's order survives the remap; unique, since a pair may repeat (window/keep-all).
+    pos_keys = np.unique(u * np.int64(n_items) + i)
+    tr, va, te = split_rows(u, i, t, n_users, ev)
+    split = Split(u[tr], i[tr], t[tr], i[va], t[va], i[te], t[te])
+    shop: dict[str, Any] = {}
+    if ev is not None:
+        split.train_events, split.valid_events, split.test_events = ev[tr], ev[va], ev[te]
+        shop.update(_event_meta(cfg, ev, split))
+    times = t if cfg.with_time_context else None
+    if times is not None or ctx_codes:
+        ctx, spec = encode_context(times, ctx_codes, tr)
+        split.train_context, split.valid_context, split.test_context = ctx[tr], ctx[va], ctx[te]
+        shop["context"] = spec
+    if ev is not None or ctx_codes or cfg.dedup_window or cfg.keep_all_events:
+        shop["dedup"] = _dedup_rule(cfg, ev is not None)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
     valid_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
     test_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
     return Built(split, valid_neg, test_neg, uvocab[user_ok], ivocab[item_ok],
                  {"bad_rows": log.bad, "duplicates": int(duplicates), "below_min_rating": log.below_min,
-                  "sparse_users": sparse}, PROTOCOL_LOO, int(pos_keys.size))
+                  "sparse_users": sparse}, PROTOCOL_LOO, int(u.size), shop=shop)
+
+
+def _table_codes(vocab: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
+    """Positions in a sorted id vocab (the union built by encode_item_ids) of a side table's raw ids."""
+    text = np.asarray(vocab).astype(str)
+    order = np.argsort(text)
+    return order[np.searchsorted(text[order], np.asarray(table_ids, dtype=str))]
+
+
+def _event_meta(cfg: DataConfig, ev: np.ndarray, split: Split) -> dict[str, Any]:
+    """meta.json's event fields: names in funnel order, rows kept per type (all splits), the purchase event,
+    and how many held-out rows of each split are purchases (the purchase task's evaluation users)."""
+    names = list(cfg.events)
+    purchase = cfg.purchase_name
+    assert purchase is not None
+    purchase_from = names.index(purchase)
+    counts = np.bincount(ev, minlength=len(names))
+    return {
+        "events": names,
+        "event_counts": {n: int(c) for n, c in zip(names, counts)},
+        "purchase_event": purchase,
+        "held_out_purchases": {"valid": int((split.valid_events >= purchase_from).sum()),
+                               "test": int((split.test_events >= purchase_from).sum())},
+    }
 
 
 def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig, timestamps: bool = True) -> Built:
@@ -369,22 +532,37 @@ def _neg_table(neg: np.ndarray) -> pa.Table:
     return pa.table({S.USER_IDX: _i32(np.arange(n)), S.NEGATIVES_COL: lists})
 
 
+def _shop_cols(events: np.ndarray | None, context: np.ndarray | None, names: list[str],
+               rows: slice = slice(None)) -> dict[str, pa.Array]:
+    """The optional `event` (int8) and `ctx_<name>` (int32) columns of a split, for `rows` of it."""
+    cols: dict[str, pa.Array] = {}
+    if events is not None:
+        cols[S.EVENT_COL] = pa.array(np.asarray(events[rows], dtype=np.int8))
+    if context is not None:
+        for k, name in enumerate(names):
+            cols[S.CONTEXT_PREFIX + name] = _i32(context[rows, k])
+    return cols
+
+
 def write_dataset(b: Built, d: Path, shards: int) -> None:
     """The dataset dir of the contract, into `d` (a temp dir; the caller renames it)."""
     s = b.split
     n_users, n_items = b.user_ids.size, b.item_ids.size
+    ctx_names = [c["name"] for c in b.shop.get("context", {}).get("columns", [])]
     (d / S.TRAIN_DIR).mkdir()
     bounds = np.linspace(0, s.train_users.size, max(1, shards) + 1).astype(np.int64)
     for k in range(max(1, shards)):
         lo, hi = bounds[k], bounds[k + 1]
         pq.write_table(pa.table({S.USER_IDX: _i32(s.train_users[lo:hi]), S.ITEM_IDX: _i32(s.train_items[lo:hi]),
-                                 S.TIME_COL: pa.array(s.train_times[lo:hi], pa.int64())}),
+                                 S.TIME_COL: pa.array(s.train_times[lo:hi], pa.int64()),
+                                 **_shop_cols(s.train_events, s.train_context, ctx_names, slice(lo, hi))}),
                        d / S.TRAIN_DIR / f"part-{k:05d}.parquet")
     users = _i32(np.arange(n_users))
-    for name, items, times in ((S.VALID_FILE, s.valid_items, s.valid_times), (S.TEST_FILE, s.test_items,
-                                                                               s.test_times)):
-        pq.write_table(pa.table({S.USER_IDX: users, S.ITEM_IDX: _i32(items), S.TIME_COL: pa.array(times, pa.int64())}),
-                       d / name)
+    for name, items, times, events, context in (
+            (S.VALID_FILE, s.valid_items, s.valid_times, s.valid_events, s.valid_context),
+            (S.TEST_FILE, s.test_items, s.test_times, s.test_events, s.test_context)):
+        pq.write_table(pa.table({S.USER_IDX: users, S.ITEM_IDX: _i32(items), S.TIME_COL: pa.array(times, pa.int64()),
+                                 **_shop_cols(events, context, ctx_names)}), d / name)
     pq.write_table(_neg_table(b.valid_neg), d / S.VALID_NEG_FILE)
     pq.write_table(_neg_table(b.test_neg), d / S.TEST_NEG_FILE)
     for name, idx_col, id_col, ids, count in (
@@ -497,6 +675,7 @@ def _meta(cfg: DataConfig, b: Built, source: str, seconds: float) -> dict[str, A
         "valid_from": b.valid_from,
         "timestamps": b.timestamps,
         "dropped": b.dropped,
+        **b.shop,
         "seconds": round(seconds, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
