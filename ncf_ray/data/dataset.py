@@ -198,4 +198,4 @@ def _features(p: Path) -> dict[str, Any]:
         return {}
     from ncf_ray.data.features import read_features
 
-    return read_features(p / "features")
+    return read_features(p)

@@ -379,7 +379,10 @@ def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = 
     travel with their rows. `item_table_ids` (an item side table's raw ids) join the item vocab: items with no
     interactions stay as cold items (train count 0)."""
     ucode, uvocab = encode_ids(log.users)
-    icode, ivocab, _ = encode_item_ids(log.items, item_table_ids)
+    if item_table_ids is not None:
+        item_table_ids = np.unique(np.asarray(item_table_ids, dtype=str))
+        item_table_ids = item_table_ids[item_table_ids != ""]  # a row without an id names no item
+    icode, ivocab, table_only = encode_item_ids(log.items, item_table_ids)
     ctx_codes = {name: encode_ids(values) for name, values in log.context.items()}
     keep = dedup_events(ucode, icode, log.times, log.events, cfg.dedup_window, cfg.keep_all_events)
     duplicates = ucode.size - keep.size
@@ -423,6 +426,8 @@ def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = 
         shop["context"] = spec
     if ev is not None or ctx_codes or cfg.dedup_window or cfg.keep_all_events:
         shop["dedup"] = _dedup_rule(cfg, ev is not None)
+    if item_table_ids is not None:
+        shop["items_without_interactions"] = table_only
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
     valid_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
     test_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
@@ -520,6 +525,74 @@ def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig,
                  PROTOCOL_NCF, int(u.size + n_kept), valid_from=valid_from, timestamps=timestamps)
 
 
+# ============================================================================================ side tables
+SideTable = tuple[pa.Table, Any]  # (raw table, features.SideOptions)
+
+
+def read_side_tables(cfg: DataConfig, source_tables: dict[str, SideTable]) -> dict[str, SideTable]:
+    """The side tables to encode: --item-features / --user-features files (read now, so a bad file fails before
+    the log is read), else those the source brings (synthetic-shop, MovieLens; none with --no-side-tables).
+    --text-cols / --vector-cols apply to whichever table has the column; one that neither has is a UserError."""
+    tables = dict(source_tables) if cfg.side_tables else {}
+    if cfg.item_features or cfg.user_features:
+        from ncf_ray.data.features import SideOptions, read_side_table
+    for what, path, log_col in (("items", cfg.item_features, cfg.item_col), ("users", cfg.user_features,
+                                                                              cfg.user_col)):
+        if path:
+            id_col = cfg.feature_id_col or log_col
+            table = read_side_table(path, id_col, what)
+            names = set(table.column_names)
+            opts = SideOptions(id_col=id_col, text_cols=tuple(c for c in cfg.text_cols if c in names),
+                               vector_cols=tuple(c for c in cfg.vector_cols if c in names))
+            tables[what] = (table, opts)
+    for flag, cols in (("--text-cols", cfg.text_cols), ("--vector-cols", cfg.vector_cols)):
+        for col in cols:
+            if not any(col in t.column_names for t, _ in tables.values()):
+                where = ", ".join(f"{w} table: {', '.join(t.column_names)}" for w, (t, _) in tables.items())
+                raise UserError(f"{flag} {col!r} is not a column of any side table ({where or 'none given'})")
+    return tables
+
+
+def table_ids(tables: dict[str, SideTable], what: str) -> np.ndarray | None:
+    """Raw ids (str) of one side table, None without it."""
+    if what not in tables:
+        return None
+    from ncf_ray.data.features import side_ids
+
+    table, opts = tables[what]
+    return side_ids(table, opts.id_col)
+
+
+def encode_side_tables(tables: dict[str, SideTable], b: Built) -> dict[str, Any]:
+    """Encode each side table against the built vocab ("items"/"users" -> features.EncodedFeatures). Bucket
+    edges come from entities with train interactions only."""
+    from ncf_ray.data.features import encode_side_table
+
+    s = b.split
+    out = {}
+    for what, vocab, train in (("items", b.item_ids, s.train_items), ("users", b.user_ids, s.train_users)):
+        if what in tables:
+            table, opts = tables[what]
+            mask = np.bincount(train, minlength=vocab.size) > 0
+            out[what] = encode_side_table(table, opts, vocab, mask, what)
+    return out
+
+
+def features_meta(encoded: dict[str, Any], b: Built) -> dict[str, Any]:
+    """meta.json's short account of the side tables (the full specs are features/features.json)."""
+    if not encoded:
+        return {}
+    meta: dict[str, Any] = {"features": {
+        what: {"source": enc.spec.get("source"), "n_ids": enc.n_ids, "slots": enc.spec["slots"],
+               "dense_dim": enc.spec["dense_dim"], "stats": enc.spec.get("stats", {}),
+               "columns": [{"name": c["name"], "kind": c["kind"]} for c in enc.spec["columns"]]}
+        for what, enc in encoded.items()}}
+    if "items" in encoded:
+        counts = np.bincount(b.split.train_items, minlength=b.item_ids.size)
+        meta["cold_items"] = int((counts == 0).sum())
+    return meta
+
+
 # ============================================================================================ writing
 def _i32(a: np.ndarray) -> pa.Array:
     return pa.array(np.asarray(a, dtype=np.int32))
@@ -584,6 +657,17 @@ def _check_cfg(cfg: DataConfig) -> None:
         raise UserError(f"--shards={cfg.shards} must be >= 1")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction={cfg.max_bad_fraction} must be in [0, 1]")
+    if cfg.source.startswith("ncf:"):
+        shop = [flag for flag, given in (("--event-col", cfg.event_col), ("--context-cols", cfg.context_cols),
+                                         ("--time-context", cfg.time_context),
+                                         ("--item-features", cfg.item_features),
+                                         ("--user-features", cfg.user_features)) if given]
+        if shop:
+            raise UserError(f"{shop[0]} does not apply to ncf: sources (the paper's files are kept as given)")
+    clash = {HOUR, DOW} & set(cfg.context_cols) if cfg.with_time_context else set()
+    if clash:
+        raise UserError(f"--context-cols {sorted(clash)[0]!r} clashes with the time context's own column of that "
+                        f"name; rename it in the log or pass --no-time-context")
 
 
 def local_out(out: str | os.PathLike) -> Path:
@@ -604,9 +688,11 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
             synthetic: Any = None) -> dict[str, Any]:
     """Run the whole stage; returns the summary (meta.json fields + out, density, rows_read, rows_per_s,
     timings). `synthetic` is a SyntheticSpec for source 'synthetic'; `local_from` the MovieLens --from path."""
-    from ncf_ray.data.sources import NcfSource, open_source
+    from ncf_ray.data.sources import SHOP_SOURCE, NcfSource, open_source, shop_defaults
 
     t0 = time.perf_counter()
+    if cfg.source == SHOP_SOURCE:
+        cfg = shop_defaults(cfg)
     _check_cfg(cfg)
     out = local_out(out)
     if out.exists() and not overwrite:
@@ -627,16 +713,24 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
             rows = train.rows + test.rows
             timings["read"] = time.perf_counter() - t0
             built = build_ncf(train, test, negatives, cfg, timestamps=src.timestamps)
+            encoded: dict[str, Any] = {}
         else:
+            tables = read_side_tables(cfg, src.side_tables)
             log = collect(src.dataset)
             _check_bad(log, cfg, src.name)
             rows = log.rows
             timings["read"] = time.perf_counter() - t0
-            built = build_loo(log, cfg)
+            built = build_loo(log, cfg, table_ids(tables, "items") if src.cold_items else None)
             del log
+            encoded = encode_side_tables(tables, built)
         timings["build"] = time.perf_counter() - t0 - timings["read"]
         shutil.rmtree(scratch)
         write_dataset(built, tmp, cfg.shards)
+        if encoded:
+            from ncf_ray.data.features import write_features
+
+            write_features(tmp, encoded.get("items"), encoded.get("users"))
+        built.shop.update(features_meta(encoded, built))
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, built, src.name, seconds)
         (tmp / S.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -694,6 +788,30 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _shop_summary(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """format_summary's lines for events, context and side tables, each only when the dataset has it."""
+    rows = []
+    if summary.get("events"):
+        counts = ", ".join(f"{n} {c:,}" for n, c in summary["event_counts"].items())
+        held = summary.get("held_out_purchases", {})
+        rows.append(("events", f"{counts} (purchase = {summary['purchase_event']}+; test purchases "
+                               f"{held.get('test', 0):,})"))
+    if summary.get("dedup"):
+        rows.append(("dedup", summary["dedup"]))
+    if summary.get("context"):
+        cols = ", ".join(f"{c['name']} ({c['size']})" for c in summary["context"]["columns"])
+        rows.append(("context", cols))
+    for what, spec in summary.get("features", {}).items():
+        cols = ", ".join(f"{c['name']}:{c['kind']}" for c in spec.get("columns", []))
+        stats = spec.get("stats", {})
+        rows.append((f"{what} features", f"{cols} (rows {stats.get('rows', 0):,}, unknown ids "
+                                          f"{stats.get('unknown_ids', 0):,}, without a row "
+                                          f"{stats.get('entities_without_row', 0):,})"))
+    if summary.get("cold_items"):
+        rows.append(("cold items", f"{summary['cold_items']:,} (in the item table, no interactions)"))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The table `ncf-ray prepare` prints."""
     d = summary["dropped"]
@@ -710,6 +828,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("dropped", f"bad {d['bad_rows']:,}, duplicates {d['duplicates']:,}, below min rating "
                     f"{d['below_min_rating']:,}, sparse users {d['sparse_users']:,}"
                     + (f", users without train {d['users_without_train']:,}" if "users_without_train" in d else "")),
+        *_shop_summary(summary),
         ("rows read", f"{summary['rows_read']:,} ({summary['rows_per_s']:,.0f} rows/s)"),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("out", summary["out"]),

@@ -33,7 +33,7 @@ import shutil
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +121,17 @@ class FileFormat:
 
 @dataclass
 class LogSource:
-    """A raw log as a Ray Dataset of normalised batches (user_id, item_id, timestamp, _status, _err)."""
+    """A raw log as a Ray Dataset of normalised batches (user_id, item_id, timestamp, _status, _err).
+
+    `side_tables` are side tables the source brings itself ("items"/"users" -> (pa.Table, features.SideOptions)):
+    synthetic-shop's catalogue and profiles, MovieLens' movies/users files. `cold_items`: whether items of the
+    item table without interactions join the item vocab (False for MovieLens, whose item set stays the NCF
+    paper's, so figures compare with it)."""
 
     name: str
     dataset: Any
+    side_tables: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    cold_items: bool = True
 
 
 @dataclass
@@ -748,12 +755,44 @@ def read_movielens(name: str, cfg: DataConfig, local_from: str | None, workdir: 
     return LogSource(name=name, dataset=files_dataset([str(ratings)], None, fmt, spec))
 
 
+# --------------------------------------------------------------------------------------------- synthetic shop
+SHOP_SOURCE = "synthetic-shop"
+SHOP_EVENT_COL, SHOP_CONTEXT_COLS, SHOP_TEXT_COLS = "event", ("device",), ("title",)
+
+
+def shop_defaults(cfg: DataConfig) -> DataConfig:
+    """synthetic-shop's log with no other flags: its event column and funnel, device as context, time context."""
+    from ncf_ray.data.shop import EVENTS
+
+    return replace(cfg, event_col=cfg.event_col or SHOP_EVENT_COL, events=EVENTS,
+                   context_cols=cfg.context_cols or SHOP_CONTEXT_COLS,
+                   time_context=True if cfg.time_context is None else cfg.time_context)
+
+
+def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
+    """`synthetic-shop`: generate the shop (ShopSpec; default ML-1M-sized, seeded by --seed) in the driver, its
+    log as a Ray Dataset of normalised rows, its catalogue and user profiles as side tables (titles as text)."""
+    import ray.data
+
+    from ncf_ray.data.features import SideOptions
+    from ncf_ray.data.shop import ShopSpec, generate_shop
+
+    data = generate_shop(spec or ShopSpec(seed=cfg.seed))
+    columns = ColumnSpec(**shop_spec(cfg))
+    log = ray.data.from_arrow(data.log)
+    tables = {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=SHOP_TEXT_COLS)),
+              "users": (data.users, SideOptions(id_col=USER_COL))}
+    return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=tables)
+
+
 # --------------------------------------------------------------------------------------------- entry point
 def open_source(cfg: DataConfig, *, local_from: str | None = None, synthetic: Any = None,
                 workdir: Path | None = None) -> LogSource | NcfSource:
     """Resolve cfg.source. `synthetic` is a SyntheticSpec (users/items/interactions); `workdir` is a scratch dir
     the caller deletes (MovieLens archives are extracted there)."""
     src = cfg.source
+    if src == SHOP_SOURCE:
+        return read_shop(cfg, synthetic)
     if src == "synthetic":
         from ncf_ray.data.synthetic import SyntheticSpec, synthetic_dataset
 
