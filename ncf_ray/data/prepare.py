@@ -566,6 +566,8 @@ def table_ids(tables: dict[str, SideTable], what: str) -> np.ndarray | None:
 def encode_side_tables(tables: dict[str, SideTable], b: Built) -> dict[str, Any]:
     """Encode each side table against the built vocab ("items"/"users" -> features.EncodedFeatures). Bucket
     edges come from entities with train interactions only."""
+    if not tables:
+        return {}
     from ncf_ray.data.features import encode_side_table
 
     s = b.split
