@@ -23,3 +23,8 @@ ITEMS_FILE = "items.parquet"
 META_FILE = "meta.json"
 
 SCHEMA_VERSION = 1
+
+# Side tables (issue 14, ncf_ray/data/features.py): dataset dir and artifact `features/`.
+FEATURES_DIR = "features"
+FEATURES_JSON = "features.json"
+FEATURE_FILES = {"items": "items.safetensors", "users": "users.safetensors"}
