@@ -497,17 +497,20 @@ def _encode_column(col: dict[str, Any], arr: pa.Array, strict: bool = False) -> 
     return out
 
 
-def _dense_column(col: dict[str, Any], arr: pa.Array, row_ids: Sequence[str], where: str) -> np.ndarray:
-    """float32 [n, dim] of one vector column; missing vectors are zeros, a wrong length is a UserError."""
+def _dense_column(col: dict[str, Any], arr: pa.Array, row_ids: Sequence[str],
+                  where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [n, dim], mask of rows with a vector) of one vector column; a missing vector is zeros, a wrong
+    length a UserError naming the column and the row's id."""
     out = np.zeros((len(arr), col["dim"]), np.float32)
+    present = np.zeros(len(arr), bool)
     for k, v in enumerate(_vector_rows(arr, col["name"], row_ids, where)):
         if v is None:
             continue
         if len(v) != col["dim"]:
             raise UserError(f"{where}: vector column {col['name']!r}, id {row_ids[k]!r}: length {len(v)}, "
                             f"expected {col['dim']}")
-        out[k] = v
-    return out
+        out[k], present[k] = v, True
+    return out, present
 
 
 def _reserved_row(cols: list[dict[str, Any]], slots: int) -> np.ndarray:
@@ -575,8 +578,7 @@ def encode_side_table(table: pa.Table, options: SideOptions, vocab_ids: np.ndarr
         arr = table.column(col["name"]).take(pa.array(rows)).combine_chunks()
         if col["kind"] == VECTOR:
             lo, hi = col["dims"]
-            dense[entities, lo:hi] = _dense_column(col, arr, row_ids, where)
-            present = np.asarray([v is not None for v in _vector_rows(arr, col["name"], row_ids, where)])
+            dense[entities, lo:hi], present = _dense_column(col, arr, row_ids, where)
         else:
             lo, hi = col["slots"]
             block = _encode_column(col, arr)
@@ -628,7 +630,7 @@ def encode_row_values(spec: dict[str, Any], raw: dict[str, Any]) -> tuple[np.nda
             raise UserError(f"feature {name!r}: {exc}") from None
         if col["kind"] == VECTOR:
             lo, hi = col["dims"]
-            dense[lo:hi] = _dense_column(col, arr, [str(raw.get(spec.get("id_col"), "new"))], "features")[0]
+            dense[lo:hi] = _dense_column(col, arr, [str(raw.get(spec.get("id_col"), "new"))], "features")[0][0]
         else:
             lo, hi = col["slots"]
             ids[lo:hi] = _encode_column(col, arr, strict=True)[0]
@@ -734,3 +736,11 @@ def describe(spec: dict[str, Any]) -> list[str]:
         missing = f", {col['missing']} rows missing" if col.get("missing") else ""
         lines.append(f"{col['name']}: {kind}, {what}{missing}")
     return lines
+
+
+def movielens_side_tables(name: str, directory: str | Path) -> tuple[pa.Table | None, pa.Table | None,
+                                                                     SideOptions, SideOptions]:
+    """(items, users, item options, user options) of a MovieLens release: see ncf_ray/data/movielens_features.py."""
+    from ncf_ray.data.movielens_features import movielens_side_tables as read
+
+    return read(name, directory)
