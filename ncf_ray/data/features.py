@@ -332,10 +332,10 @@ def _vector_rows(arr: pa.Array, name: str, row_ids: Sequence[str], where: str) -
     """Each row's vector (None when missing): an Arrow list of numbers, or text like '0.1 0.2' / '[0.1, 0.2]'."""
     arr = _plain(arr)
     if _is_list(arr.type):
-        rows = arr.to_pylist()
+        originals = rows = arr.to_pylist()
     elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type):
-        rows = []
-        for text in arr.to_pylist():
+        originals, rows = arr.to_pylist(), []
+        for text in originals:
             text = (text or "").strip().strip("[]()").strip()
             rows.append(VECTOR_SPLIT_RE.split(text) if text else None)
     else:
@@ -349,8 +349,8 @@ def _vector_rows(arr: pa.Array, name: str, row_ids: Sequence[str], where: str) -
         try:
             vec = [float(v) for v in row]
         except (TypeError, ValueError):
-            raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: {_short(row)!r} is not a vector of "
-                            f"numbers") from None
+            raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: {_short(originals[k])!r} is not a "
+                            f"vector of numbers") from None
         if not all(math.isfinite(v) for v in vec):
             raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: the vector holds NaN or inf")
         out.append(vec)
@@ -558,7 +558,7 @@ def encode_side_table(table: pa.Table, options: SideOptions, vocab_ids: np.ndarr
     _, first = np.unique(ent[known], return_index=True)
     rows = known[np.sort(first)]
     entities = ent[rows]
-    row_ids = raw[rows]
+    row_ids = raw[rows].tolist()  # Python str, so messages show '12', not np.str_('12')
     train_rows = train_mask[entities]
 
     cols = []
