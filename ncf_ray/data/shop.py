@@ -300,7 +300,10 @@ def _users(rng: np.random.Generator, spec: ShopSpec, cat: _Catalogue) -> _Users:
     age = rng.choice(len(AGE_BANDS), size=U, p=np.array(AGE_SHARES))
     gender = rng.integers(0, len(GENDERS), size=U)
     region = rng.integers(0, len(REGIONS), size=U)
-    age_eff = rng.normal(0.0, ATTR_EFFECT, size=(len(AGE_BANDS), C))
+    # Age moves each category's appeal along a trend from the youngest band to the oldest (gaming down, garden
+    # up, ...), plus a little band-specific noise; gender and region shift each category independently.
+    age_pos = np.linspace(-1.0, 1.0, len(AGE_BANDS))
+    age_eff = np.outer(age_pos, rng.normal(0.0, ATTR_EFFECT, size=C)) + rng.normal(0.0, 0.3, size=(len(AGE_BANDS), C))
     gender_eff = rng.normal(0.0, ATTR_EFFECT, size=(len(GENDERS), C))
     region_eff = rng.normal(0.0, REGION_EFFECT, size=(len(REGIONS), C))
     taste = (cat.cat_base[None, :] + age_eff[age] + gender_eff[gender] + region_eff[region]
