@@ -52,7 +52,8 @@ def _print_json_last(obj: object) -> None:
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="raw interaction log -> dataset dir (Ray Data)",
                        description="SOURCE: a file, directory, glob or URI (s3://, gs://, file://) of CSV/TSV/TXT/"
-                                   "Parquet/JSONL; or synthetic, ncf:PATH_PREFIX, movielens-100k|1m|20m.")
+                                   "Parquet/JSONL; or synthetic, synthetic-shop, ncf:PATH_PREFIX, "
+                                   "movielens-100k|1m|20m.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset dir to write (atomically)")
     p.add_argument("--user-col", default="user_id")
@@ -69,9 +70,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", type=int, default=4, help="train Parquet files")
     p.add_argument("--from", dest="local_from", default=None, metavar="LOCAL",
                    help="movielens-*: a local copy of the GroupLens zip or its folder (offline)")
-    p.add_argument("--users", type=int, default=None, help="synthetic: users (default 6040)")
-    p.add_argument("--items", type=int, default=None, help="synthetic: items (default 3706)")
-    p.add_argument("--interactions", type=int, default=None, help="synthetic: interactions (default 1,000,000)")
+    p.add_argument("--users", type=int, default=None, help="synthetic, synthetic-shop: users (default 6040)")
+    p.add_argument("--items", type=int, default=None, help="synthetic: items (default 3706; shop 3700)")
+    p.add_argument("--interactions", type=int, default=None, help="synthetic(-shop): interactions (default 1,000,000)")
     g = p.add_argument_group("shop logs (events, context, side tables)")
     g.add_argument("--event-col", default=None, help="event type column (view/cart/purchase ...)")
     g.add_argument("--events", type=_csv_names, default=None,
@@ -121,7 +122,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                      min_user_interactions=args.min_user_interactions, eval_negatives=args.eval_negatives,
                      max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards,
                      **_shop_flags(args))
-    synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
+    if args.source == "synthetic-shop":
+        synthetic = _shop_spec(args)
+    else:
+        synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
     if args.local_from and not args.source.startswith("movielens"):
         raise UserError(f"--from only applies to movielens-* sources, not {args.source!r}")
     from ncf_ray.runtime import ensure_ray
@@ -132,6 +136,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.json:
         _print_json_last(summary)
     return 0
+
+
+def _shop_spec(args: argparse.Namespace) -> Any:
+    """synthetic-shop's ShopSpec from --users/--items/--interactions/--seed (None sizes keep its defaults)."""
+    from ncf_ray.data.shop import ShopSpec
+
+    sizes = {"users": args.users, "items": args.items, "interactions": args.interactions}
+    return ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=args.seed)
 
 
 def _shop_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -194,7 +194,7 @@ def _held_out_shop(path: Path, meta: dict[str, Any]) -> tuple[np.ndarray | None,
 
 def _features(p: Path) -> dict[str, Any]:
     """The side tables of features/ (contract.md 3), {} when the dataset has none."""
-    if not (p / "features").is_dir():
+    if not (p / S.FEATURES_DIR).is_dir():
         return {}
     from ncf_ray.data.features import read_features
 

@@ -809,8 +809,10 @@ def _shop_summary(summary: dict[str, Any]) -> list[tuple[str, str]]:
         rows.append((f"{what} features", f"{cols} (rows {stats.get('rows', 0):,}, unknown ids "
                                           f"{stats.get('unknown_ids', 0):,}, without a row "
                                           f"{stats.get('entities_without_row', 0):,})"))
-    if summary.get("cold_items"):
-        rows.append(("cold items", f"{summary['cold_items']:,} (in the item table, no interactions)"))
+    if "cold_items" in summary:
+        none = summary.get("items_without_interactions")
+        rows.append(("cold items", f"{summary['cold_items']:,} without train interactions"
+                                   + (f" ({none:,} in the item table only)" if none is not None else "")))
     return rows
 
 

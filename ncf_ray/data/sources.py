@@ -752,7 +752,22 @@ def read_movielens(name: str, cfg: DataConfig, local_from: str | None, workdir: 
         raise UserError(f"empty input: {ratings}")
     spec = ColumnSpec(rating_col=RATING_COL, min_rating=cfg.min_rating)
     fmt = FileFormat("delimited", sep=ml.sep, names=ML_COLUMNS, skip_header=ml.header)
-    return LogSource(name=name, dataset=files_dataset([str(ratings)], None, fmt, spec))
+    return LogSource(name=name, dataset=files_dataset([str(ratings)], None, fmt, spec),
+                     side_tables=movielens_tables(name, local) if cfg.side_tables else {}, cold_items=False)
+
+
+def movielens_tables(name: str, local: Path) -> dict[str, tuple[Any, Any]]:
+    """The release's movie and user files as side tables, those that are there (a --from folder may hold only
+    the ratings). Movies without ratings stay out of the item vocab (LogSource.cold_items)."""
+    from ncf_ray.data.features import movielens_side_tables
+
+    items, users, item_opts, user_opts = movielens_side_tables(name, local)
+    tables = {}
+    if items is not None:
+        tables["items"] = (items, item_opts)
+    if users is not None:
+        tables["users"] = (users, user_opts)
+    return tables
 
 
 # --------------------------------------------------------------------------------------------- synthetic shop
