@@ -540,7 +540,10 @@ def read_side_tables(cfg: DataConfig, source_tables: dict[str, SideTable]) -> di
                                                                               cfg.user_col)):
         if path:
             id_col = cfg.feature_id_col or log_col
-            table = read_side_table(path, id_col, what)
+            try:
+                table = read_side_table(path, id_col, what)
+            except UserError as exc:  # name the flag: "path not found: x.csv" alone does not say which file
+                raise UserError(f"--{what[:-1]}-features: {exc}") from None
             names = set(table.column_names)
             opts = SideOptions(id_col=id_col, text_cols=tuple(c for c in cfg.text_cols if c in names),
                                vector_cols=tuple(c for c in cfg.vector_cols if c in names))

@@ -199,3 +199,91 @@ def test_load_dataset_round_trip_of_events_and_context(tmp_path: Path):
     (d2 / S.META_FILE).write_text(json.dumps(meta_of(DataConfig(), plain, "test", 0.0)))
     ds2 = load_dataset(d2)
     assert ds2.train_events is None and ds2.test_context is None and ds2.purchase_from is None
+
+
+# ------------------------------------------------------------------------------------------------ side tables
+def _item_table(path: Path, ids: list, **cols) -> str:
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(pa.table({"item_id": ids, **cols}), path)
+    return str(path)
+
+
+def _with_tables(tmp_path: Path, log: RawLog, **cfg_kw):
+    from ncf_ray.data.prepare import encode_side_tables, read_side_tables, table_ids
+
+    cfg = _cfg(**cfg_kw)
+    tables = read_side_tables(cfg, {})
+    b = build_loo(log, cfg, table_ids(tables, "items"))
+    return b, encode_side_tables(tables, b)
+
+
+def test_items_of_the_item_table_without_interactions_join_the_vocab_as_cold_items(tmp_path: Path):
+    log = _shop_log(n_items=25)
+    ids = list(range(30))  # 25..29 (and any item the log lacks) never interacted with
+    cats = [f"c{k % 4}" for k in ids]
+    path = _item_table(tmp_path / "items.csv", ids, category=cats, price=[float(k) for k in ids])
+    b, enc = _with_tables(tmp_path, log, item_features=path)
+    assert b.item_ids.tolist() == [str(k) for k in range(30)]  # the sorted union, ints numerically
+    counts = np.bincount(b.split.train_items, minlength=30)
+    assert (counts[25:] == 0).all() and b.shop["items_without_interactions"] == 30 - np.unique(log.items).size
+    items = enc["items"]
+    assert items.ids.shape[0] == 30
+    cat_col = next(c for c in items.spec["columns"] if c["name"] == "category")
+    lo = cat_col["slots"][0]
+    # A cold item's category is a real value (not the reserved id): the model can score it from it.
+    assert items.ids[29, lo] == items.ids[29 - 4, lo] != cat_col["offset"]
+
+
+def test_cold_item_vocab_depends_only_on_the_id_set(tmp_path: Path):
+    log = _shop_log(n_items=25)
+    text = RawLog(users=log.users, items=pa.array([f"i{k:02d}" for k in log.items], pa.string()),
+                  times=log.times, rows=log.rows, events=log.events)
+    shuffled = [f"i{k:02d}" for k in np.random.default_rng(1).permutation(30)]
+    a, _ = _with_tables(tmp_path, text, item_features=_item_table(tmp_path / "a.csv", shuffled, c=shuffled))
+    b, _ = _with_tables(tmp_path, text, item_features=_item_table(tmp_path / "b.csv", sorted(shuffled),
+                                                                    c=sorted(shuffled)))
+    assert a.item_ids.tolist() == b.item_ids.tolist() == sorted(shuffled)
+
+
+def test_users_of_the_user_table_without_interactions_are_not_added(tmp_path: Path):
+    import pyarrow.csv as pacsv
+
+    log = _shop_log(n_users=30)
+    path = tmp_path / "users.csv"
+    pacsv.write_csv(pa.table({"user_id": list(range(35)), "region": [f"r{k % 3}" for k in range(35)]}), path)
+    b, enc = _with_tables(tmp_path, log, user_features=str(path))
+    assert b.user_ids.size == 30
+    users = enc["users"]
+    assert users.ids.shape[0] == 30 and users.spec["stats"]["unknown_ids"] == 5
+
+
+def _bad_tables(tmp_path: Path) -> dict[str, tuple[dict, str]]:
+    good = _item_table(tmp_path / "good.csv", list(range(25)), category=["a"] * 25)
+    return {
+        "missing file": ({"item_features": str(tmp_path / "nope.csv")}, "nope.csv"),
+        "missing id column": ({"item_features": good, "feature_id_col": "sku"}, "'sku'"),
+        "text column in no table": ({"item_features": good, "text_cols": ("title",)}, "'title'"),
+        "unparseable vector column": (
+            {"item_features": _item_table(tmp_path / "vec.csv", list(range(25)), emb=["x;y"] * 25),
+             "vector_cols": ("emb",)}, "'emb'"),
+        "no id of the log": ({"item_features": _item_table(tmp_path / "far.csv", [900 + k for k in range(5)],
+                                                           category=["a"] * 5)}, "item_id"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "missing id column", "text column in no table",
+                                  "unparseable vector column", "no id of the log"])
+def test_a_bad_side_table_is_one_user_error_line_naming_the_column(tmp_path: Path, case: str):
+    cfg_kw, named = _bad_tables(tmp_path)[case]
+    if case == "no id of the log":  # ids disjoint from the log's and not joining it: MovieLens' rule
+        from ncf_ray.data.prepare import encode_side_tables, read_side_tables
+
+        cfg = _cfg(**cfg_kw)
+        tables = read_side_tables(cfg, {})
+        with pytest.raises(UserError) as err:
+            encode_side_tables(tables, build_loo(_shop_log(), cfg))
+    else:
+        with pytest.raises(UserError) as err:
+            _with_tables(tmp_path, _shop_log(), **cfg_kw)
+    assert "\n" not in str(err.value) and named in str(err.value)
