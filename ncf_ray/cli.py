@@ -20,7 +20,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ncf_ray.errors import UserError
 
@@ -52,7 +52,8 @@ def _print_json_last(obj: object) -> None:
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="raw interaction log -> dataset dir (Ray Data)",
                        description="SOURCE: a file, directory, glob or URI (s3://, gs://, file://) of CSV/TSV/TXT/"
-                                   "Parquet/JSONL; or synthetic, ncf:PATH_PREFIX, movielens-100k|1m|20m.")
+                                   "Parquet/JSONL; or synthetic, synthetic-shop, ncf:PATH_PREFIX, "
+                                   "movielens-100k|1m|20m.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset dir to write (atomically)")
     p.add_argument("--user-col", default="user_id")
@@ -69,12 +70,44 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shards", type=int, default=4, help="train Parquet files")
     p.add_argument("--from", dest="local_from", default=None, metavar="LOCAL",
                    help="movielens-*: a local copy of the GroupLens zip or its folder (offline)")
-    p.add_argument("--users", type=int, default=None, help="synthetic: users (default 6040)")
-    p.add_argument("--items", type=int, default=None, help="synthetic: items (default 3706)")
-    p.add_argument("--interactions", type=int, default=None, help="synthetic: interactions (default 1,000,000)")
+    p.add_argument("--users", type=int, default=None, help="synthetic, synthetic-shop: users (default 6040)")
+    p.add_argument("--items", type=int, default=None, help="synthetic: items (default 3706; shop 3700)")
+    p.add_argument("--interactions", type=int, default=None, help="synthetic(-shop): interactions (default 1,000,000)")
+    g = p.add_argument_group("shop logs (events, context, side tables)")
+    g.add_argument("--event-col", default=None, help="event type column (view/cart/purchase ...)")
+    g.add_argument("--events", type=_csv_names, default=None,
+                   help="event names in funnel order, weakest first (default view,cart,purchase); other values "
+                        "are bad rows")
+    g.add_argument("--purchase-event", default=None, help="this event and stronger count as a purchase "
+                                                          "(default the last of --events)")
+    g.add_argument("--dedup-window", type=int, default=None, metavar="SECONDS",
+                   help="keep the strongest event per (user, item, window) instead of per (user, item)")
+    g.add_argument("--keep-all-events", action="store_true", help="no dedup: every event is a positive")
+    g.add_argument("--context-cols", type=_csv_names, default=None,
+                   help="categorical context columns of the log, e.g. device,region")
+    g.add_argument("--time-context", action=argparse.BooleanOptionalAction, default=None,
+                   help="hour-of-day and day-of-week context from the timestamp (UTC); default on with "
+                        "--event-col or --context-cols")
+    g.add_argument("--item-features", default=None, metavar="FILE", help="item side table (id + columns)")
+    g.add_argument("--user-features", default=None, metavar="FILE", help="user side table (id + columns)")
+    g.add_argument("--feature-id-col", default=None,
+                   help="id column of the side tables (default the log's --item-col / --user-col)")
+    g.add_argument("--text-cols", type=_csv_names, default=None, help="side-table text columns (hashed words)")
+    g.add_argument("--vector-cols", type=_csv_names, default=None,
+                   help="side-table columns of fixed-length float vectors (precomputed embeddings)")
+    g.add_argument("--no-side-tables", action="store_true",
+                   help="movielens-*: do not load users/movies files as side tables")
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on the last line")
     p.set_defaults(func=_cmd_prepare)
+
+
+def _csv_names(text: str) -> tuple[str, ...]:
+    """'a, b,c' -> ('a', 'b', 'c'); an empty name is refused by argparse as a bad value."""
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: empty name in a comma-separated list")
+    return names
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
@@ -87,8 +120,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     cfg = DataConfig(source=args.source, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
                      rating_col=args.rating_col, min_rating=args.min_rating, sep=sep,
                      min_user_interactions=args.min_user_interactions, eval_negatives=args.eval_negatives,
-                     max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards)
-    synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
+                     max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards,
+                     **_shop_flags(args))
+    if args.source == "synthetic-shop":
+        synthetic = _shop_spec(args)
+    else:
+        synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
     if args.local_from and not args.source.startswith("movielens"):
         raise UserError(f"--from only applies to movielens-* sources, not {args.source!r}")
     from ncf_ray.runtime import ensure_ray
@@ -99,6 +136,31 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.json:
         _print_json_last(summary)
     return 0
+
+
+def _shop_spec(args: argparse.Namespace) -> Any:
+    """synthetic-shop's ShopSpec from --users/--items/--interactions/--seed (None sizes keep its defaults)."""
+    from ncf_ray.data.shop import ShopSpec
+
+    sizes = {"users": args.users, "items": args.items, "interactions": args.interactions}
+    return ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=args.seed)
+
+
+def _shop_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """DataConfig fields of the shop-log flags that were given (the rest keep DataConfig's defaults)."""
+    given = {"event_col": args.event_col, "events": args.events, "purchase_event": args.purchase_event,
+             "dedup_window": args.dedup_window, "context_cols": args.context_cols, "time_context": args.time_context,
+             "item_features": args.item_features, "user_features": args.user_features,
+             "feature_id_col": args.feature_id_col, "text_cols": args.text_cols, "vector_cols": args.vector_cols}
+    out = {k: v for k, v in given.items() if v is not None}
+    if args.keep_all_events:
+        out["keep_all_events"] = True
+    if args.no_side_tables:
+        out["side_tables"] = False
+    for flag in ("events", "purchase_event", "dedup_window", "keep_all_events"):
+        if flag in out and "event_col" not in out and args.source != "synthetic-shop":
+            raise UserError(f"--{flag.replace('_', '-')} needs --event-col (the log's event column)")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- train

@@ -35,6 +35,46 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     seed: int = 0
     shards: int = 4  # Parquet files under train/: the unit Ray Data hands to workers
+    # Shop logs (issue 14). All optional: without event_col / context / side tables the dataset is ID-only.
+    event_col: str | None = None  # raw column holding the event type
+    events: tuple[str, ...] = ("view", "cart", "purchase")  # funnel order, weakest first
+    purchase_event: str | None = None  # this event and the stronger ones count as a purchase; None = events[-1]
+    dedup_window: int | None = None  # seconds: keep the strongest event per (user, item, window), not per pair
+    keep_all_events: bool = False  # no dedup at all: every event is a positive
+    context_cols: tuple[str, ...] = ()  # categorical per-interaction context columns (device, region, ...)
+    time_context: bool | None = None  # hour-of-day + day-of-week context; None = on with events or context_cols
+    item_features: str | None = None  # side table files (any format prepare reads)
+    user_features: str | None = None
+    feature_id_col: str | None = None  # id column of the side tables; None = the log's item_col / user_col
+    text_cols: tuple[str, ...] = ()  # side-table columns read as text (bag of hashed tokens)
+    vector_cols: tuple[str, ...] = ()  # side-table columns holding fixed-length float vectors
+    side_tables: bool = True  # movielens-*: load users/movies files as side tables when present
+
+    def __post_init__(self) -> None:
+        if self.event_col is not None:
+            if not self.events or len(set(self.events)) != len(self.events) or "" in self.events:
+                raise UserError(f"--events {','.join(self.events)!r} must be distinct, non-empty names")
+            if self.purchase_event is not None and self.purchase_event not in self.events:
+                raise UserError(f"--purchase-event {self.purchase_event!r} is not one of --events "
+                                f"{','.join(self.events)}")
+        if self.dedup_window is not None and self.dedup_window <= 0:
+            raise UserError(f"--dedup-window={self.dedup_window} must be > 0 seconds")
+        if self.keep_all_events and self.dedup_window is not None:
+            raise UserError("--keep-all-events and --dedup-window exclude each other")
+        bad = [c for c in self.context_cols if not c or "," in c]
+        if bad or len(set(self.context_cols)) != len(self.context_cols):
+            raise UserError(f"--context-cols {','.join(self.context_cols)!r} must be distinct column names")
+
+    @property
+    def purchase_name(self) -> str | None:
+        """The purchase event's name (None without events)."""
+        if self.event_col is None:
+            return None
+        return self.purchase_event or self.events[-1]
+
+    @property
+    def with_time_context(self) -> bool:
+        return self.time_context if self.time_context is not None else bool(self.event_col or self.context_cols)
 
 
 @dataclass(frozen=True)

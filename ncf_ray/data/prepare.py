@@ -65,6 +65,27 @@ def dedup_latest(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.
     return order[last]
 
 
+def dedup_events(users: np.ndarray, items: np.ndarray, times: np.ndarray, events: np.ndarray | None,
+                 window: int | None = None, keep_all: bool = False) -> np.ndarray:
+    """Indices of the rows to keep, sorted by (user, item, time).
+
+    One row per (user, item) — or per (user, item, time // window) with a window in seconds: the strongest
+    event (highest funnel index), and among rows of that event the latest. `keep_all` keeps every row. Without
+    events and a window this is `dedup_latest`."""
+    if keep_all:
+        return np.lexsort((times, items, users))
+    if events is None and window is None:
+        return dedup_latest(users, items, times)
+    ev = np.zeros(users.size, np.int8) if events is None else events
+    win = np.zeros(users.size, np.int64) if window is None else times // np.int64(window)
+    order = np.lexsort((times, ev, win, items, users))
+    u, i, w = users[order], items[order], win[order]
+    last = np.ones(order.size, bool)
+    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1]) | (w[1:] != w[:-1])
+    kept = order[last]
+    return kept[np.lexsort((times[kept], items[kept], users[kept]))]
+
+
 @dataclass
 class Split:
     """Leave-one-out split over contiguous user indices 0..n_users-1 (each with >= 3 interactions)."""
@@ -76,24 +97,79 @@ class Split:
     valid_times: np.ndarray
     test_items: np.ndarray
     test_times: np.ndarray
+    # Shop logs only (None otherwise): event index per row, and context ids [rows, K] (contract.md 1-2).
+    train_events: np.ndarray | None = None
+    valid_events: np.ndarray | None = None
+    test_events: np.ndarray | None = None
+    train_context: np.ndarray | None = None
+    valid_context: np.ndarray | None = None
+    test_context: np.ndarray | None = None
 
 
-def split_leave_one_out(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int) -> Split:
-    """Test = each user's latest interaction, valid = the latest remaining one, train = the rest. Ties in time
-    break by item index (the larger counts as later), so the split is deterministic. Train keeps (user, time,
-    item) order."""
-    order = np.lexsort((items, times, users))
-    u, i, t = users[order], items[order], times[order]
-    counts = np.bincount(u, minlength=n_users)
+def split_rows(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int,
+               events: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leave-one-out as row indices: (train rows in (user, time, item) order, valid row per user, test row per
+    user). Test = each user's latest interaction, valid = the latest remaining one. Ties in time break by item
+    index (the larger counts as later), then by event (the stronger counts as later), so it is deterministic."""
+    keys = (items, times, users) if events is None else (events, items, times, users)
+    order = np.lexsort(keys)
+    counts = np.bincount(users, minlength=n_users)
     if counts.size != n_users or (counts < 2).any():
         short = int(np.flatnonzero(counts < 2)[0])
         raise ValueError(f"user index {short} has {counts[short]} interactions; leave-one-out needs >= 2")
     last = np.cumsum(counts) - 1
-    held = np.zeros(u.size, bool)
+    held = np.zeros(order.size, bool)
     held[last] = True
     held[last - 1] = True
-    keep = ~held
-    return Split(u[keep], i[keep], t[keep], i[last - 1], t[last - 1], i[last], t[last])
+    return order[~held], order[last - 1], order[last]
+
+
+def split_leave_one_out(users: np.ndarray, items: np.ndarray, times: np.ndarray, n_users: int) -> Split:
+    """`split_rows` gathered into a Split. Train keeps (user, time, item) order."""
+    tr, va, te = split_rows(users, items, times, n_users)
+    return Split(users[tr], items[tr], times[tr], items[va], times[va], items[te], times[te])
+
+
+# ============================================================================================ context
+HOUR, DOW = "hour", "dow"
+EPOCH_DOW = 3  # 1970-01-01 was a Thursday; Monday = 0
+
+
+def hour_dow(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """UTC hour of day (0..23) and day of week (0..6, Monday = 0) of int seconds since the epoch."""
+    t = np.asarray(times, dtype=np.int64)
+    return (t // 3600) % 24, (t // 86400 + EPOCH_DOW) % 7
+
+
+def encode_context(times: np.ndarray | None, categorical: dict[str, tuple[np.ndarray, np.ndarray]],
+                   train_rows: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per-row global context ids [n, K] int64 and meta["context"] (contract.md 2).
+
+    `times` (None: no time context) gives the hour and dow columns; `categorical` maps a column name to (codes
+    into its raw vocab, raw vocab of str). A categorical column's vocab is its non-empty values seen in the
+    `train_rows`, sorted; other values (valid/test only, or '') map to 0, the global unknown id."""
+    cols: list[np.ndarray] = []
+    specs: list[dict[str, Any]] = []
+    offset = 1
+    if times is not None:
+        hour, dow = hour_dow(times)
+        for name, values, size in ((HOUR, hour, 24), (DOW, dow, 7)):
+            cols.append(offset + values)
+            specs.append({"name": name, "kind": name, "offset": offset, "size": size})
+            offset += size
+    for name, (codes, raw_vocab) in categorical.items():
+        in_train = np.zeros(raw_vocab.size, bool)
+        in_train[codes[train_rows]] = True
+        in_train &= raw_vocab != ""
+        vocab = raw_vocab[in_train]
+        ids = np.where(in_train, offset + np.cumsum(in_train) - 1, 0)
+        cols.append(ids[codes])
+        specs.append({"name": name, "kind": "categorical", "offset": offset, "size": int(vocab.size),
+                      "vocab": vocab.tolist()})
+        offset += int(vocab.size)
+    n = train_rows.size if not cols else cols[0].size
+    ids = np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
+    return ids, {"n_ids": offset, "columns": specs}
 
 
 def _is_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -159,6 +235,8 @@ class RawLog:
     below_min: int = 0
     example: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    events: np.ndarray | None = None  # int8 funnel index per row, when the log has an event column
+    context: dict[str, pa.Array] = field(default_factory=dict)  # raw text per context column (name -> values)
 
 
 def _ids_to_array(chunks: list[pa.Array]) -> Any:
@@ -205,7 +283,8 @@ def collect(ds: Any) -> RawLog:
     """Drain a normalised dataset (streaming, block by block) into arrays of its good rows."""
     from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL
 
-    users, items, times = [], [], []
+    users, items, times, events = [], [], [], []
+    context: dict[str, list[pa.Array]] = {}
     log = RawLog(None, None, np.empty(0, np.int64))
     with _task_errors_as_user_errors():
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -223,8 +302,15 @@ def collect(ds: Any) -> RawLog:
             users.append(batch.column(S.USER_COL).combine_chunks())
             items.append(batch.column(S.ITEM_COL).combine_chunks())
             times.append(batch.column(S.TIME_COL).to_numpy())
+            if S.EVENT_COL in batch.column_names:
+                events.append(batch.column(S.EVENT_COL).to_numpy())
+            for name in batch.column_names:
+                if name.startswith(S.CONTEXT_PREFIX):
+                    context.setdefault(name[len(S.CONTEXT_PREFIX):], []).append(batch.column(name).combine_chunks())
     log.users, log.items = _ids_to_array(users), _ids_to_array(items)
     log.times = np.concatenate(times) if times else np.empty(0, np.int64)
+    log.events = np.concatenate(events).astype(np.int8) if events else None
+    log.context = {k: pa.chunked_array(v, pa.string()).combine_chunks() for k, v in context.items()}
     return log
 
 
@@ -255,15 +341,54 @@ class Built:
     n_interactions: int
     valid_from: str = "latest remaining interaction per user (by time)"
     timestamps: bool = True  # False: the source had none; times are line numbers in file order
+    shop: dict[str, Any] = field(default_factory=dict)  # meta.json fields of events/context (absent: ID-only)
 
 
-def build_loo(log: RawLog, cfg: DataConfig) -> Built:
-    """Dedup, sparse-user filter, contiguous indices, leave-one-out split, eval negatives."""
+def _dedup_rule(cfg: DataConfig, has_events: bool) -> str:
+    if cfg.keep_all_events:
+        return "none (every event kept)"
+    what = "strongest event, latest among those" if has_events else "latest"
+    per = f"(user, item, {cfg.dedup_window}s window)" if cfg.dedup_window else "(user, item)"
+    return f"{what}, per {per}"
+
+
+def encode_item_ids(log_items: Any, table_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Item codes of the log rows and the vocab of the sorted union of the log's and a side table's ids, plus
+    how many of the table's ids the log lacks (cold items). The union keeps `encode_ids`' rule: ints sort
+    numerically when every id of both is an integer, else everything is text."""
+    if table_ids is None or table_ids.size == 0:
+        codes, vocab = encode_ids(log_items)
+        return codes, vocab, 0
+    from ncf_ray.data.sources import canonical_ints
+
+    table_text = pa.array(np.asarray(table_ids, dtype=str).tolist(), pa.string())
+    if isinstance(log_items, np.ndarray) and bool(canonical_ints(table_text).all()):
+        both: Any = np.concatenate([log_items, np.asarray(pc.cast(table_text, pa.int64()))])
+    else:
+        log_text = (pa.array(log_items.astype(str).tolist(), pa.string()) if isinstance(log_items, np.ndarray)
+                    else log_items)
+        both = pa.concat_arrays([log_text, table_text])
+    codes, vocab = encode_ids(both)
+    n = len(log_items)
+    cold = np.setdiff1d(codes[n:], codes[:n]).size
+    return codes[:n], vocab, int(cold)
+
+
+def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = None) -> Built:
+    """Dedup, sparse-user filter, contiguous indices, leave-one-out split, eval negatives; events and context
+    travel with their rows. `item_table_ids` (an item side table's raw ids) join the item vocab: items with no
+    interactions stay as cold items (train count 0)."""
     ucode, uvocab = encode_ids(log.users)
-    icode, ivocab = encode_ids(log.items)
-    keep = dedup_latest(ucode, icode, log.times)  # sorted by (user code, item code)
+    if item_table_ids is not None:
+        item_table_ids = np.unique(np.asarray(item_table_ids, dtype=str))
+        item_table_ids = item_table_ids[item_table_ids != ""]  # a row without an id names no item
+    icode, ivocab, table_only = encode_item_ids(log.items, item_table_ids)
+    ctx_codes = {name: encode_ids(values) for name, values in log.context.items()}
+    keep = dedup_events(ucode, icode, log.times, log.events, cfg.dedup_window, cfg.keep_all_events)
     duplicates = ucode.size - keep.size
     u, i, t = ucode[keep], icode[keep], log.times[keep]
+    ev = log.events[keep] if log.events is not None else None
+    ctx_codes = {name: (codes[keep], vocab) for name, (codes, vocab) in ctx_codes.items()}
     del ucode, icode, keep
 
     counts = np.bincount(u, minlength=uvocab.size)
@@ -274,22 +399,65 @@ def build_loo(log: RawLog, cfg: DataConfig) -> Built:
         raise UserError(f"everything filtered out: no user has >= {cfg.min_user_interactions} distinct "
                         f"interactions (--min-user-interactions); most has {int(counts.max())}")
     u, i, t = u[rows_ok], i[rows_ok], t[rows_ok]
-    # Contiguous indices that keep the sorted raw-id order.
+    ev = ev[rows_ok] if ev is not None else None
+    ctx_codes = {name: (codes[rows_ok], vocab) for name, (codes, vocab) in ctx_codes.items()}
+    # Contiguous indices that keep the sorted raw-id order; a side table's items stay (cold: no interactions).
     user_new = np.cumsum(user_ok) - 1
     item_ok = np.zeros(ivocab.size, bool)
     item_ok[i] = True
+    if item_table_ids is not None and item_table_ids.size:
+        item_ok[_table_codes(ivocab, item_table_ids)] = True
     item_new = np.cumsum(item_ok) - 1
     u, i = user_new[u], item_new[i]
     n_users, n_items = int(user_ok.sum()), int(item_ok.sum())
 
-    pos_keys = u * np.int64(n_items) + i  # still sorted by (user, item): dedup's order survives the remap
-    split = split_leave_one_out(u, i, t, n_users)
+    # Sorted by (user, item): dedup's order survives the remap; unique, since a pair may repeat (window/keep-all).
+    pos_keys = np.unique(u * np.int64(n_items) + i)
+    tr, va, te = split_rows(u, i, t, n_users, ev)
+    split = Split(u[tr], i[tr], t[tr], i[va], t[va], i[te], t[te])
+    shop: dict[str, Any] = {}
+    if ev is not None:
+        split.train_events, split.valid_events, split.test_events = ev[tr], ev[va], ev[te]
+        shop.update(_event_meta(cfg, ev, split))
+    times = t if cfg.with_time_context else None
+    if times is not None or ctx_codes:
+        ctx, spec = encode_context(times, ctx_codes, tr)
+        split.train_context, split.valid_context, split.test_context = ctx[tr], ctx[va], ctx[te]
+        shop["context"] = spec
+    if ev is not None or ctx_codes or cfg.dedup_window or cfg.keep_all_events:
+        shop["dedup"] = _dedup_rule(cfg, ev is not None)
+    if item_table_ids is not None:
+        shop["items_without_interactions"] = table_only
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
     valid_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
     test_neg = sample_eval_negatives(pos_keys, n_users, n_items, cfg.eval_negatives, rng)
     return Built(split, valid_neg, test_neg, uvocab[user_ok], ivocab[item_ok],
                  {"bad_rows": log.bad, "duplicates": int(duplicates), "below_min_rating": log.below_min,
-                  "sparse_users": sparse}, PROTOCOL_LOO, int(pos_keys.size))
+                  "sparse_users": sparse}, PROTOCOL_LOO, int(u.size), shop=shop)
+
+
+def _table_codes(vocab: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
+    """Positions in a sorted id vocab (the union built by encode_item_ids) of a side table's raw ids."""
+    text = np.asarray(vocab).astype(str)
+    order = np.argsort(text)
+    return order[np.searchsorted(text[order], np.asarray(table_ids, dtype=str))]
+
+
+def _event_meta(cfg: DataConfig, ev: np.ndarray, split: Split) -> dict[str, Any]:
+    """meta.json's event fields: names in funnel order, rows kept per type (all splits), the purchase event,
+    and how many held-out rows of each split are purchases (the purchase task's evaluation users)."""
+    names = list(cfg.events)
+    purchase = cfg.purchase_name
+    assert purchase is not None
+    purchase_from = names.index(purchase)
+    counts = np.bincount(ev, minlength=len(names))
+    return {
+        "events": names,
+        "event_counts": {n: int(c) for n, c in zip(names, counts)},
+        "purchase_event": purchase,
+        "held_out_purchases": {"valid": int((split.valid_events >= purchase_from).sum()),
+                               "test": int((split.test_events >= purchase_from).sum())},
+    }
 
 
 def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig, timestamps: bool = True) -> Built:
@@ -357,6 +525,79 @@ def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig,
                  PROTOCOL_NCF, int(u.size + n_kept), valid_from=valid_from, timestamps=timestamps)
 
 
+# ============================================================================================ side tables
+SideTable = tuple[pa.Table, Any]  # (raw table, features.SideOptions)
+
+
+def read_side_tables(cfg: DataConfig, source_tables: dict[str, SideTable]) -> dict[str, SideTable]:
+    """The side tables to encode: --item-features / --user-features files (read now, so a bad file fails before
+    the log is read), else those the source brings (synthetic-shop, MovieLens; none with --no-side-tables).
+    --text-cols / --vector-cols apply to whichever table has the column; one that neither has is a UserError."""
+    tables = dict(source_tables) if cfg.side_tables else {}
+    if cfg.item_features or cfg.user_features:
+        from ncf_ray.data.features import SideOptions, read_side_table
+    for what, path, log_col in (("items", cfg.item_features, cfg.item_col), ("users", cfg.user_features,
+                                                                              cfg.user_col)):
+        if path:
+            id_col = cfg.feature_id_col or log_col
+            try:
+                table = read_side_table(path, id_col, what)
+            except UserError as exc:  # name the flag: "path not found: x.csv" alone does not say which file
+                raise UserError(f"--{what[:-1]}-features: {exc}") from None
+            names = set(table.column_names)
+            opts = SideOptions(id_col=id_col, text_cols=tuple(c for c in cfg.text_cols if c in names),
+                               vector_cols=tuple(c for c in cfg.vector_cols if c in names))
+            tables[what] = (table, opts)
+    for flag, cols in (("--text-cols", cfg.text_cols), ("--vector-cols", cfg.vector_cols)):
+        for col in cols:
+            if not any(col in t.column_names for t, _ in tables.values()):
+                where = ", ".join(f"{w} table: {', '.join(t.column_names)}" for w, (t, _) in tables.items())
+                raise UserError(f"{flag} {col!r} is not a column of any side table ({where or 'none given'})")
+    return tables
+
+
+def table_ids(tables: dict[str, SideTable], what: str) -> np.ndarray | None:
+    """Raw ids (str) of one side table, None without it."""
+    if what not in tables:
+        return None
+    from ncf_ray.data.features import side_ids
+
+    table, opts = tables[what]
+    return side_ids(table, opts.id_col)
+
+
+def encode_side_tables(tables: dict[str, SideTable], b: Built) -> dict[str, Any]:
+    """Encode each side table against the built vocab ("items"/"users" -> features.EncodedFeatures). Bucket
+    edges come from entities with train interactions only."""
+    if not tables:
+        return {}
+    from ncf_ray.data.features import encode_side_table
+
+    s = b.split
+    out = {}
+    for what, vocab, train in (("items", b.item_ids, s.train_items), ("users", b.user_ids, s.train_users)):
+        if what in tables:
+            table, opts = tables[what]
+            mask = np.bincount(train, minlength=vocab.size) > 0
+            out[what] = encode_side_table(table, opts, vocab, mask, what)
+    return out
+
+
+def features_meta(encoded: dict[str, Any], b: Built) -> dict[str, Any]:
+    """meta.json's short account of the side tables (the full specs are features/features.json)."""
+    if not encoded:
+        return {}
+    meta: dict[str, Any] = {"features": {
+        what: {"source": enc.spec.get("source"), "n_ids": enc.n_ids, "slots": enc.spec["slots"],
+               "dense_dim": enc.spec["dense_dim"], "stats": enc.spec.get("stats", {}),
+               "columns": [{"name": c["name"], "kind": c["kind"]} for c in enc.spec["columns"]]}
+        for what, enc in encoded.items()}}
+    if "items" in encoded:
+        counts = np.bincount(b.split.train_items, minlength=b.item_ids.size)
+        meta["cold_items"] = int((counts == 0).sum())
+    return meta
+
+
 # ============================================================================================ writing
 def _i32(a: np.ndarray) -> pa.Array:
     return pa.array(np.asarray(a, dtype=np.int32))
@@ -369,22 +610,37 @@ def _neg_table(neg: np.ndarray) -> pa.Table:
     return pa.table({S.USER_IDX: _i32(np.arange(n)), S.NEGATIVES_COL: lists})
 
 
+def _shop_cols(events: np.ndarray | None, context: np.ndarray | None, names: list[str],
+               rows: slice = slice(None)) -> dict[str, pa.Array]:
+    """The optional `event` (int8) and `ctx_<name>` (int32) columns of a split, for `rows` of it."""
+    cols: dict[str, pa.Array] = {}
+    if events is not None:
+        cols[S.EVENT_COL] = pa.array(np.asarray(events[rows], dtype=np.int8))
+    if context is not None:
+        for k, name in enumerate(names):
+            cols[S.CONTEXT_PREFIX + name] = _i32(context[rows, k])
+    return cols
+
+
 def write_dataset(b: Built, d: Path, shards: int) -> None:
     """The dataset dir of the contract, into `d` (a temp dir; the caller renames it)."""
     s = b.split
     n_users, n_items = b.user_ids.size, b.item_ids.size
+    ctx_names = [c["name"] for c in b.shop.get("context", {}).get("columns", [])]
     (d / S.TRAIN_DIR).mkdir()
     bounds = np.linspace(0, s.train_users.size, max(1, shards) + 1).astype(np.int64)
     for k in range(max(1, shards)):
         lo, hi = bounds[k], bounds[k + 1]
         pq.write_table(pa.table({S.USER_IDX: _i32(s.train_users[lo:hi]), S.ITEM_IDX: _i32(s.train_items[lo:hi]),
-                                 S.TIME_COL: pa.array(s.train_times[lo:hi], pa.int64())}),
+                                 S.TIME_COL: pa.array(s.train_times[lo:hi], pa.int64()),
+                                 **_shop_cols(s.train_events, s.train_context, ctx_names, slice(lo, hi))}),
                        d / S.TRAIN_DIR / f"part-{k:05d}.parquet")
     users = _i32(np.arange(n_users))
-    for name, items, times in ((S.VALID_FILE, s.valid_items, s.valid_times), (S.TEST_FILE, s.test_items,
-                                                                               s.test_times)):
-        pq.write_table(pa.table({S.USER_IDX: users, S.ITEM_IDX: _i32(items), S.TIME_COL: pa.array(times, pa.int64())}),
-                       d / name)
+    for name, items, times, events, context in (
+            (S.VALID_FILE, s.valid_items, s.valid_times, s.valid_events, s.valid_context),
+            (S.TEST_FILE, s.test_items, s.test_times, s.test_events, s.test_context)):
+        pq.write_table(pa.table({S.USER_IDX: users, S.ITEM_IDX: _i32(items), S.TIME_COL: pa.array(times, pa.int64()),
+                                 **_shop_cols(events, context, ctx_names)}), d / name)
     pq.write_table(_neg_table(b.valid_neg), d / S.VALID_NEG_FILE)
     pq.write_table(_neg_table(b.test_neg), d / S.TEST_NEG_FILE)
     for name, idx_col, id_col, ids, count in (
@@ -406,6 +662,17 @@ def _check_cfg(cfg: DataConfig) -> None:
         raise UserError(f"--shards={cfg.shards} must be >= 1")
     if not 0.0 <= cfg.max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction={cfg.max_bad_fraction} must be in [0, 1]")
+    if cfg.source.startswith("ncf:"):
+        shop = [flag for flag, given in (("--event-col", cfg.event_col), ("--context-cols", cfg.context_cols),
+                                         ("--time-context", cfg.time_context),
+                                         ("--item-features", cfg.item_features),
+                                         ("--user-features", cfg.user_features)) if given]
+        if shop:
+            raise UserError(f"{shop[0]} does not apply to ncf: sources (the paper's files are kept as given)")
+    clash = {HOUR, DOW} & set(cfg.context_cols) if cfg.with_time_context else set()
+    if clash:
+        raise UserError(f"--context-cols {sorted(clash)[0]!r} clashes with the time context's own column of that "
+                        f"name; rename it in the log or pass --no-time-context")
 
 
 def local_out(out: str | os.PathLike) -> Path:
@@ -426,9 +693,11 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
             synthetic: Any = None) -> dict[str, Any]:
     """Run the whole stage; returns the summary (meta.json fields + out, density, rows_read, rows_per_s,
     timings). `synthetic` is a SyntheticSpec for source 'synthetic'; `local_from` the MovieLens --from path."""
-    from ncf_ray.data.sources import NcfSource, open_source
+    from ncf_ray.data.sources import SHOP_SOURCE, NcfSource, open_source, shop_defaults
 
     t0 = time.perf_counter()
+    if cfg.source == SHOP_SOURCE:
+        cfg = shop_defaults(cfg)
     _check_cfg(cfg)
     out = local_out(out)
     if out.exists() and not overwrite:
@@ -449,16 +718,24 @@ def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False,
             rows = train.rows + test.rows
             timings["read"] = time.perf_counter() - t0
             built = build_ncf(train, test, negatives, cfg, timestamps=src.timestamps)
+            encoded: dict[str, Any] = {}
         else:
+            tables = read_side_tables(cfg, src.side_tables)
             log = collect(src.dataset)
             _check_bad(log, cfg, src.name)
             rows = log.rows
             timings["read"] = time.perf_counter() - t0
-            built = build_loo(log, cfg)
+            built = build_loo(log, cfg, table_ids(tables, "items") if src.cold_items else None)
             del log
+            encoded = encode_side_tables(tables, built)
         timings["build"] = time.perf_counter() - t0 - timings["read"]
         shutil.rmtree(scratch)
         write_dataset(built, tmp, cfg.shards)
+        if encoded:
+            from ncf_ray.data.features import write_features
+
+            write_features(tmp, encoded.get("items"), encoded.get("users"))
+        built.shop.update(features_meta(encoded, built))
         seconds = time.perf_counter() - t0
         meta = _meta(cfg, built, src.name, seconds)
         (tmp / S.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -497,6 +774,7 @@ def _meta(cfg: DataConfig, b: Built, source: str, seconds: float) -> dict[str, A
         "valid_from": b.valid_from,
         "timestamps": b.timestamps,
         "dropped": b.dropped,
+        **b.shop,
         "seconds": round(seconds, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -515,6 +793,32 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _shop_summary(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """format_summary's lines for events, context and side tables, each only when the dataset has it."""
+    rows = []
+    if summary.get("events"):
+        counts = ", ".join(f"{n} {c:,}" for n, c in summary["event_counts"].items())
+        held = summary.get("held_out_purchases", {})
+        rows.append(("events", f"{counts} (purchase = {summary['purchase_event']}+; test purchases "
+                               f"{held.get('test', 0):,})"))
+    if summary.get("dedup"):
+        rows.append(("dedup", summary["dedup"]))
+    if summary.get("context"):
+        cols = ", ".join(f"{c['name']} ({c['size']})" for c in summary["context"]["columns"])
+        rows.append(("context", cols))
+    for what, spec in summary.get("features", {}).items():
+        cols = ", ".join(f"{c['name']}:{c['kind']}" for c in spec.get("columns", []))
+        stats = spec.get("stats", {})
+        rows.append((f"{what} features", f"{cols} (rows {stats.get('rows', 0):,}, unknown ids "
+                                          f"{stats.get('unknown_ids', 0):,}, without a row "
+                                          f"{stats.get('entities_without_row', 0):,})"))
+    if "cold_items" in summary:
+        none = summary.get("items_without_interactions")
+        rows.append(("cold items", f"{summary['cold_items']:,} without train interactions"
+                                   + (f" ({none:,} in the item table only)" if none is not None else "")))
+    return rows
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The table `ncf-ray prepare` prints."""
     d = summary["dropped"]
@@ -531,6 +835,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("dropped", f"bad {d['bad_rows']:,}, duplicates {d['duplicates']:,}, below min rating "
                     f"{d['below_min_rating']:,}, sparse users {d['sparse_users']:,}"
                     + (f", users without train {d['users_without_train']:,}" if "users_without_train" in d else "")),
+        *_shop_summary(summary),
         ("rows read", f"{summary['rows_read']:,} ({summary['rows_per_s']:,.0f} rows/s)"),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("out", summary["out"]),

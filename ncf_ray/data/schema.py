@@ -22,4 +22,13 @@ USERS_FILE = "users.parquet"
 ITEMS_FILE = "items.parquet"
 META_FILE = "meta.json"
 
+# Shop logs (issue 14, area "events"): optional dataset-dir columns (contract.md sections 1-2).
+EVENT_COL = "event"  # int8 index into meta["events"] (funnel order, weakest first)
+CONTEXT_PREFIX = "ctx_"  # ctx_<name>: int32 global context id per interaction, 0 = unknown
+
 SCHEMA_VERSION = 1
+
+# Side tables (issue 14, ncf_ray/data/features.py): dataset dir and artifact `features/`.
+FEATURES_DIR = "features"
+FEATURES_JSON = "features.json"
+FEATURE_FILES = {"items": "items.safetensors", "users": "users.safetensors"}

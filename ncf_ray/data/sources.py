@@ -33,7 +33,7 @@ import shutil
 import urllib.request
 import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ncf_ray.config import DataConfig
-from ncf_ray.data.schema import ITEM_COL, RATING_COL, TIME_COL, USER_COL
+from ncf_ray.data.schema import CONTEXT_PREFIX, EVENT_COL, ITEM_COL, RATING_COL, TIME_COL, USER_COL
 from ncf_ray.errors import UserError
 
 STATUS_COL = "_status"
@@ -91,9 +91,15 @@ class ColumnSpec:
     time_col: str = TIME_COL
     rating_col: str | None = None
     min_rating: float | None = None
+    # Shop logs: the event column and its names in funnel order (a value outside them is a bad row), and the
+    # categorical context columns, passed through as text in `ctx_<name>` (the driver builds their vocab).
+    event_col: str | None = None
+    events: tuple[str, ...] = ()
+    context_cols: tuple[str, ...] = ()
 
     def required(self) -> list[str]:
-        return [self.user_col, self.item_col, self.time_col] + ([self.rating_col] if self.rating_col else [])
+        return ([self.user_col, self.item_col, self.time_col] + ([self.rating_col] if self.rating_col else [])
+                + ([self.event_col] if self.event_col else []) + list(self.context_cols))
 
 
 @dataclass(frozen=True)
@@ -115,10 +121,17 @@ class FileFormat:
 
 @dataclass
 class LogSource:
-    """A raw log as a Ray Dataset of normalised batches (user_id, item_id, timestamp, _status, _err)."""
+    """A raw log as a Ray Dataset of normalised batches (user_id, item_id, timestamp, _status, _err).
+
+    `side_tables` are side tables the source brings itself ("items"/"users" -> (pa.Table, features.SideOptions)):
+    synthetic-shop's catalogue and profiles, MovieLens' movies/users files. `cold_items`: whether items of the
+    item table without interactions join the item vocab (False for MovieLens, whose item set stays the NCF
+    paper's, so figures compare with it)."""
 
     name: str
     dataset: Any
+    side_tables: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    cold_items: bool = True
 
 
 @dataclass
@@ -223,16 +236,41 @@ def _ratings(raw: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return vals, ~np.isfinite(vals)
 
 
-def _malformed_rows(lines: Sequence[str]) -> pa.Table:
+def _malformed_rows(lines: Sequence[str], spec: ColumnSpec) -> pa.Table:
     """Rows of the normalised layout for lines that could not be split into fields: status BAD, `line='...'`."""
     n = len(lines)
     return pa.table({
         USER_COL: pa.array([""] * n, pa.string()),
         ITEM_COL: pa.array([""] * n, pa.string()),
         TIME_COL: pa.array(np.zeros(n, np.int64)),
+        **_shop_columns(spec, n),
         STATUS_COL: pa.array(np.full(n, BAD, np.int8)),
         ERR_COL: pa.array([f"line='{line}'" for line in lines], pa.string()),
     })
+
+
+def _shop_columns(spec: ColumnSpec, n: int) -> dict[str, pa.Array]:
+    """Placeholder event/context columns of the normalised layout (event 0, context '' = unknown)."""
+    out: dict[str, pa.Array] = {}
+    if spec.event_col:
+        out[EVENT_COL] = pa.array(np.zeros(n, np.int8))
+    for name in spec.context_cols:
+        out[CONTEXT_PREFIX + name] = pa.array([""] * n, pa.string())
+    return out
+
+
+def _events(raw: pa.Array, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Event values -> (int8 index into `names`, bad mask). Values are matched as trimmed text, so an event
+    column of ints ('1', '2') works with --events 1,2,3; anything not in `names` (or missing) is bad."""
+    text = _strip_quotes(pc.cast(raw, pa.string()))
+    idx = pc.index_in(text, value_set=pa.array(list(names), pa.string()))
+    bad = _mask(idx.is_null())
+    return np.asarray(pc.fill_null(idx, 0).to_numpy(zero_copy_only=False), dtype=np.int8), bad
+
+
+def _context_text(raw: pa.Array) -> pa.Array:
+    """A context column as trimmed text; missing -> '' (the unknown context value)."""
+    return pc.fill_null(_strip_quotes(pc.cast(raw, pa.string())), "")
 
 
 def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] = ()) -> pa.Table:
@@ -249,6 +287,14 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] 
     item, bad_i = _ids(raw[spec.item_col])
     ts, bad_t = _times(raw[spec.time_col])
     bad = bad_u | bad_i | bad_t
+    bad_e = np.zeros(n, bool)
+    shop = _shop_columns(spec, n)
+    if spec.event_col:
+        events, bad_e = _events(raw[spec.event_col], spec.events)
+        shop[EVENT_COL] = pa.array(events)
+        bad |= bad_e
+    for name in spec.context_cols:
+        shop[CONTEXT_PREFIX + name] = _context_text(raw[name])
     below = np.zeros(n, bool)
     bad_r = np.zeros(n, bool)
     if spec.rating_col:
@@ -261,19 +307,20 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] 
     if bad.any():
         # Name the first offending field of each bad row, most specific first.
         for col, mask in ((spec.time_col, bad_t), (spec.item_col, bad_i), (spec.user_col, bad_u),
-                          (spec.rating_col, bad_r)):
+                          (spec.rating_col, bad_r), (spec.event_col, bad_e)):
             if col and mask.any():
                 err = pc.coalesce(err, _describe(col, raw[col], mask))
     out = pa.table({
         USER_COL: user,
         ITEM_COL: item,
         TIME_COL: pa.array(ts, pa.int64()),
+        **shop,
         STATUS_COL: pa.array(status),
         ERR_COL: err,
     })
     if not malformed:
         return out
-    extra = _malformed_rows(malformed)
+    extra = _malformed_rows(malformed, spec)
     if n == 0:
         return extra
     # Keep the ids' type: malformed rows are filtered out by status before anyone reads their ids.
@@ -529,6 +576,14 @@ def _sizes(fs: Any, files: list[str]) -> list[int]:
     return [i.size or 0 for i in (fs or pafs.LocalFileSystem()).get_file_info(files)]
 
 
+def shop_spec(cfg: DataConfig) -> dict[str, Any]:
+    """The ColumnSpec fields for a log's event and context columns (empty without them)."""
+    if not cfg.event_col and not cfg.context_cols:
+        return {}
+    return {"event_col": cfg.event_col, "events": tuple(cfg.events) if cfg.event_col else (),
+            "context_cols": tuple(cfg.context_cols)}
+
+
 def read_files(source: str, cfg: DataConfig) -> LogSource:
     """A file/dir/glob/URI of CSV, TSV, TXT, Parquet or JSONL -> normalised Ray Dataset."""
     fs, files = _list_files(source)
@@ -549,7 +604,7 @@ def read_files(source: str, cfg: DataConfig) -> LogSource:
     if len(compressions) > 1:
         raise UserError(f"mixed compression in {source}: {', '.join(sorted(map(str, compressions)))}")
     rating_col = cfg.rating_col or (RATING_COL if cfg.min_rating is not None else None)
-    spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating)
+    spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating, **shop_spec(cfg))
     if ext in ("csv", "tsv", "txt"):
         sep = cfg.sep or {"csv": ",", "tsv": "\t"}.get(ext)
         if sep is None:
@@ -697,7 +752,52 @@ def read_movielens(name: str, cfg: DataConfig, local_from: str | None, workdir: 
         raise UserError(f"empty input: {ratings}")
     spec = ColumnSpec(rating_col=RATING_COL, min_rating=cfg.min_rating)
     fmt = FileFormat("delimited", sep=ml.sep, names=ML_COLUMNS, skip_header=ml.header)
-    return LogSource(name=name, dataset=files_dataset([str(ratings)], None, fmt, spec))
+    return LogSource(name=name, dataset=files_dataset([str(ratings)], None, fmt, spec),
+                     side_tables=movielens_tables(name, local) if cfg.side_tables else {}, cold_items=False)
+
+
+def movielens_tables(name: str, local: Path) -> dict[str, tuple[Any, Any]]:
+    """The release's movie and user files as side tables, those that are there (a --from folder may hold only
+    the ratings). Movies without ratings stay out of the item vocab (LogSource.cold_items)."""
+    from ncf_ray.data.features import movielens_side_tables
+
+    items, users, item_opts, user_opts = movielens_side_tables(name, local)
+    tables = {}
+    if items is not None:
+        tables["items"] = (items, item_opts)
+    if users is not None:
+        tables["users"] = (users, user_opts)
+    return tables
+
+
+# --------------------------------------------------------------------------------------------- synthetic shop
+SHOP_SOURCE = "synthetic-shop"
+SHOP_EVENT_COL, SHOP_CONTEXT_COLS, SHOP_TEXT_COLS = "event", ("device",), ("title",)
+
+
+def shop_defaults(cfg: DataConfig) -> DataConfig:
+    """synthetic-shop's log with no other flags: its event column and funnel, device as context, time context."""
+    from ncf_ray.data.shop import EVENTS
+
+    return replace(cfg, event_col=cfg.event_col or SHOP_EVENT_COL, events=EVENTS,
+                   context_cols=cfg.context_cols or SHOP_CONTEXT_COLS,
+                   time_context=True if cfg.time_context is None else cfg.time_context)
+
+
+def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
+    """`synthetic-shop`: generate the shop (ShopSpec; default ML-1M-sized, seeded by --seed) in the driver, its
+    log as a Ray Dataset of normalised rows, its catalogue and user profiles as side tables (titles as text)."""
+    import ray.data
+
+    from ncf_ray.data.features import SideOptions
+    from ncf_ray.data.shop import ShopSpec, generate_shop
+
+    data = generate_shop(spec or ShopSpec(seed=cfg.seed))
+    columns = ColumnSpec(**shop_spec(cfg))
+    log = ray.data.from_arrow(data.log)
+    tables = {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=SHOP_TEXT_COLS)),
+              "users": (data.users, SideOptions(id_col=USER_COL))}
+    return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=tables)
 
 
 # --------------------------------------------------------------------------------------------- entry point
@@ -706,6 +806,8 @@ def open_source(cfg: DataConfig, *, local_from: str | None = None, synthetic: An
     """Resolve cfg.source. `synthetic` is a SyntheticSpec (users/items/interactions); `workdir` is a scratch dir
     the caller deletes (MovieLens archives are extracted there)."""
     src = cfg.source
+    if src == SHOP_SOURCE:
+        return read_shop(cfg, synthetic)
     if src == "synthetic":
         from ncf_ray.data.synthetic import SyntheticSpec, synthetic_dataset
 

@@ -331,3 +331,32 @@ def test_movielens_1m_from_a_folder_with_part_of_the_ratings(tmp_path, capsys, r
     meta = json.loads((out / S.META_FILE).read_text())
     # Users 1-5 have all their ratings in the part kept; user 6's first line is cut off: one bad row.
     assert meta["n_users"] == 5 and meta["n_interactions"] == 30 and meta["dropped"]["bad_rows"] == 1
+
+
+def test_shop_log_with_events_context_and_an_item_table(tmp_path, capsys, ray_local):
+    """Events, device context and an item table through the CLI; a wholly unparseable side-table column (found
+    only after the log is read) is one line, exit 2, nothing written."""
+    from ncf_ray.data.dataset import load_dataset
+
+    df = _log().assign(event=lambda d: np.where(d.index % 5 == 0, "purchase", "view"),
+                       device=lambda d: np.where(d.index % 2 == 0, "mobile", "desktop"))
+    df.to_csv(tmp_path / "log.csv", index=False)
+    ids = list(range(1, 33))  # the log uses items 1..30: 31 and 32 are cold
+    items = pd.DataFrame({"item_id": ids, "category": [f"c{k % 3}" for k in ids], "emb": ["x;y"] * len(ids)})
+    items.to_csv(tmp_path / "items.csv", index=False)
+    base = [str(tmp_path / "log.csv"), "--event-col", "event", "--context-cols", "device",
+            "--item-features", str(tmp_path / "items.csv"), "--eval-negatives", "5"]
+    rc, _, err = _run([*base, "--vector-cols", "emb", "--out", str(tmp_path / "out")], capsys)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1 and "'emb'" in lines[0], err
+    assert _leftovers(tmp_path) == []
+
+    items.drop(columns="emb").to_csv(tmp_path / "items.csv", index=False)
+    rc, out, err = _run([*base, "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    assert "events" in out and "context" in out and "items features" in out
+    ds = load_dataset(tmp_path / "out")
+    assert ds.n_items == 32 and ds.item_counts[-2:].tolist() == [0, 0]
+    assert ds.train_events.shape == ds.train_users.shape and ds.train_context.shape == (ds.train_users.size, 3)
+    assert ds.features["items"].ids.shape[0] == 32
+    assert ds.meta["event_counts"]["purchase"] + ds.meta["event_counts"]["view"] == ds.meta["n_interactions"]
