@@ -40,7 +40,7 @@ class TableScorer(RecModel):
     def _item_repr(self, items):
         return torch.nn.functional.one_hot(items, self.n_items).float()
 
-    def head(self, users, items):
+    def _head(self, users, items):
         return (users * items).sum(-1)
 
 
