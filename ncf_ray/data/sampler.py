@@ -192,7 +192,8 @@ class NegativeSampler:
     """
 
     def __init__(self, train_users: torch.Tensor, train_items: torch.Tensor, n_items: int,
-                 exclude_users: torch.Tensor | None = None, exclude_items: torch.Tensor | None = None) -> None:
+                 exclude_users: torch.Tensor | None = None, exclude_items: torch.Tensor | None = None,
+                 pool: torch.Tensor | None = None) -> None:
         if train_users.shape != train_items.shape or train_users.dim() != 1:
             raise ValueError(f"train_users {tuple(train_users.shape)} and train_items {tuple(train_items.shape)} "
                              f"must be 1-D and the same length")
@@ -210,7 +211,7 @@ class NegativeSampler:
         if full.numel():
             raise UserError(f"user index {int(full[0])} has a positive for every one of the {n_items} items: "
                             f"no negatives to sample")
-        self._setup(exact, n_items)
+        self._setup(exact, n_items, pool)
 
     @classmethod
     def from_filter(cls, bloom: BloomFilter, n_items: int) -> NegativeSampler:
@@ -220,10 +221,21 @@ class NegativeSampler:
         self._setup(bloom, n_items)
         return self
 
-    def _setup(self, exclusion: Exclusion, n_items: int) -> None:
+    def _setup(self, exclusion: Exclusion, n_items: int, pool: torch.Tensor | None = None) -> None:
         self.exclusion = exclusion
         self.n_items = int(n_items)
         self.device = exclusion.device
+        # Negatives come from `pool` (distinct item indices) when given: the items the training log shows. An item
+        # released after the training window (a cold item of a shop log) is then never taught to be a negative;
+        # its score comes from its features (or stays at its initial value for an ID-only model).
+        self.pool = None if pool is None else torch.unique(pool.to(self.device).long())
+        if self.pool is not None and self.pool.numel() < 2:
+            raise UserError(f"negative sampling needs at least 2 items in the pool, got {self.pool.numel()}")
+
+    def _draw(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        if self.pool is None:
+            return torch.randint(0, self.n_items, shape, device=self.device, generator=generator)
+        return self.pool[torch.randint(0, self.pool.numel(), shape, device=self.device, generator=generator)]
 
     @property
     def keys(self) -> torch.Tensor:
@@ -241,7 +253,7 @@ class NegativeSampler:
         """LongTensor [len(users), n] of non-positive items, uniform per user (repeats possible across draws).
         Pass a generator on the sampler's device for reproducible draws."""
         users = users.to(self.device).long().reshape(-1)
-        out = torch.randint(0, self.n_items, (users.numel(), n), device=self.device, generator=generator)
+        out = self._draw((users.numel(), n), generator)
         rows = users[:, None].expand(-1, n)
         bad = self.is_positive(rows, out)
         # Each round redraws only the rejected entries (expected rounds ~ log(count) / log(1 / positive share)).
@@ -249,7 +261,7 @@ class NegativeSampler:
             if not bool(bad.any()):
                 return out
             idx = torch.nonzero(bad, as_tuple=True)
-            redraw = torch.randint(0, self.n_items, (idx[0].numel(),), device=self.device, generator=generator)
+            redraw = self._draw((idx[0].numel(),), generator)
             out[idx] = redraw
             bad[idx] = self.is_positive(rows[idx], redraw)
         self._resolve_stuck(out, rows, bad, generator)
@@ -261,13 +273,13 @@ class NegativeSampler:
         uniformly from the user's free items, found by checking the whole catalogue (still uniform over them,
         as rejection sampling is). A user with none left (only possible through Bloom false positives; the exact
         sampler refuses such users when built) is a UserError."""
-        catalogue = torch.arange(self.n_items, device=self.device)
+        catalogue = torch.arange(self.n_items, device=self.device) if self.pool is None else self.pool
         idx = torch.nonzero(bad, as_tuple=True)
         stuck = rows[idx]
         for user in torch.unique(stuck).tolist():
             free = catalogue[~self.is_positive(torch.tensor(user, device=self.device), catalogue)]
             if free.numel() == 0:
-                raise UserError(f"user index {user}: every one of the {self.n_items} items is a train positive "
+                raise UserError(f"user index {user}: every one of the {catalogue.numel()} items is a train positive "
                                 f"or an exclusion-filter false positive: no negatives to sample")
             mine = stuck == user
             pick = torch.randint(0, free.numel(), (int(mine.sum()),), device=self.device, generator=generator)

@@ -220,3 +220,13 @@ def test_stream_refuses_what_it_cannot_train():
         check_streamable(TrainConfig(stream=True, model=ModelConfig(name="seq")))
     with pytest.raises(UserError, match="--stream cannot --refit"):
         check_streamable(TrainConfig(stream=True), refit=True)
+
+
+def test_pool_limits_negatives_to_the_items_the_log_shows():
+    # Items 5..9 have no training positives (released later): a pool of 0..4 never draws them.
+    users = torch.tensor([0, 0, 1, 2])
+    items = torch.tensor([0, 1, 2, 3])
+    sampler = NegativeSampler(users, items, 10, pool=torch.tensor([0, 1, 2, 3, 4]))
+    neg = sampler.sample(torch.tensor([0, 1, 2] * 50), 4, generator=torch.Generator().manual_seed(0))
+    assert int(neg.max()) <= 4
+    assert not bool(sampler.is_positive(torch.tensor([0, 1, 2] * 50)[:, None], neg).any())
