@@ -350,6 +350,13 @@ def train_epoch_graphed(stepper: GraphedStep, examples: Examples, rows: int, ste
     return mean
 
 
+def negative_pool(items: Tensor, n_items: int) -> Tensor | None:
+    """The items negatives are drawn from: those among the training positives when some catalogue items have
+    none (new items of a shop log, released after the training window), else None (the whole catalogue)."""
+    present = torch.unique(items)
+    return present if present.numel() < n_items else None
+
+
 def fit_plain(
     model: nn.Module, users: Tensor, items: Tensor, n_items: int, epochs: int, *, negatives: int = 4,
     batch_size: int = 8192, lr: float = 2e-3, base_batch_size: int = 1024, warmup_epochs: float = 1.0,
@@ -361,7 +368,7 @@ def fit_plain(
     the plain-torch baseline of `ncf-ray bench train`, tests and experiments. Returns per-epoch loss and
     samples/s of the optimiser steps (negatives are drawn before the timer, as the Ray worker times it)."""
     device = users.device
-    sampler = NegativeSampler(users, items, n_items)
+    sampler = NegativeSampler(users, items, n_items, pool=negative_pool(items, n_items))
     lr0 = scaled_lr(lr, batch_size, base_batch_size)
     optimizer = build_optimizer(model, lr0, weight_decay, device)
     out = []

@@ -82,6 +82,27 @@ def purchase_users(data: Dataset, split: str) -> np.ndarray | None:
     return np.flatnonzero(np.asarray(events) >= purchase_from)
 
 
+def new_item_negatives(data: Dataset, targets: np.ndarray, n_neg: int, seed: int = 7,
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(users, negatives [n, C]) for ranking each new-item target (no train interactions) among other new
+    items: the question features answer ("which of today's new products will this user take?"), free of the
+    shortcut that an untrained item scores above the trained negatives of the ordinary protocol. C = n_neg, or
+    fewer when the catalogue has fewer new items; None when there are under 10 new items to rank among.
+    Negatives exclude the user's own held-out and train items and are fixed by `seed`."""
+    cold = np.flatnonzero(data.item_counts == 0)
+    rows = np.flatnonzero(data.item_counts[targets] == 0)
+    c = min(n_neg, cold.size - 1)
+    if rows.size == 0 or c < 9:
+        return None
+    rng = np.random.default_rng(seed)
+    out = np.empty((rows.size, c), dtype=np.int64)
+    for j, u in enumerate(rows):  # one draw per user with a new-item target: a few thousand at most
+        own = {int(targets[u]), int(data.valid_items[u])}
+        pool = cold[~np.isin(cold, list(own))]
+        out[j] = rng.choice(pool, size=min(c, pool.size), replace=False) if pool.size >= c else np.resize(pool, c)
+    return rows, out
+
+
 def evaluate_model(model: nn.Module, data: Dataset, k: int, split: str = "test",
                    histories: Histories | None = None) -> dict[str, Any]:
     """Sampled and full-ranking HR/NDCG@k of `split`, with per-segment figures of the sampled protocol
@@ -107,6 +128,13 @@ def evaluate_model(model: nn.Module, data: Dataset, k: int, split: str = "test",
         ranks = sampled["ranks"]
         out["segments"]["catalogue"] = {"new": _summarise(ranks[torch.from_numpy(new)], k, True),
                                         "known": _summarise(ranks[torch.from_numpy(~new)], k, True)}
+        among = new_item_negatives(data, targets, negs.shape[1])
+        if among is not None:
+            rows, cand = among
+            m = evaluate_sampled(model, rows, targets[rows], cand, k=k, histories=hist,
+                                 context=None if ctx is None else ctx[rows])
+            out["new_items"] = {f"hr@{k}": m["hr"], f"ndcg@{k}": m["ndcg"], "n": m["n"],
+                                "candidates": int(cand.shape[1]), f"random_hr@{k}": min(1.0, k / (cand.shape[1] + 1))}
     buyers = purchase_users(data, split)
     if buyers is not None and buyers.size:
         tasks = tuple(getattr(unwrap(model), "tasks", ("click",)))

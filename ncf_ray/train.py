@@ -170,7 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         all_users, all_items, hist = training_positives(data, refit, device)
         all_events, all_context = positive_extras(data, refit, device)
         # Exclusion needs every positive of a user: keys are 8 bytes per interaction.
-        sampler = NegativeSampler(all_users, all_items, data.n_items, pool=negative_pool(all_items, data.n_items))
+        sampler = NegativeSampler(all_users, all_items, data.n_items, pool=engine.negative_pool(all_items,
+                                                                                         data.n_items))
         mine = all_users % world == rank
         pos_users, pos_items = all_users[mine], all_items[mine]
         pos_events = None if all_events is None else all_events[mine]
@@ -273,13 +274,6 @@ def raise_user_error_from(exc: BaseException | None) -> None:
     err = user_error_in(exc)
     if err is not None:
         raise UserError(str(err)) from None
-
-
-def negative_pool(items: torch.Tensor, n_items: int) -> torch.Tensor | None:
-    """The items negatives are drawn from: those among the training positives when some catalogue items have
-    none (new items of a shop log, released after the training window), else None (the whole catalogue)."""
-    present = torch.unique(items)
-    return present if present.numel() < n_items else None
 
 
 def task_weight_map(cfg: TrainConfig) -> dict[str, float] | None:
@@ -660,6 +654,10 @@ def format_summary(m: dict[str, Any], k: int = 10) -> str:
     if buy:
         lines.append(f"test purchase users (n={buy['n']}, {buy['head']} head): HR@{k} {buy[f'hr@{k}']:.4f}, "
                      f"NDCG@{k} {buy[f'ndcg@{k}']:.4f}")
+    new = m["test"].get("new_items") if isinstance(m.get("test"), dict) else None
+    if new:
+        lines.append(f"test new items among {new['candidates']} new items (n={new['n']}): HR@{k} "
+                     f"{new[f'hr@{k}']:.4f}, NDCG@{k} {new[f'ndcg@{k}']:.4f} (random {new[f'random_hr@{k}']:.3f})")
     reads = m.get("inputs") or {}
     if reads.get("features") or reads.get("context") or len(reads.get("tasks", [])) > 1:
         feats = "; ".join(f"{what} {', '.join(cols)}" for what, cols in reads.get("features", {}).items())
