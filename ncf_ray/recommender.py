@@ -38,7 +38,6 @@ class Recommender:
     def __init__(self, artifact: Artifact, precision: str = "fp32") -> None:
         self.artifact = artifact
         self.model = artifact.model.eval()
-        self.scorer = AllItemsScorer(self.model, precision=precision)
         self.device = next(self.model.parameters()).device
         self.item_ids: np.ndarray = artifact.item_ids
         self.user_index = artifact.user_index
@@ -51,6 +50,10 @@ class Recommender:
         self._histories = stored.to(self.device) if stored is not None else None
         if self.history_len and self._histories is None:
             raise UserError(f"{artifact.path}: the model reads user histories but the artifact stores none")
+        # The scorer caches each known user's state from the stored history (a new artifact means a new
+        # Recommender, so the cache never outlives the histories it was computed from).
+        self.scorer = AllItemsScorer(self.model, precision=precision,
+                                     histories=self._histories if self.history_len else None)
         pop = torch.as_tensor(artifact.popularity, dtype=torch.float64)
         top = float(pop.max()) if len(pop) else 0.0
         self._pop_score = (pop / top if top > 0 else torch.zeros_like(pop)).to(torch.float32)
@@ -181,7 +184,10 @@ class Recommender:
     ) -> list[list[dict[str, Any]]]:
         """Top-k lists of users (user -1: unknown, scored from `extra` alone) with each one's `extra` request
         items appended to its history and excluded like seen items."""
-        history = self._history(users, extra)
+        # Rows whose history is the stored one (known users without request items) use the cached state.
+        stored = (users >= 0) & torch.tensor([not more for more in (extra or [[]] * len(users))], dtype=torch.bool,
+                                             device=self.device)
+        history, stored_rows = (None, None) if bool(stored.all()) else (self._history(users, extra), stored)
         known = users >= 0
         extra_rows = torch.tensor([r for r, more in enumerate(extra or []) for _ in more], dtype=torch.int64,
                                   device=self.device)
@@ -205,11 +211,12 @@ class Recommender:
             scores[pos, cols] = float("-inf")
 
         if cand_idx is None:
-            top_scores, top_items = self.scorer.top_k(users, k, mask_seen if exclude_seen else None, history)
+            top_scores, top_items = self.scorer.top_k(users, k, mask_seen if exclude_seen else None, history,
+                                                      stored_rows)
         elif len(cand_idx) == 0:
             return [[] for _ in range(len(users))]
         else:
-            reps = self.scorer.user_repr(users, history)
+            reps = self.scorer.user_repr(users, history, stored_rows)
             scores = self.model.score_all(reps, self.model.item_repr(cand_idx)).float()  # [B, candidates]
             if exclude_seen:
                 rows, cols = seen_pairs(torch.arange(len(users), device=self.device))
@@ -262,7 +269,7 @@ class Recommender:
             values = self._pop_score[known_idx.cpu()].tolist()
         else:
             user = torch.tensor([self.user_index[key]], dtype=torch.int64, device=self.device)
-            reps = self.scorer.user_repr(user, self._history(user))
+            reps = self.scorer.user_repr(user)  # a known user: the cached state of a history model
             values = self.model.score_all(reps, self.model.item_repr(known_idx))[0].float().cpu().tolist()
         it = iter(values)
         scores = [
