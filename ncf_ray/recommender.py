@@ -30,6 +30,9 @@ from ncf_ray.metrics import csr_rows
 from ncf_ray.scoring import AllItemsScorer
 
 RawId = str | int
+# Serve fills a history model's user-state cache at load up to this many users: about 1 ms per user at L 200,
+# D 64 on one core, so at most ~20 s of load; beyond that the cache fills as users are first asked for.
+WARM_USERS_MAX = 20_000
 
 
 class Recommender:
@@ -63,6 +66,14 @@ class Recommender:
     @classmethod
     def from_path(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> Recommender:
         return cls(load_artifact(path, device=device), precision=precision)
+
+    def warm_users(self, max_users: int = WARM_USERS_MAX) -> float:
+        """Compute every known user's cached state now (history models with at most `max_users` users; larger
+        ones fill the cache lazily, a chunk of users per request batch). Returns the seconds it took (0: skipped).
+        Serve calls it at load; one-off callers (`ncf-ray recommend`) skip it and compute only their users."""
+        if not self.history_len or self.n_users > max_users:
+            return 0.0
+        return self.scorer.warm_users()
 
     @property
     def model_version(self) -> str:
