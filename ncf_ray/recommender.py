@@ -62,6 +62,7 @@ class Recommender:
         self._pop_score = (pop / top if top > 0 else torch.zeros_like(pop)).to(torch.float32)
         # Most popular first; ties broken by item index so the fallback is deterministic.
         self._pop_order = torch.argsort(-pop, stable=True)
+        self._explainer: Any = None  # ncf_ray.explain.Explainer, built on the first explain request
 
     @classmethod
     def from_path(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> Recommender:
@@ -95,6 +96,7 @@ class Recommender:
         exclude_seen: bool = True,
         candidates: Sequence[RawId] | None = None,
         recent_items: Sequence[Sequence[RawId] | None] | None = None,
+        explain: bool = False,
     ) -> list[dict[str, Any]]:
         """Top-k items for each user, in request order: {"user_id", "items": [{"item_id", "score"}],
         "cold_start"} (+ "unknown_items" when candidates are given). k is clipped to the items available.
@@ -102,7 +104,10 @@ class Recommender:
         `recent_items[j]` (raw ids, oldest first) is what user j just did: it extends a known user's stored
         history, and gives a user the model does not know (or `None`, an anonymous shopper) a personalised list
         from a model that reads history ("history": "request"). Those items are excluded like seen ones; unknown
-        ids are skipped and counted ("unknown_recent_items"). Without any history a user gets popularity."""
+        ids are skipped and counted ("unknown_recent_items"). Without any history a user gets popularity.
+
+        `explain`: each item also gets "because": up to 3 of the user's own past items (stored and recent)
+        that support it most, [{"item_id", "score"}], best first (ncf_ray/explain.py says how they are scored)."""
         if isinstance(user_ids, (str, bytes)):
             raise UserError(f"user_ids must be a list of ids, got the string {user_ids!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -129,6 +134,8 @@ class Recommender:
                 drop = set(recent[pos][0]) if recent[pos] is not None and exclude_seen else set()
                 lists[pos] = self._top_popular(int(k), cand_idx, drop)
 
+        if explain:
+            self._explain(lists, user_idx, scored, [r[0] if r is not None else [] for r in recent])
         results = []
         for pos, key in enumerate(keys):
             result: dict[str, Any] = {"user_id": key, "items": lists[pos], "cold_start": pos not in scored_set}
@@ -139,6 +146,31 @@ class Recommender:
                 result["unknown_items"] = list(unknown_items)
             results.append(result)
         return results
+
+    def _explain(self, lists: list[list[dict[str, Any]]], user_idx: list[int], scored: list[int],
+                 recent: list[list[int]]) -> None:
+        """Add "because" to every item of `lists` (in place) from each user's own items: the attention-weighted
+        window the model read for scored users of a history model, else the seen set plus recent items."""
+        from ncf_ray.explain import Explainer
+
+        if self._explainer is None:  # built on the first explain request only: no cost for plain requests
+            self._explainer = Explainer(self.model, self.item_ids)
+        explainer = self._explainer
+        support: dict[int, tuple[list[int], list[float] | None]] = {}
+        if explainer.reads_history and scored:
+            users = torch.tensor([user_idx[p] for p in scored], dtype=torch.int64, device=self.device)
+            windows = explainer.history_support(users, self._history(users, [recent[p] for p in scored]))
+            support.update(zip(scored, windows))
+        for pos, items in enumerate(lists):
+            if pos not in support:
+                u = user_idx[pos]
+                seen = self.artifact.seen_indices[self.artifact.seen_indptr[u] : self.artifact.seen_indptr[u + 1]] \
+                    if u >= 0 else []
+                support[pos] = ([int(i) for i in seen] + list(recent[pos]), None)
+            past, weights = support[pos]
+            recommended = [self.item_index[it["item_id"]] for it in items]
+            for it, because in zip(items, explainer.because(recommended, past, weights)):
+                it["because"] = because
 
     def _history_source(self, known: bool, scored: bool, recent: tuple[list[int], int] | None) -> str:
         """Which history a user's list came from: stored, stored+request, request, or none."""
