@@ -68,6 +68,8 @@ class RecommendRequest(_Body):
     candidates: list[RawId] | None = Field(None, max_length=MAX_IDS)
     # What the user just did, oldest first (at most the model's history length; unknown ids are skipped).
     recent_items: list[RawId] | None = Field(None, max_length=MAX_IDS)
+    # Per item, up to 3 of the user's own past items that support it ("because"; ncf_ray/explain.py).
+    explain: StrictBool = False
 
     @model_validator(mode="after")
     def _someone(self) -> "RecommendRequest":
@@ -82,6 +84,7 @@ class BatchRequest(_Body):
     exclude_seen: StrictBool = True
     # One list per user (same order as user_ids), or null for a user without one.
     recent_items: list[list[RawId] | None] | None = Field(None, max_length=MAX_IDS)
+    explain: StrictBool = False
 
     @model_validator(mode="after")
     def _aligned(self) -> "BatchRequest":
@@ -95,9 +98,15 @@ class ScoreRequest(_Body):
     item_ids: list[RawId] = Field(min_length=1, max_length=MAX_IDS)
 
 
+class Because(BaseModel):
+    item_id: str  # one of the user's own past items
+    score: float  # its support for the recommended item (> 0; higher is stronger)
+
+
 class Item(BaseModel):
     item_id: str
     score: float
+    because: list[Because] | None = None  # only with explain: true
 
 
 class Recommendation(BaseModel):
@@ -219,7 +228,8 @@ def _json(obj: Any) -> Response:
 def _batch_body(rec: Recommender, req: BatchRequest) -> bytes:
     """Score and encode a /recommend/batch answer in one go: on the bulk thread, so the event loops that
     carry HTTP do not hold the GIL encoding large bodies while the scorer waits for it."""
-    results = rec.recommend(req.user_ids, req.k, req.exclude_seen, recent_items=req.recent_items)
+    results = rec.recommend(req.user_ids, req.k, req.exclude_seen, recent_items=req.recent_items,
+                            explain=req.explain)
     return orjson.dumps([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
 
 
@@ -271,18 +281,20 @@ class NCFServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _recommend_batched(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
-        """One forward pass per batch (per exclude_seen value) at the batch's largest k; each answer is cut to
-        its own k (top-k lists are prefixes of the top-kmax list)."""
+        """One forward pass per batch (per exclude_seen and explain value: explanations cost only the requests
+        that ask) at the batch's largest k; each answer is cut to its own k (top-k lists are prefixes of the
+        top-kmax list)."""
         rec = self._current()  # the whole batch uses one model, even if a swap lands meanwhile
         out: list[dict[str, Any]] = [{} for _ in reqs]
-        for exclude in (True, False):
-            pos = [i for i, r in enumerate(reqs) if r.exclude_seen is exclude]
+        for exclude, explain in ((True, False), (False, False), (True, True), (False, True)):
+            pos = [i for i, r in enumerate(reqs) if r.exclude_seen is exclude and r.explain is explain]
             if not pos:
                 continue
             kmax = max(reqs[i].k for i in pos)
             recent = [reqs[i].recent_items for i in pos]
             results = rec.recommend([reqs[i].user_id for i in pos], kmax, exclude_seen=exclude,
-                                    recent_items=recent if any(r is not None for r in recent) else None)
+                                    recent_items=recent if any(r is not None for r in recent) else None,
+                                    explain=explain)
             for i, res in zip(pos, results):
                 out[i] = _answer(reqs[i].user_id, res, rec, reqs[i].k, reqs[i].recent_items is not None)
         return out
@@ -295,7 +307,8 @@ class NCFServer:
         rec.check_recent_items(req.recent_items)  # a bad request fails alone, never the batch it would join
         if req.candidates is not None:  # a per-request candidate set cannot share a batch's item axis
             recent = None if req.recent_items is None else [req.recent_items]
-            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates, recent_items=recent)[0]
+            res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates, recent_items=recent,
+                                explain=req.explain)[0]
             return _json(_answer(req.user_id, res, rec, req.k))
         return _json(await self._recommend_batched(req))
 

@@ -216,3 +216,19 @@ def test_rollout_carries_the_weights_back_through_every_block(rec):
         np.testing.assert_allclose(got[u], want / want.sum(), atol=1e-5)
         last_only = 0.5 * (mats[-1][u][-1] + np.eye(L)[-1])
         assert not np.allclose(got[u], last_only / last_only.sum(), atol=1e-4)
+
+
+def test_cli_recommend_explain_prints_and_returns_the_reasons(tmp_path, capsys):
+    import json
+
+    from ncf_ray.cli import main
+
+    _artifact(tmp_path / "m", CONFIGS["seq-dot"])
+    assert main(["recommend", str(tmp_path / "m"), "--user", "u7", "--k", "3", "--explain", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    out = json.loads(lines[-1])
+    named = {b["item_id"] for it in out["items"] for b in it["because"]}
+    assert named and any(line.strip().startswith("because you viewed") for line in lines)
+    assert main(["recommend", str(tmp_path / "m"), "--user", "u7", "--k", "3", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all("because" not in it for it in plain["items"])
