@@ -87,11 +87,16 @@ def attention_rollout(model: nn.Module, users: Tensor, history: Tensor) -> Tenso
     history = history[:, -int(model.history_len) :]
     n = history.shape[1]
     eye = torch.eye(n, device=history.device)
-    rollout = eye.expand(history.shape[0], n, n)
+    steps = []
     for block, x, allowed in block_inputs(model, users, history):
         a = 0.5 * (block_attention(block, x, allowed) + eye)
-        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
-    weights = rollout[:, -1] * (history > 0)
+        steps.append(a / a.sum(-1, keepdim=True))
+    # The final row of A_last @ ... @ A_first, as a row vector carried back block by block: [B, L] @ [B, L, L]
+    # per block instead of the [B, L, L] @ [B, L, L] products of the whole matrix.
+    weights = eye[-1].expand(history.shape[0], n)
+    for step in reversed(steps):
+        weights = (weights[:, None, :] @ step)[:, 0]
+    weights = weights * (history > 0)
     return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
