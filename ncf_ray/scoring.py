@@ -22,8 +22,11 @@ whole table is built at load. A model that reads history (seq) has one per (user
 history changes only with a new artifact (the continual `update` writes one, and a model swap builds a new
 Recommender and so a new scorer), so the state from the stored history is cached per user: filled lazily, a
 chunk of the missing users at a time, or all at load with `warm_users()`. Requests whose history differs from
-the stored one (recent_items, anonymous users) still run the attention; callers say which rows those are. If compilation fails (no C++ compiler on a CPU host, for instance) the scorer notes why
-and falls back to fp32. Ray-free: used by `Recommender` (ncf_ray/recommender.py) inside each Serve replica.
+the stored one (recent_items, anonymous users) still run the attention; callers say which rows those are (the
+`stored` mask). The bf16 shortlist is re-ranked from the same representations through the model's head.
+
+If compilation fails (no C++ compiler on a CPU host, for instance) the scorer notes why and falls back to fp32.
+Ray-free: used by `Recommender` (ncf_ray/recommender.py) inside each Serve replica.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ class AllItemsScorer:
     """Top-k over all items of a frozen eval-mode model, through the model-input contract.
 
     `top_k(users, k, exclude, history)` gives the k best items per user with their fp32 logits. The model's
-    `item_repr(None)` of the whole catalogue is computed once; each request computes `user_repr` of its users.
+    `item_repr(None)` of the whole catalogue is computed once; so is each known user's `user_repr` (a history
+    model's from the stored history, cached on first use or by `warm_users`); other histories run per request.
     Exact scorers rank the model's `score_all`; bf16 scorers (models whose head is NeuMF's tower, see
     `model.tower_parts`) run the compiled kernel a chunk of users at a time, keep each chunk's top k + margin
     (while the chunk is still in cache), and re-rank that shortlist with `exact_pairs`.
