@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from ncf_ray.model import user_batch
 
 MAX_BECAUSE = 3
+# Users per attention-rollout pass (64 x L 200 x L 200 floats: 10 MiB per head).
+EXPLAIN_CHUNK_USERS = 64
 
 
 def head_attention(block: nn.Module, x: Tensor, allowed: Tensor) -> Tensor:
@@ -141,8 +143,11 @@ class Explainer:
 
     def history_support(self, users: Tensor, history: Tensor) -> list[tuple[list[int], list[float]]]:
         """Per user: (past item indices of the window the model read, their rollout weights), for seq models."""
-        weights = attention_rollout(self.model, users, history)
         hist = history[:, -int(self.model.history_len) :]
+        # Chunks of users: the [chunk, heads, L, L] weights stay small for a 1,000-user /recommend/batch.
+        weights = torch.cat([attention_rollout(self.model, users[s : s + EXPLAIN_CHUNK_USERS],
+                                               hist[s : s + EXPLAIN_CHUNK_USERS])
+                             for s in range(0, len(users), EXPLAIN_CHUNK_USERS)])
         out = []
         for row, w in zip(hist.tolist(), weights.tolist()):
             real = [(item - 1, wt) for item, wt in zip(row, w) if item > 0]

@@ -232,3 +232,16 @@ def test_cli_recommend_explain_prints_and_returns_the_reasons(tmp_path, capsys):
     assert main(["recommend", str(tmp_path / "m"), "--user", "u7", "--k", "3", "--json"]) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert all("because" not in it for it in plain["items"])
+
+
+def test_chunked_rollout_gives_the_same_explanations(rec, monkeypatch):
+    import ncf_ray.explain as explain
+
+    users = [f"u{u}" for u in range(N_USERS)]
+    whole = rec.recommend(users, k=4, explain=True)
+    monkeypatch.setattr(explain, "EXPLAIN_CHUNK_USERS", 3)  # 8 users in chunks of 3, 3, 2
+    chunked = rec.recommend(users, k=4, explain=True)
+    for a, b in zip(whole, chunked):
+        for x, y in zip(a["items"], b["items"]):
+            assert [i["item_id"] for i in x["because"]] == [i["item_id"] for i in y["because"]]
+            assert [i["score"] for i in x["because"]] == pytest.approx([i["score"] for i in y["because"]], abs=1e-6)
