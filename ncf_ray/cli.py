@@ -312,6 +312,8 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--user", required=True, help="raw user id as in the interaction log")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--include-seen", action="store_true", help="do not drop items the user already has")
+    p.add_argument("--explain", action="store_true",
+                   help="per item, up to 3 of the user's own past items that support it (\"because you viewed X\")")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_recommend)
 
@@ -322,11 +324,15 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 
     if not 1 <= args.k <= 1000:
         raise UserError(f"--k={args.k} must be within 1..1000")
-    rec = Recommender(load_artifact(args.model_dir)).recommend([args.user], args.k, exclude_seen=not args.include_seen)[0]
+    rec = Recommender(load_artifact(args.model_dir)).recommend([args.user], args.k, exclude_seen=not args.include_seen,
+                                                               explain=args.explain)[0]
     if rec["cold_start"]:
         print(f"user {args.user!r} is unknown to the model: most popular items (cold start)")
     for rank, it in enumerate(rec["items"], 1):
         print(f"{rank:>3}  {it['item_id']:<20} {it['score']:.4f}")
+        if it.get("because"):
+            reasons = ", ".join(f"{b['item_id']} ({b['score']:.2f})" for b in it["because"])
+            print(f"     because you viewed {reasons}")
     if args.json:
         _print_json_last(rec)
     return 0

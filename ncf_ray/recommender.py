@@ -31,6 +31,9 @@ from ncf_ray.metrics import csr_rows
 from ncf_ray.scoring import AllItemsScorer
 
 RawId = str | int
+# Serve fills a history model's user-state cache at load up to this many users: about 1 ms per user at L 200,
+# D 64 on one core, so at most ~20 s of load; beyond that the cache fills as users are first asked for.
+WARM_USERS_MAX = 20_000
 
 
 class Recommender:
@@ -39,7 +42,6 @@ class Recommender:
     def __init__(self, artifact: Artifact, precision: str = "fp32") -> None:
         self.artifact = artifact
         self.model = artifact.model.eval()
-        self.scorer = AllItemsScorer(self.model, precision=precision)
         self.device = next(self.model.parameters()).device
         self.item_ids: np.ndarray = artifact.item_ids
         self.user_index = artifact.user_index
@@ -52,15 +54,28 @@ class Recommender:
         self._histories = stored.to(self.device) if stored is not None else None
         if self.history_len and self._histories is None:
             raise UserError(f"{artifact.path}: the model reads user histories but the artifact stores none")
+        # The scorer caches each known user's state from the stored history (a new artifact means a new
+        # Recommender, so the cache never outlives the histories it was computed from).
+        self.scorer = AllItemsScorer(self.model, precision=precision,
+                                     histories=self._histories if self.history_len else None)
         pop = torch.as_tensor(artifact.popularity, dtype=torch.float64)
         top = float(pop.max()) if len(pop) else 0.0
         self._pop_score = (pop / top if top > 0 else torch.zeros_like(pop)).to(torch.float32)
         # Most popular first; ties broken by item index so the fallback is deterministic.
         self._pop_order = torch.argsort(-pop, stable=True)
+        self._explainer: Any = None  # ncf_ray.explain.Explainer, built on the first explain request
 
     @classmethod
     def from_path(cls, path: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> Recommender:
         return cls(load_artifact(path, device=device), precision=precision)
+
+    def warm_users(self, max_users: int = WARM_USERS_MAX) -> float:
+        """Compute every known user's cached state now (history models with at most `max_users` users; larger
+        ones fill the cache lazily, a chunk of users per request batch). Returns the seconds it took (0: skipped).
+        Serve calls it at load; one-off callers (`ncf-ray recommend`) skip it and compute only their users."""
+        if not self.history_len or self.n_users > max_users:
+            return 0.0
+        return self.scorer.warm_users()
 
     @property
     def model_version(self) -> str:
@@ -84,6 +99,7 @@ class Recommender:
         recent_items: Sequence[Sequence[RawId] | None] | None = None,
         context: Sequence[dict[str, Any] | None] | None = None,
         objective: str = "click",
+        explain: bool = False,
     ) -> list[dict[str, Any]]:
         """Top-k items for each user, in request order: {"user_id", "items": [{"item_id", "score"}],
         "cold_start"} (+ "unknown_items" when candidates are given). k is clipped to the items available.
@@ -94,7 +110,9 @@ class Recommender:
         ids are skipped and counted ("unknown_recent_items"). Without any history a user gets popularity.
 
         `context[j]` (hour, dow, device, ...: ncf_ray/context.py) is user j's request context for models that
-        read context; `objective` picks the head a multi-task model ranks by ("click" or "purchase")."""
+        read context; `objective` picks the head a multi-task model ranks by ("click" or "purchase").
+        `explain`: each item also gets "because": up to 3 of the user's own past items (stored and recent)
+        that support it most, [{"item_id", "score"}], best first (ncf_ray/explain.py says how they are scored)."""
         if isinstance(user_ids, (str, bytes)):
             raise UserError(f"user_ids must be a list of ids, got the string {user_ids!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -128,6 +146,8 @@ class Recommender:
                 drop = set(recent[pos][0]) if recent[pos] is not None and exclude_seen else set()
                 lists[pos] = self._top_popular(int(k), cand_idx, drop)
 
+        if explain:
+            self._explain(lists, user_idx, scored, [r[0] if r is not None else [] for r in recent])
         results = []
         for pos, key in enumerate(keys):
             result: dict[str, Any] = {"user_id": key, "items": lists[pos], "cold_start": pos not in scored_set}
@@ -157,6 +177,31 @@ class Recommender:
     def context_ids(self, raw: dict[str, Any] | None) -> list[int]:
         """One request's context ids (ncf_ray/context.py); UserError naming a bad field."""
         return encode_context(self.context_spec, raw)
+
+    def _explain(self, lists: list[list[dict[str, Any]]], user_idx: list[int], scored: list[int],
+                 recent: list[list[int]]) -> None:
+        """Add "because" to every item of `lists` (in place) from each user's own items: the attention-weighted
+        window the model read for scored users of a history model, else the seen set plus recent items."""
+        from ncf_ray.explain import Explainer
+
+        if self._explainer is None:  # built on the first explain request only: no cost for plain requests
+            self._explainer = Explainer(self.model, self.item_ids)
+        explainer = self._explainer
+        support: dict[int, tuple[list[int], list[float] | None]] = {}
+        if explainer.reads_history and scored:
+            users = torch.tensor([user_idx[p] for p in scored], dtype=torch.int64, device=self.device)
+            windows = explainer.history_support(users, self._history(users, [recent[p] for p in scored]))
+            support.update(zip(scored, windows))
+        for pos, items in enumerate(lists):
+            if pos not in support:
+                u = user_idx[pos]
+                seen = self.artifact.seen_indices[self.artifact.seen_indptr[u] : self.artifact.seen_indptr[u + 1]] \
+                    if u >= 0 else []
+                support[pos] = ([int(i) for i in seen] + list(recent[pos]), None)
+            past, weights = support[pos]
+            recommended = [self.item_index[it["item_id"]] for it in items]
+            for it, because in zip(items, explainer.because(recommended, past, weights)):
+                it["because"] = because
 
     def _history_source(self, known: bool, scored: bool, recent: tuple[list[int], int] | None) -> str:
         """Which history a user's list came from: stored, stored+request, request, or none."""
@@ -214,7 +259,10 @@ class Recommender:
         """Top-k lists of users (user -1: unknown, scored from `extra` alone) with each one's `extra` request
         items appended to its history and excluded like seen items; `context` [B, K] and `task` as in
         AllItemsScorer.top_k."""
-        history = self._history(users, extra)
+        # Rows whose history is the stored one (known users without request items) use the cached state.
+        stored = (users >= 0) & torch.tensor([not more for more in (extra or [[]] * len(users))], dtype=torch.bool,
+                                             device=self.device)
+        history, stored_rows = (None, None) if bool(stored.all()) else (self._history(users, extra), stored)
         known = users >= 0
         extra_rows = torch.tensor([r for r, more in enumerate(extra or []) for _ in more], dtype=torch.int64,
                                   device=self.device)
@@ -239,11 +287,11 @@ class Recommender:
 
         if cand_idx is None:
             top_scores, top_items = self.scorer.top_k(users, k, mask_seen if exclude_seen else None, history,
-                                                      context, task)
+                                                      stored_rows, context, task)
         elif len(cand_idx) == 0:
             return [[] for _ in range(len(users))]
         else:
-            reps = self.scorer.user_repr(users, history, context)
+            reps = self.scorer.user_repr(users, history, stored_rows, context)
             scores = self._score_all(reps, self.model.item_repr(cand_idx), task)  # [B, candidates]
             if exclude_seen:
                 rows, cols = seen_pairs(torch.arange(len(users), device=self.device))
@@ -306,7 +354,7 @@ class Recommender:
         else:
             user = torch.tensor([self.user_index[key]], dtype=torch.int64, device=self.device)
             ctx = torch.tensor([ctx_ids], dtype=torch.int64, device=self.device) if self.context_spec else None
-            reps = self.scorer.user_repr(user, self._history(user), ctx)
+            reps = self.scorer.user_repr(user, context=ctx)  # a known user: the cached state of a history model
             values = self._score_all(reps, self.model.item_repr(known_idx), task)[0].cpu().tolist()
         it = iter(values)
         scores = [

@@ -76,6 +76,8 @@ class RecommendRequest(_Body):
     context: ContextBody = None
     # Which head a multi-task model ranks by: likely to click, or likely to buy.
     objective: Objective = "click"
+    # Per item, up to 3 of the user's own past items that support it ("because"; ncf_ray/explain.py).
+    explain: StrictBool = False
 
     @model_validator(mode="after")
     def _someone(self) -> "RecommendRequest":
@@ -92,6 +94,7 @@ class BatchRequest(_Body):
     recent_items: list[list[RawId] | None] | None = Field(None, max_length=MAX_IDS)
     context: ContextBody = None  # one context for every user of the batch
     objective: Objective = "click"
+    explain: StrictBool = False
 
     @model_validator(mode="after")
     def _aligned(self) -> "BatchRequest":
@@ -107,9 +110,15 @@ class ScoreRequest(_Body):
     objective: Objective = "click"
 
 
+class Because(BaseModel):
+    item_id: str  # one of the user's own past items
+    score: float  # its support for the recommended item (> 0; higher is stronger)
+
+
 class Item(BaseModel):
     item_id: str
     score: float
+    because: list[Because] | None = None  # only with explain: true
 
 
 class Recommendation(BaseModel):
@@ -196,8 +205,10 @@ async def _user_error(request: Request, exc: UserError) -> JSONResponse:
 # ------------------------------------------------------------------------------------------------ deployment
 def _load_recommender(model_dir: str, precision: str) -> Recommender:
     """Load + verify an artifact, build its scorer (compiling the bf16 kernel when used) and warm it up so the
-    first request is fast."""
+    first request is fast: for a history model that includes the known users' cached states (see
+    `Recommender.warm_users`; ~6 s for ML-1M's 6,040 users at L 200 on one core, while the old model serves)."""
     rec = Recommender.from_path(model_dir, precision=precision)
+    rec.warm_users()
     if rec.n_users:
         rec.recommend([str(rec.artifact.user_ids[0])], 1)
     return rec
@@ -230,7 +241,8 @@ def _batch_body(rec: Recommender, req: BatchRequest) -> bytes:
     """Score and encode a /recommend/batch answer in one go: on the bulk thread, so the event loops that
     carry HTTP do not hold the GIL encoding large bodies while the scorer waits for it."""
     results = rec.recommend(req.user_ids, req.k, req.exclude_seen, recent_items=req.recent_items,
-                            context=[req.context] * len(req.user_ids), objective=req.objective)
+                            context=[req.context] * len(req.user_ids), objective=req.objective,
+                            explain=req.explain)
     return orjson.dumps([_answer(u, r, rec, req.k) for u, r in zip(req.user_ids, results)])
 
 
@@ -282,17 +294,21 @@ class NCFServer:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def _recommend_batched(self, reqs: list[RecommendRequest]) -> list[dict[str, Any]]:
-        """One forward pass per batch (per exclude_seen value) at the batch's largest k; each answer is cut to
-        its own k (top-k lists are prefixes of the top-kmax list)."""
+        """One forward pass per batch (per exclude_seen, objective and explain value: explanations cost only the
+        requests that ask) at the batch's largest k; each answer is cut to its own k (top-k lists are prefixes of the
+        top-kmax list)."""
         rec = self._current()  # the whole batch uses one model, even if a swap lands meanwhile
         out: list[dict[str, Any]] = [{} for _ in reqs]
-        for exclude, objective in {(r.exclude_seen, r.objective) for r in reqs}:
-            pos = [i for i, r in enumerate(reqs) if r.exclude_seen is exclude and r.objective == objective]
+        groups = sorted({(r.exclude_seen, r.objective, r.explain) for r in reqs})
+        for exclude, objective, explain in groups:
+            pos = [i for i, r in enumerate(reqs)
+                   if r.exclude_seen is exclude and r.objective == objective and r.explain is explain]
             kmax = max(reqs[i].k for i in pos)
             recent = [reqs[i].recent_items for i in pos]
             results = rec.recommend([reqs[i].user_id for i in pos], kmax, exclude_seen=exclude,
                                     recent_items=recent if any(r is not None for r in recent) else None,
-                                    context=[reqs[i].context for i in pos], objective=objective)
+                                    context=[reqs[i].context for i in pos], objective=objective,
+                                    explain=explain)
             for i, res in zip(pos, results):
                 out[i] = _answer(reqs[i].user_id, res, rec, reqs[i].k, reqs[i].recent_items is not None)
         return out
@@ -309,7 +325,7 @@ class NCFServer:
         if req.candidates is not None:  # a per-request candidate set cannot share a batch's item axis
             recent = None if req.recent_items is None else [req.recent_items]
             res = rec.recommend([req.user_id], req.k, req.exclude_seen, req.candidates, recent_items=recent,
-                                context=[req.context], objective=req.objective)[0]
+                                context=[req.context], objective=req.objective, explain=req.explain)[0]
             return _json(_answer(req.user_id, res, rec, req.k))
         return _json(await self._recommend_batched(req))
 

@@ -382,6 +382,28 @@ def test_recent_items_over_http_with_a_sequence_model(server):
     assert _post(url, "/recommend", {"user_id": "u1"}).status_code == 200
 
 
+def test_explanations_over_http_name_the_users_own_items(server):
+    """explain: true on /recommend and /recommend/batch gives each item a "because" list drawn from the user's
+    own items, best first; without it there is none; a non-boolean explain is a 4xx."""
+    url, *dirs = server
+    version = httpx.get(url + "/model").json()["model_version"]
+    art = next(a for a in map(_artifact, dirs) if a.model_version == version)  # whichever model is deployed
+    body = _post(url, "/recommend", {"user_id": "u7", "k": 4, "explain": True})
+    assert body.status_code == 200, body.text
+    items = body.json()["items"]
+    named = [b for it in items for b in it["because"]]
+    assert named and {b["item_id"] for b in named} <= _seen(art, "u7")
+    for it in items:
+        scores = [b["score"] for b in it["because"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) <= 3
+    batch = _post(url, "/recommend/batch", {"user_ids": ["u7", "u8"], "k": 2, "explain": True}).json()
+    ids = [[b["item_id"] for b in it["because"]] for it in batch[0]["items"]]
+    assert ids == [[b["item_id"] for b in it["because"]] for it in items[:2]]
+    assert {b["item_id"] for it in batch[1]["items"] for b in it["because"]} <= _seen(art, "u8")
+    assert all("because" not in it for it in _post(url, "/recommend", {"user_id": "u7", "k": 4}).json()["items"])
+    assert 400 <= _post(url, "/recommend", {"user_id": "u7", "explain": "yes"}).status_code < 500
+
+
 # ------------------------------------------------------------------------------------------------ config + bench
 def test_build_app_args_and_emitted_config_are_valid(server, tmp_path):
     import yaml
