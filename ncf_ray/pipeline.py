@@ -27,17 +27,21 @@ from ncf_ray.config import TrainConfig, TuneConfig, build_serve_config, build_tr
 from ncf_ray.errors import UserError
 from ncf_ray.runtime import ensure_ray
 
-# Sizes per preset (None: the synthetic generator's ML-1M-shaped default, 6,040 users x 3,706 items, ~1M rows).
-# quick: tiny data (tests, reviewers). demo: `make demo`, a mid-sized synthetic log (3,000 users x 2,000 items,
-# 300k rows) and small per-family grids. full: the ML-1M-shaped data with a real sweep (a cluster's worth).
+# Sizes per preset (None: the generator's ML-1M-shaped default, ~6,000 users x ~3,700 items, ~1M rows).
+# quick: tiny data (tests, reviewers). demo: `make demo`, a mid-sized synthetic shop (3,000 users x 2,000 items,
+# 300k view/cart/purchase events with item and user side tables, device and time context, new items) and small
+# per-family grids, trained for click and purchase. full: the ML-1M-shaped data with a real sweep.
+SHOP_TASKS = ("click", "purchase")
 PRESETS: dict[str, dict[str, Any]] = {
     # quick and demo sweep every family (`--model auto`: mf, neumf, seq, and EASE in closed form) on small grids,
     # so the table compares families and the demo serves whichever wins on valid.
-    "quick": {"users": 300, "items": 200, "interactions": 9_000, "search": "grid", "num_samples": 1,
+    "quick": {"source": "synthetic-shop", "tasks": SHOP_TASKS,
+              "users": 300, "items": 200, "interactions": 9_000, "search": "grid", "num_samples": 1,
               "sweep_epochs": 2, "epochs": 3, "batch_size": 1024, "families": ("mf", "seq"),
               "spaces": {"mf": {"factors": [16], "lr": [3e-3]},
                          "seq": {"history_len": [20], "blocks": [1], "factors": [16], "lr": [3e-3]}}},
-    "demo": {"users": 3000, "items": 2000, "interactions": 300_000, "search": "grid", "num_samples": 1,
+    "demo": {"source": "synthetic-shop", "tasks": SHOP_TASKS,
+             "users": 3000, "items": 2000, "interactions": 300_000, "search": "grid", "num_samples": 1,
              "sweep_epochs": 3, "epochs": 5, "batch_size": None,
              "spaces": {"mf": {"factors": [32, 64]},
                         "neumf": {"factors": [32], "depth": [1]},
@@ -53,7 +57,8 @@ class PipelineConfig:
 
     out: str
     storage: str | None = None
-    source: str = "synthetic"
+    source: str = "synthetic"  # synthetic, synthetic-shop, or a log file/dir/URI
+    tasks: tuple[str, ...] = ("click",)  # click, or click + purchase on logs with purchase events
     users: int | None = None
     items: int | None = None
     interactions: int | None = None
@@ -77,6 +82,7 @@ class PipelineConfig:
 
 
 SYNTHETIC_SIZES = ("users", "items", "interactions")
+SYNTHETIC_SOURCES = ("synthetic", "synthetic-shop")
 
 
 def preset(name: str, **overrides: Any) -> PipelineConfig:
@@ -87,11 +93,13 @@ def preset(name: str, **overrides: Any) -> PipelineConfig:
         raise UserError(f"preset {name!r} is not one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name])
     given = {k: v for k, v in overrides.items() if v is not None}
-    if given.get("source", "synthetic") != "synthetic":
+    if given.get("source", "synthetic") not in SYNTHETIC_SOURCES:
         sizes = [f"--{k}" for k in SYNTHETIC_SIZES if k in given]
         if sizes:
-            raise UserError(f"{'/'.join(sizes)} only apply to --source synthetic, not {given['source']!r}")
+            raise UserError(f"{'/'.join(sizes)} only apply to --source synthetic or synthetic-shop, not "
+                            f"{given['source']!r}")
         values.update(dict.fromkeys(SYNTHETIC_SIZES))  # the preset's sizes describe its synthetic data only
+        values["tasks"] = ("click",)  # a log of its own may have no purchase events
     values.update(given)
     return PipelineConfig(**values)
 
@@ -113,7 +121,13 @@ def stage_prepare(cfg: PipelineConfig, dataset_dir: Path) -> dict[str, Any]:
     from ncf_ray.data.prepare import prepare
     from ncf_ray.data.synthetic import synthetic_spec
 
-    synthetic = synthetic_spec(cfg.source, cfg.users, cfg.items, cfg.interactions, seed=cfg.seed)
+    if cfg.source == "synthetic-shop":
+        from ncf_ray.data.shop import ShopSpec
+
+        sizes = {"users": cfg.users, "items": cfg.items, "interactions": cfg.interactions}
+        synthetic = ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=cfg.seed)
+    else:
+        synthetic = synthetic_spec(cfg.source, cfg.users, cfg.items, cfg.interactions, seed=cfg.seed)
     return prepare(DataConfig(source=cfg.source, seed=cfg.seed), dataset_dir, overwrite=cfg.overwrite,
                    synthetic=synthetic)
 
@@ -125,7 +139,7 @@ def stage_tune(cfg: PipelineConfig, dataset_dir: Path, sweep_dir: Path) -> dict[
     tcfg = TuneConfig(model=cfg.model, num_samples=cfg.num_samples, max_epochs=cfg.sweep_epochs,
                       workers_per_trial=cfg.workers, grace_period=max(1, min(2, cfg.sweep_epochs)), seed=cfg.seed,
                       search=cfg.search)
-    overrides = {"gpu": cfg.gpu, **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
+    overrides = {"gpu": cfg.gpu, "tasks": cfg.tasks, **({"batch_size": cfg.batch_size} if cfg.batch_size else {})}
     if cfg.model == "auto":
         from ncf_ray.tune import AUTO_FAMILIES
 
@@ -156,9 +170,11 @@ def stage_deploy(cfg: PipelineConfig, model_dir: Path) -> str:
     return run_server(build_serve_config(model_dir=str(model_dir), host=cfg.host, port=cfg.port), blocking=False)
 
 
-def smoke_query(url: str, user_id: str, k: int = 10, timeout_s: float = 60.0) -> dict[str, Any]:
-    """POST /recommend for one known user (retrying while the proxy comes up); fails unless items come back."""
-    body = json.dumps({"user_id": user_id, "k": k}).encode()
+def smoke_query(url: str, user_id: str, k: int = 10, timeout_s: float = 60.0,
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """POST /recommend for one known user (retrying while the proxy comes up); fails unless items come back.
+    `extra`: more request fields (objective, explain, context)."""
+    body = json.dumps({"user_id": user_id, "k": k, **(extra or {})}).encode()
     deadline, last = time.time() + timeout_s, None
     while time.time() < deadline:
         req = urllib.request.Request(f"{url}/recommend", data=body, headers={"Content-Type": "application/json"})
@@ -223,8 +239,12 @@ def run_pipeline(cfg: PipelineConfig, log: Any = print) -> dict[str, Any]:
     metrics = timed("train", stage_train, cfg, dataset_dir, run_dir, tcfg)
     model_dir = run_dir / "model"
     url = timed("deploy", stage_deploy, cfg, model_dir)
-    user = str(load_artifact(str(model_dir)).user_ids[0])
-    answer = timed("query", smoke_query, url, user)
+    served = load_artifact(str(model_dir))
+    user = str(served.user_ids[0])
+    # Ask as a shopper would: explanations, and "likely to buy" where the served model has a purchase head.
+    extra = {"explain": True,
+             **({"objective": "purchase"} if "purchase" in getattr(served.model, "tasks", ()) else {})}
+    answer = timed("query", smoke_query, url, user, 10, 60.0, extra)
     summary = {
         "out": str(out),
         "dataset": {k: data.get(k) for k in ("n_users", "n_items", "n_interactions")},
@@ -239,7 +259,8 @@ def run_pipeline(cfg: PipelineConfig, log: Any = print) -> dict[str, Any]:
         "checkpoints": _sub(cfg.storage, "train") or str(run_dir),
         "serve_url": url,
         "query": {"url": f"{url}/recommend", "user_id": user, "items": [i["item_id"] for i in answer["items"]],
-                  "cold_start": answer["cold_start"]},
+                  "cold_start": answer["cold_start"], "request": extra,
+                  "because": {i["item_id"]: [b["item_id"] for b in i.get("because", [])] for i in answer["items"]}},
         "seconds": timings | {"total": round(time.time() - t0, 1)},
     }
     summary["published"] = publish(run_dir / "model", cfg.storage, "model")  # None unless storage is a URI
@@ -272,6 +293,7 @@ def format_report(summary: dict[str, Any], k: int = 10) -> str:
     table = (format_auto({"families": sweep["families"], "best_family": sweep["best_family"]}, k)
              if sweep.get("families") else format_table(sweep["results_csv"]))
     model = summary["best_config"]["model"]
+    query = summary["query"]
     lines = [
         "",
         f"sweep ({sweep['trials']} trials; best by valid: {sweep['best_family']}):",
@@ -285,9 +307,18 @@ def format_report(summary: dict[str, Any], k: int = 10) -> str:
         f"{'test':<12} {t[f'hr@{k}']:>8.4f} {t[f'ndcg@{k}']:>8.4f}",
         f"{'  popularity':<12} {p['test'][f'hr@{k}']:>8.4f} {p['test'][f'ndcg@{k}']:>8.4f}",
         *([f"{'  EASE':<12} {e['test'][f'hr@{k}']:>8.4f} {e['test'][f'ndcg@{k}']:>8.4f}"] if "test" in e else []),
+        *([f"{'purchase':<12} {t['purchase'][f'hr@{k}']:>8.4f} {t['purchase'][f'ndcg@{k}']:>8.4f}  "
+           f"(test users whose held-out event is a purchase, n={t['purchase']['n']}, {t['purchase']['head']} head)"]
+          if t.get("purchase") else []),
+        *([f"{'new items':<12} {t['new_items'][f'hr@{k}']:>8.4f} {t['new_items'][f'ndcg@{k}']:>8.4f}  "
+           f"(new-item targets among {t['new_items']['candidates']} new items, n={t['new_items']['n']}; random "
+           f"{t['new_items'][f'random_hr@{k}']:.3f})"] if t.get("new_items") else []),
         "",
-        f"smoke query: POST {summary['query']['url']} user {summary['query']['user_id']} -> "
-        f"{', '.join(summary['query']['items'][:5])} ...{'' if summary['serve_url'] else '  (Serve now shut down)'}",
+        f"smoke query: POST {summary['query']['url']} {json.dumps(query.get('request', {}))} user "
+        f"{query['user_id']} -> {', '.join(query['items'][:5])} ..."
+        f"{'' if summary['serve_url'] else '  (Serve now shut down)'}",
+        *([f"             because: {first} <- {', '.join(query['because'][first]) or '-'}"]
+          if query.get("because") and (first := query["items"][0]) in query["because"] else []),
         f"results:     {summary['out']}  (dataset/, sweep/<family>/results.csv, sweep/best/, train/model/, summary.json)",
         f"checkpoints: {summary['checkpoints']}",
     ]
