@@ -134,11 +134,13 @@ class _PoolAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, weight: Tensor, m: Tensor, mt: Tensor) -> Tensor:
         ctx.mt = mt
-        return m @ weight
+        with torch.autocast(weight.device.type, enabled=False):  # sparse kernels run in fp32 under AMP too
+            return m @ weight.float()
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return ctx.mt @ grad.contiguous(), None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            return ctx.mt @ grad.float().contiguous(), None, None
 
 
 def pooling_matrix(ids: Tensor, n_ids: int) -> tuple[Tensor, Tensor]:
@@ -164,7 +166,8 @@ class FeaturePool(nn.Module):
     dense vector. forward(rows [...]) -> [..., dim]; a negative row (unknown user, sequence padding) gives zeros.
 
     The table is a non-persistent buffer (it is data, not weights), and it is fixed, so the catalogue cache of
-    item_repr stays valid."""
+    item_repr stays valid. The sparse pooling matrices derived from it are a per-device cache outside the
+    module's buffers (DDP broadcasts buffers, and cannot broadcast sparse tensors)."""
 
     def __init__(self, table: FeatureTable, dim: int) -> None:
         super().__init__()
@@ -177,15 +180,27 @@ class FeaturePool(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         # Masked mean: divide the sum over slots by the number of real (non-padding) ids, at least 1.
         self.register_buffer("inv_count", 1.0 / (ids > 0).sum(1, keepdim=True).clamp(min=1).float(), persistent=False)
-        m, mt = pooling_matrix(ids, table.n_ids)
-        self.register_buffer("pool_m", m, persistent=False)
-        self.register_buffer("pool_mt", mt, persistent=False)
+        self.n_ids = max(table.n_ids, 1)
         self.proj = nn.Linear(table.dense_dim, dim, bias=False) if table.dense_dim else None
         self.register_buffer("dense", None if table.dense is None else table.dense.float(), persistent=False)
 
+    def pooling_matrices(self) -> tuple[Tensor, Tensor]:
+        """(M, M^T) on the table's current device, built on first use there."""
+        key = (self.ids.device, self.ids.data_ptr())
+        cache = self.__dict__.get("_pooling")
+        if cache is None or cache[0] != key:
+            cache = (key, pooling_matrix(self.ids, self.n_ids))
+            self.__dict__["_pooling"] = cache
+        return cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_pooling", None)  # derived, per device: rebuilt on first use
+        return state
+
     def pooled_all(self) -> Tensor:
         """[n_rows, dim] of every row (one sparse matmul forward and backward)."""
-        out = _PoolAll.apply(self.emb.weight, self.pool_m, self.pool_mt)
+        out = _PoolAll.apply(self.emb.weight, *self.pooling_matrices())
         if self.proj is not None:
             out = out + self.proj(self.dense)
         return out

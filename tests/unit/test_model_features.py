@@ -231,3 +231,21 @@ def test_training_with_id_dropout_ranks_cold_items_by_their_features():
         s = m.eval().score_items(user_batch(torch.arange(n_users)), torch.arange(4))  # the cold items only
     likes_odd = s[:, category[:4] == 1].mean(1) > s[:, category[:4] == 0].mean(1)
     assert bool((likes_odd == (torch.arange(n_users) % 2 == 1)).float().mean() >= 0.9)
+
+
+def test_featured_models_copy_reload_and_keep_dense_buffers():
+    import copy
+    import pickle
+
+    side = {"item_features": item_table(), "user_features": user_table(), "n_context_ids": 6}
+    m = model("neumf", **side)
+    users = torch.arange(N_USERS)
+    want = scores(m, users)  # builds the pooling matrices' cache
+    # DDP broadcasts every buffer, and cannot broadcast sparse tensors: the derived matrices are no buffers.
+    assert all(b.layout == torch.strided for b in m.buffers())
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(scores(clone, users), want, rtol=0, atol=0)
+    # The weights alone, loaded into a model built from the same tables, give the same scores.
+    fresh = model("neumf", seed=7, **side)
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(scores(fresh, users), want, rtol=1e-6, atol=1e-6)
