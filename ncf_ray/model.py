@@ -327,7 +327,8 @@ class RecModel(nn.Module):
     """The contract every family implements (see the module docstring). Subclasses set n_users, n_items and
     `history_len` (> 0: the batch must carry the user's last history_len items) and define user_repr,
     _item_repr, _head (the single-task logit) and interaction (the vector multi-task heads read); _score_all has
-    a chunked default that dot-product models replace with one matmul. `_init_tasks` adds the task heads."""
+    a chunked default that dot-product models replace with one matmul. `_init_side` records the side inputs
+    and adds the task heads."""
 
     n_users: int
     n_items: int
@@ -349,9 +350,12 @@ class RecModel(nn.Module):
         """z [..., W]: what the family's own prediction layer reads, for the task heads (broadcasts like head)."""
         raise NotImplementedError
 
-    def _init_tasks(self, tasks: Sequence[str], task_mixture: str, experts: int, width: int) -> None:
-        """Task heads over the interaction vector (of `width` floats) when there is more than one task; a
-        single-task model keeps the family's own head, parameters and logits."""
+    def _init_side(self, side: SideInputs, width: int) -> None:
+        """Record the side inputs (side_args) and add task heads over the interaction vector (of `width` floats)
+        when there is more than one task; a single-task model keeps the family's own head, parameters, logits."""
+        self.n_context_ids, self.id_dropout = side.n_context_ids, side.id_dropout
+        self.has_item_features, self.has_user_features = side.item_features is not None, side.user_features is not None
+        tasks, task_mixture, experts = side.tasks, side.task_mixture, side.experts
         self.tasks = check_tasks(tasks, task_mixture, experts)
         self.task_mixture, self.n_experts = task_mixture, int(experts)
         self.task_heads = TaskHeads(width, self.tasks, task_mixture, experts) if len(self.tasks) > 1 else None
@@ -361,6 +365,13 @@ class RecModel(nn.Module):
     @property
     def multitask(self) -> bool:
         return len(self.tasks) > 1
+
+    def side_args(self) -> dict[str, Any]:
+        """The JSON-able side-input args of build_model this model was built with (tables excluded: they travel
+        in features/), e.g. for an artifact's config.json."""
+        return {"n_context_ids": int(getattr(self, "n_context_ids", 0)),
+                "id_dropout": float(getattr(self, "id_dropout", 0.0)), "tasks": list(self.tasks),
+                "task_mixture": getattr(self, "task_mixture", "shared"), "experts": int(getattr(self, "n_experts", 4))}
 
     def _task(self, task: str | None) -> str:
         task = self.tasks[0] if task is None else task
@@ -575,7 +586,7 @@ class GMF(RecModel):
         init_embedding(self.user_emb)
         init_embedding(self.item_emb)
         init_prediction(self.predict)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors)
+        self._init_side(side, factors)
 
     def user_repr(self, batch: Batch) -> Tensor:
         return self.user_emb(batch.user, batch.context)
@@ -614,7 +625,7 @@ class MF(RecModel):
         init_embedding(self.item_emb)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors + 2)
+        self._init_side(side, factors + 2)
 
     @staticmethod
     def _bias(emb: FeaturedEmbedding, bias: nn.Embedding, idx: Tensor, context: Tensor | None = None
@@ -656,7 +667,7 @@ class MLP(RecModel):
         self.pair_width = self.tower.pair_width
         self.factors = 0  # no GMF branch: the whole representation is the tower's
         init_prediction(self.predict)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, self.tower.out_features)
+        self._init_side(side, self.tower.out_features)
 
     def user_repr(self, batch: Batch) -> Tensor:
         return self.tower.user_half(batch.user, batch.context)
@@ -704,7 +715,7 @@ class NeuMF(RecModel):
         init_embedding(self.gmf_user_emb)
         init_embedding(self.gmf_item_emb)
         init_prediction(self.predict)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors + self.tower.out_features)
+        self._init_side(side, factors + self.tower.out_features)
 
     def user_repr(self, batch: Batch) -> Tensor:
         return torch.cat([self.gmf_user_emb(batch.user, batch.context),
@@ -767,9 +778,13 @@ class NeuMF(RecModel):
             raise UserError(f"pretrained GMF factors={gmf.factors} != NeuMF factors={self.factors}")
         if tuple(mlp.layers) != tuple(self.layers):
             raise UserError(f"pretrained MLP layers={list(mlp.layers)} != NeuMF layers={list(self.layers)}")
-        self.gmf_user_emb.weight.copy_(gmf.user_emb.weight)
-        self.gmf_item_emb.weight.copy_(gmf.item_emb.weight)
-        self.tower.load_state_dict(mlp.tower.state_dict())
+        try:  # whole embedding modules: their feature and context pools come along
+            self.gmf_user_emb.load_state_dict(gmf.user_emb.state_dict())
+            self.gmf_item_emb.load_state_dict(gmf.item_emb.state_dict())
+            self.tower.load_state_dict(mlp.tower.state_dict())
+        except RuntimeError as exc:
+            raise UserError("pretrained GMF/MLP were built with other side inputs (features, context) than this "
+                            f"NeuMF: {str(exc).splitlines()[0]}") from exc
         f = self.factors
         self.predict.weight[:, :f].copy_(alpha * gmf.predict.weight)
         self.predict.weight[:, f:].copy_((1.0 - alpha) * mlp.predict.weight)
@@ -838,7 +853,6 @@ class SeqNCF(RecModel):
             raise UserError(f"user feature table has {side.user_features.n_rows} rows but the model has "
                             f"{n_users} users (built from another dataset?)")
         self.user_feat = FeaturePool(side.user_features, factors) if side.user_features is not None else None
-        self.id_dropout = side.id_dropout
         self.context_pool = ContextPool(side.n_context_ids, factors) if side.n_context_ids > 0 else None
         self.blocks = nn.ModuleList(CausalBlock(factors, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(factors)
@@ -862,8 +876,7 @@ class SeqNCF(RecModel):
             self.predict = nn.Linear(factors + tower[-1], 1)
             init_prediction(self.predict)
             self.pair_width = max(tower[1:])
-        self._init_tasks(side.tasks, side.task_mixture, side.experts,
-                         factors if head == "dot" else factors + self.layers[-1])
+        self._init_side(side, factors if head == "dot" else factors + self.layers[-1])
 
     # -- user side
     def states(self, history: Tensor, users: Tensor | None = None) -> Tensor:

@@ -249,3 +249,28 @@ def test_featured_models_copy_reload_and_keep_dense_buffers():
     fresh = model("neumf", seed=7, **side)
     fresh.load_state_dict(m.state_dict())
     torch.testing.assert_close(scores(fresh, users), want, rtol=1e-6, atol=1e-6)
+
+
+def test_side_args_name_what_the_model_was_built_with():
+    m = model("mlp", item_features=item_table(), n_context_ids=6, id_dropout=0.25, tasks=("click", "purchase"),
+              task_mixture="mmoe", experts=2)
+    assert m.side_args() == {"n_context_ids": 6, "id_dropout": 0.25, "tasks": ["click", "purchase"],
+                             "task_mixture": "mmoe", "experts": 2}
+    again = build_model("mlp", N_USERS, N_ITEMS, factors=8, layers=(16, 8), item_features=item_table(),
+                        **m.side_args())
+    assert set(again.state_dict()) == set(m.state_dict())
+    assert model("gmf").side_args()["tasks"] == ["click"]
+
+
+def test_neumf_pretraining_copies_the_feature_pools():
+    side = {"item_features": item_table(), "user_features": user_table()}
+    gmf, mlp = model("gmf", seed=1, **side), model("mlp", seed=2, **side)
+    torch.manual_seed(0)
+    neumf = build_model("neumf", N_USERS, N_ITEMS, factors=8, layers=(16, 8), **side)
+    neumf.load_pretrained(gmf, mlp, alpha=0.5).eval()
+    users = torch.arange(N_USERS)
+    with torch.no_grad():
+        want = 0.5 * scores(gmf, users) + 0.5 * scores(mlp, users)
+        torch.testing.assert_close(scores(neumf, users), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="other side inputs"):
+        neumf.load_pretrained(model("gmf"), mlp)
