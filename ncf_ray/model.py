@@ -432,7 +432,8 @@ class RecModel(nn.Module):
         return torch.cat(parts) if parts else users.new_zeros((0, items.shape[0]))
 
     def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
-        return self._chunked(users, items, self._head)
+        # Through the public head, so a subclass that overrides head() alone (the earlier contract) still scores.
+        return self._chunked(users, items, self.head)
 
     def score_all(self, users: Tensor, items: Tensor, task: str | None = None) -> Tensor:
         """Logits [B, M] of `task` (None: tasks[0]) of user representations [B, D] against item representations
