@@ -205,6 +205,12 @@ class FeaturePool(nn.Module):
             out = out + self.proj(self.dense)
         return out
 
+    def pools_all(self, lookups: int) -> bool:
+        """Whether `lookups` rows are better served by pooling the whole table: when they cover a good part of
+        it (a training batch, the catalogue), one sparse matmul per step stops the cost growing with the batch,
+        and its backward is a matmul instead of embedding_bag's sort of every looked-up id."""
+        return 4 * lookups >= self.n_rows
+
     def pooled(self, rows: Tensor) -> Tensor:
         """[R, dim] of table rows [R] (all >= 0)."""
         if self.ids.shape[1]:
@@ -220,11 +226,8 @@ class FeaturePool(nn.Module):
         nn.Embedding just looked up are never negative)."""
         flat = rows.reshape(-1)
         safe = flat.clamp(min=0) if may_be_negative else flat
-        if 4 * flat.numel() >= self.n_rows:
-            # Lookups for a good part of the table (a training batch, the catalogue): pool every row once with
-            # the sparse matmul and gather, so the cost stops growing with the batch, and the backward pass is a
-            # matmul instead of embedding_bag's sort of every looked-up id.
-            out = self.pooled_all()[safe]
+        if self.pools_all(flat.numel()):
+            out = F.embedding(safe, self.pooled_all())
         else:
             out = self.pooled(safe)
         if may_be_negative:
@@ -279,14 +282,24 @@ class FeaturedEmbedding(nn.Embedding):
         return torch.rand(idx.shape, device=idx.device) >= self.id_dropout
 
     def forward(self, idx: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-        out = super().forward(idx)
         if self.features is None and self.context is None:
-            return out
+            return super().forward(idx)
         keep = self.keep_mask(idx) if keep is None else keep
-        if keep is not None:
-            out = out * keep[..., None].to(out.dtype)
-        if self.features is not None:
-            out = out + self.features(idx - self.shift, may_be_negative=self.shift > 0)
+        if self.features is not None and self.features.pools_all(idx.numel()):
+            # One gather from [id table | pooled features] (one backward pass over the lookups, not two).
+            pooled = F.pad(self.features.pooled_all(), (0, 0, self.shift, 0))  # rows below shift: no features
+            if keep is None:
+                out = F.embedding(idx, self.weight + pooled, self.padding_idx)
+            else:
+                both = F.embedding(idx, torch.cat([self.weight, pooled], -1), self.padding_idx)
+                d = self.embedding_dim
+                out = both[..., :d] * keep[..., None].to(both.dtype) + both[..., d:]
+        else:
+            out = super().forward(idx)
+            if keep is not None:
+                out = out * keep[..., None].to(out.dtype)
+            if self.features is not None:
+                out = out + self.features(idx - self.shift, may_be_negative=self.shift > 0)
         if self.context is not None and context is not None:
             out = out + self.context(context)
         return out

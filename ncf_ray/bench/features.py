@@ -9,7 +9,8 @@ bucket and 24 hashed title-token slots (29 slots), the user table 4 slots (gende
 random ids of those vocabulary sizes. Each family trains `steps` optimiser steps per run with the same negatives
 and batch, featured and ID-only runs interleaved over `repeats` rounds so that load drift hits both; the median
 of each is reported and the ratio featured / ID-only is the figure (goal >= 0.6). The featured model also has
-id_dropout 0.2 (its training cost is part of the feature path). --quick: tiny sizes, a second or two.
+id_dropout 0.2 (its training cost is part of the feature path). One torch thread by default: on a shared
+machine a single thread is what holds still long enough to compare. --quick: tiny sizes, a second or two.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ncf_ray.bench import row
 
 FAMILIES = ("gmf", "mf", "mlp", "neumf", "seq")
 # name -> (users, items, positives, batch size in scored candidates, steps per run, repeats)
-SIZES = {False: (6040, 3706, 1_000_000, 8192, 30, 3), True: (200, 150, 4000, 512, 3, 1)}
+SIZES = {False: (6040, 3706, 1_000_000, 8192, 10, 7), True: (200, 150, 4000, 512, 3, 1)}
 # Item columns: genre bag (18 genres, 4 slots), year (~10 buckets), title tokens (24 slots, 4096 hash buckets).
 ITEM_COLUMNS = (("genres", 18, 4), ("year", 10, 1), ("title", 4096, 24))
 # User columns: gender, age bucket, occupation, zip prefix (one slot each).
@@ -96,25 +97,32 @@ def run_family(name: str, quick: bool) -> dict[str, Any]:
             "parameters": {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}}
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    """Per family: samples/s featured vs ID-only, one process, same batch and examples."""
+def measure(quick: bool, threads: int = 1) -> dict[str, Any]:
+    """Per family: samples/s featured vs ID-only, one process, same batch and examples, `threads` torch threads."""
     import torch
 
-    results = [run_family(name, quick) for name in FAMILIES]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = [run_family(name, quick) for name in FAMILIES]
+    finally:
+        torch.set_num_threads(prev)
     n_users, n_items, n_pos, batch, steps, repeats = SIZES[quick]
     slots = sum(s for *_, s in ITEM_COLUMNS), sum(s for *_, s in USER_COLUMNS)
-    table = [row(f"{r['family']} training samples/s with item ({slots[0]} slots) + user ({slots[1]} slots) features",
+    table = [row(f"{r['family']} training samples/s with item ({slots[0]} slots) + user ({slots[1]} slots) features"
+                 f", batch {batch}, {threads} thread(s)",
                  r["features_samples_per_s"], "samples/s", f"{r['family']} ID-only, same batch",
                  r["id_samples_per_s"], goal=">= 0.6x") for r in results]
     return {"rows": table, "families": results, "users": n_users, "items": n_items, "positives": n_pos,
-            "batch_size": batch, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads()}
+            "batch_size": batch, "steps": steps, "repeats": repeats, "threads": threads}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m ncf_ray.bench.features", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args()
-    res = measure(args.quick)
+    res = measure(args.quick, args.threads)
     for r in res["families"]:
         print(f"{r['family']:>6}: features {r['features_samples_per_s']:,.0f} samples/s, ID-only "
               f"{r['id_samples_per_s']:,.0f} samples/s, ratio {r['ratio']:.2f}")
