@@ -258,10 +258,13 @@ class FeaturedEmbedding(nn.Embedding):
     """An nn.Embedding of entity ids (same `weight`, so an ID-only model's parameter names and logits are
     unchanged) that can add the entity's pooled side features and, on the user side, the pooled context:
 
-        out = weight[idx] * keep + features(idx - shift) + context_pool(context)
+        out = (weight * keep)[idx] + features(idx - shift) + context_pool(context)
 
-    keep ~ Bernoulli(1 - id_dropout) per looked-up row in training, 1 in eval; id dropout applies only where a
-    feature table exists (it teaches the model to score from features, which cold entities are left with).
+    keep ~ Bernoulli(1 - id_dropout) per table row (entity) and forward call in training, 1 in eval: every lookup
+    of a dropped entity in that call is scored from its features alone. Per row rather than per lookup so the
+    id and feature tables are summed first and gathered once (one backward pass over the lookups). Id dropout
+    applies only where a feature table exists (it teaches the model to score from features, which cold entities
+    are left with).
     `shift`: how far idx is from the table row (1 for the sequence model's item_idx + 1 ids, 0 = padding)."""
 
     def __init__(self, n: int, dim: int, table: FeatureTable | None = None, id_dropout: float = 0.0,
@@ -275,29 +278,24 @@ class FeaturedEmbedding(nn.Embedding):
         self.features = FeaturePool(table, dim) if table is not None else None
         self.context = ContextPool(n_context_ids, dim) if n_context_ids > 0 else None
 
-    def keep_mask(self, idx: Tensor) -> Tensor | None:
-        """Which id rows survive id dropout (None: all of them)."""
+    def keep_rows(self) -> Tensor | None:
+        """[n] bool: which entities keep their id embedding in this call (None: all of them)."""
         if not self.training or self.id_dropout <= 0.0:
             return None
-        return torch.rand(idx.shape, device=idx.device) >= self.id_dropout
+        return torch.rand(self.num_embeddings, device=self.weight.device) >= self.id_dropout
 
-    def forward(self, idx: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, context: Tensor | None = None, keep_rows: Tensor | None = None) -> Tensor:
+        """[..., dim] of ids idx [...]; `keep_rows` (from keep_rows()) lets a caller drop other id parameters of
+        the same entities together with these (MF's biases)."""
         if self.features is None and self.context is None:
             return super().forward(idx)
-        keep = self.keep_mask(idx) if keep is None else keep
+        keep_rows = self.keep_rows() if keep_rows is None else keep_rows
+        weight = self.weight if keep_rows is None else self.weight * keep_rows[:, None].to(self.weight.dtype)
         if self.features is not None and self.features.pools_all(idx.numel()):
-            # One gather from [id table | pooled features] (one backward pass over the lookups, not two).
             pooled = F.pad(self.features.pooled_all(), (0, 0, self.shift, 0))  # rows below shift: no features
-            if keep is None:
-                out = F.embedding(idx, self.weight + pooled, self.padding_idx)
-            else:
-                both = F.embedding(idx, torch.cat([self.weight, pooled], -1), self.padding_idx)
-                d = self.embedding_dim
-                out = both[..., :d] * keep[..., None].to(both.dtype) + both[..., d:]
+            out = F.embedding(idx, weight + pooled, self.padding_idx)
         else:
-            out = super().forward(idx)
-            if keep is not None:
-                out = out * keep[..., None].to(out.dtype)
+            out = F.embedding(idx, weight, self.padding_idx)
             if self.features is not None:
                 out = out + self.features(idx - self.shift, may_be_negative=self.shift > 0)
         if self.context is not None and context is not None:
@@ -644,9 +642,9 @@ class MF(RecModel):
     @staticmethod
     def _bias(emb: FeaturedEmbedding, bias: nn.Embedding, idx: Tensor, context: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
-        keep = emb.keep_mask(idx)
+        keep = emb.keep_rows()  # an entity's id bias is dropped with its id embedding
         b = bias(idx)
-        return emb(idx, context, keep), b if keep is None else b * keep[..., None].to(b.dtype)
+        return emb(idx, context, keep), b if keep is None else b * keep[idx][..., None].to(b.dtype)
 
     def user_repr(self, batch: Batch) -> Tensor:
         emb, bias = self._bias(self.user_emb, self.user_bias, batch.user, batch.context)
@@ -910,8 +908,9 @@ class SeqNCF(RecModel):
         x = self.norm(x)
         if self.user_emb is not None and users is not None:
             known = users >= 0
-            if self.user_feat is not None and self.training and self.id_dropout > 0:
-                known = known & (torch.rand(users.shape, device=users.device) >= self.id_dropout)  # as items
+            if self.user_feat is not None and self.training and self.id_dropout > 0:  # per user, as items
+                keep = torch.rand(self.n_users, device=users.device) >= self.id_dropout
+                known = known & keep[users.clamp(min=0)]
             ids = self.user_emb(users.clamp(min=0)) * known[:, None]
             x = x + ids[:, None, :]
         if self.user_feat is not None and users is not None:
