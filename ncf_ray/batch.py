@@ -8,7 +8,8 @@
       history  [B, L]       int64  the user's last L items before the target, oldest first, right-aligned:
                                    item_idx + 1, 0 = padding (so index 0 never means an item)
       mask     [B, L]       bool   sequence training only: which positions are real targets
-      context  [B, K]       int64  categorical context ids, optional
+      context  [B, K]       int64  GLOBAL context ids (0 = unknown), optional; None = every column unknown.
+                                   Sequence training: [B, L, K], the context of each target position
       labels   {task: tensor shaped like item} float, training only
 
     Histories: each user's items in time order as CSR (indptr [n_users + 1], items [nnz], optionally events [nnz]

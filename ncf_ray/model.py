@@ -126,13 +126,48 @@ def check_id_dropout(id_dropout: float) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ features
+class _PoolAll(torch.autograd.Function):
+    """pooled = M @ W for the fixed sparse pooling matrix M [rows, n_ids] of a feature table, with M^T
+    precomputed: the backward is one sparse matmul, where autograd's own (or embedding_bag's) would transpose
+    or sort the ids again every step (measured 10-50x slower on CPU at ML-1M sizes)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, m: Tensor, mt: Tensor) -> Tensor:
+        ctx.mt = mt
+        with torch.autocast(weight.device.type, enabled=False):  # sparse kernels run in fp32 under AMP too
+            return m @ weight.float()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        with torch.autocast(grad.device.type, enabled=False):
+            return ctx.mt @ grad.float().contiguous(), None, None
+
+
+def pooling_matrix(ids: Tensor, n_ids: int) -> tuple[Tensor, Tensor]:
+    """The sparse [rows, n_ids] matrix M of a masked mean (row r has 1 / (real ids of r) at each of its real
+    ids) and its transpose, both CSR: CSR @ dense runs MKL / cuSPARSE kernels, ~5x COO's on CPU."""
+    import warnings
+
+    n, slots = ids.shape
+    flat = ids.reshape(-1)
+    real = flat > 0
+    rows = torch.arange(n, device=ids.device).repeat_interleave(slots)[real]
+    weight = (1.0 / (ids > 0).sum(1).clamp(min=1).float()).repeat_interleave(slots)[real]
+    m = torch.sparse_coo_tensor(torch.stack([rows, flat[real]]), weight, (n, max(n_ids, 1)),
+                                check_invariants=True).coalesce()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return m.to_sparse_csr(), m.t().coalesce().to_sparse_csr()
+
+
 class FeaturePool(nn.Module):
     """The pooled side features of an entity table: masked mean of the embeddings of each row's non-padding
     ids (one nn.Embedding over the table's global id space, padding_idx 0) plus a bias-free projection of its
     dense vector. forward(rows [...]) -> [..., dim]; a negative row (unknown user, sequence padding) gives zeros.
 
     The table is a non-persistent buffer (it is data, not weights), and it is fixed, so the catalogue cache of
-    item_repr stays valid."""
+    item_repr stays valid. The sparse pooling matrices derived from it are a per-device cache outside the
+    module's buffers (DDP broadcasts buffers, and cannot broadcast sparse tensors)."""
 
     def __init__(self, table: FeatureTable, dim: int) -> None:
         super().__init__()
@@ -145,8 +180,36 @@ class FeaturePool(nn.Module):
         self.register_buffer("ids", ids, persistent=False)
         # Masked mean: divide the sum over slots by the number of real (non-padding) ids, at least 1.
         self.register_buffer("inv_count", 1.0 / (ids > 0).sum(1, keepdim=True).clamp(min=1).float(), persistent=False)
+        self.n_ids = max(table.n_ids, 1)
         self.proj = nn.Linear(table.dense_dim, dim, bias=False) if table.dense_dim else None
         self.register_buffer("dense", None if table.dense is None else table.dense.float(), persistent=False)
+
+    def pooling_matrices(self) -> tuple[Tensor, Tensor]:
+        """(M, M^T) on the table's current device, built on first use there."""
+        key = (self.ids.device, self.ids.data_ptr())
+        cache = self.__dict__.get("_pooling")
+        if cache is None or cache[0] != key:
+            cache = (key, pooling_matrix(self.ids, self.n_ids))
+            self.__dict__["_pooling"] = cache
+        return cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_pooling", None)  # derived, per device: rebuilt on first use
+        return state
+
+    def pooled_all(self) -> Tensor:
+        """[n_rows, dim] of every row (one sparse matmul forward and backward)."""
+        out = _PoolAll.apply(self.emb.weight, *self.pooling_matrices())
+        if self.proj is not None:
+            out = out + self.proj(self.dense)
+        return out
+
+    def pools_all(self, lookups: int) -> bool:
+        """Whether `lookups` rows are better served by pooling the whole table: when they cover a good part of
+        it (a training batch, the catalogue), one sparse matmul per step stops the cost growing with the batch,
+        and its backward is a matmul instead of embedding_bag's sort of every looked-up id."""
+        return 4 * lookups >= self.n_rows
 
     def pooled(self, rows: Tensor) -> Tensor:
         """[R, dim] of table rows [R] (all >= 0)."""
@@ -158,17 +221,18 @@ class FeaturePool(nn.Module):
             out = out + self.proj(self.dense[rows])
         return out
 
-    def forward(self, rows: Tensor) -> Tensor:
+    def forward(self, rows: Tensor, may_be_negative: bool = True) -> Tensor:
+        """[..., dim] of table rows [...]; may_be_negative=False skips the unknown-row mask (ids an
+        nn.Embedding just looked up are never negative)."""
         flat = rows.reshape(-1)
-        known = flat >= 0
-        safe = flat.clamp(min=0)
-        if flat.numel() > self.n_rows:
-            # More lookups than rows (a training batch of candidates): pool every row once and gather, so the
-            # cost stops growing with the batch and the backward pass sums per row, not per lookup.
-            out = self.pooled(torch.arange(self.n_rows, device=flat.device))[safe]
+        safe = flat.clamp(min=0) if may_be_negative else flat
+        if self.pools_all(flat.numel()):
+            out = F.embedding(safe, self.pooled_all())
         else:
             out = self.pooled(safe)
-        return (out * known[:, None].to(out.dtype)).view(*rows.shape, -1)
+        if may_be_negative:
+            out = out * (flat >= 0)[:, None].to(out.dtype)
+        return out.view(*rows.shape, -1)
 
 
 class ContextPool(nn.Module):
@@ -194,10 +258,13 @@ class FeaturedEmbedding(nn.Embedding):
     """An nn.Embedding of entity ids (same `weight`, so an ID-only model's parameter names and logits are
     unchanged) that can add the entity's pooled side features and, on the user side, the pooled context:
 
-        out = weight[idx] * keep + features(idx - shift) + context_pool(context)
+        out = (weight * keep)[idx] + features(idx - shift) + context_pool(context)
 
-    keep ~ Bernoulli(1 - id_dropout) per looked-up row in training, 1 in eval; id dropout applies only where a
-    feature table exists (it teaches the model to score from features, which cold entities are left with).
+    keep ~ Bernoulli(1 - id_dropout) per table row (entity) and forward call in training, 1 in eval: every lookup
+    of a dropped entity in that call is scored from its features alone. Per row rather than per lookup so the
+    id and feature tables are summed first and gathered once (one backward pass over the lookups). Id dropout
+    applies only where a feature table exists (it teaches the model to score from features, which cold entities
+    are left with).
     `shift`: how far idx is from the table row (1 for the sequence model's item_idx + 1 ids, 0 = padding)."""
 
     def __init__(self, n: int, dim: int, table: FeatureTable | None = None, id_dropout: float = 0.0,
@@ -211,21 +278,26 @@ class FeaturedEmbedding(nn.Embedding):
         self.features = FeaturePool(table, dim) if table is not None else None
         self.context = ContextPool(n_context_ids, dim) if n_context_ids > 0 else None
 
-    def keep_mask(self, idx: Tensor) -> Tensor | None:
-        """Which id rows survive id dropout (None: all of them)."""
+    def keep_rows(self) -> Tensor | None:
+        """[n] bool: which entities keep their id embedding in this call (None: all of them)."""
         if not self.training or self.id_dropout <= 0.0:
             return None
-        return torch.rand(idx.shape, device=idx.device) >= self.id_dropout
+        return torch.rand(self.num_embeddings, device=self.weight.device) >= self.id_dropout
 
-    def forward(self, idx: Tensor, context: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
-        out = super().forward(idx)
+    def forward(self, idx: Tensor, context: Tensor | None = None, keep_rows: Tensor | None = None) -> Tensor:
+        """[..., dim] of ids idx [...]; `keep_rows` (from keep_rows()) lets a caller drop other id parameters of
+        the same entities together with these (MF's biases)."""
         if self.features is None and self.context is None:
-            return out
-        keep = self.keep_mask(idx) if keep is None else keep
-        if keep is not None:
-            out = out * keep[..., None].to(out.dtype)
-        if self.features is not None:
-            out = out + self.features(idx - self.shift)
+            return super().forward(idx)
+        keep_rows = self.keep_rows() if keep_rows is None else keep_rows
+        weight = self.weight if keep_rows is None else self.weight * keep_rows[:, None].to(self.weight.dtype)
+        if self.features is not None and self.features.pools_all(idx.numel()):
+            pooled = F.pad(self.features.pooled_all(), (0, 0, self.shift, 0))  # rows below shift: no features
+            out = F.embedding(idx, weight + pooled, self.padding_idx)
+        else:
+            out = F.embedding(idx, weight, self.padding_idx)
+            if self.features is not None:
+                out = out + self.features(idx - self.shift, may_be_negative=self.shift > 0)
         if self.context is not None and context is not None:
             out = out + self.context(context)
         return out
@@ -266,7 +338,8 @@ class RecModel(nn.Module):
     """The contract every family implements (see the module docstring). Subclasses set n_users, n_items and
     `history_len` (> 0: the batch must carry the user's last history_len items) and define user_repr,
     _item_repr, _head (the single-task logit) and interaction (the vector multi-task heads read); _score_all has
-    a chunked default that dot-product models replace with one matmul. `_init_tasks` adds the task heads."""
+    a chunked default that dot-product models replace with one matmul. `_init_side` records the side inputs
+    and adds the task heads."""
 
     n_users: int
     n_items: int
@@ -288,9 +361,12 @@ class RecModel(nn.Module):
         """z [..., W]: what the family's own prediction layer reads, for the task heads (broadcasts like head)."""
         raise NotImplementedError
 
-    def _init_tasks(self, tasks: Sequence[str], task_mixture: str, experts: int, width: int) -> None:
-        """Task heads over the interaction vector (of `width` floats) when there is more than one task; a
-        single-task model keeps the family's own head, parameters and logits."""
+    def _init_side(self, side: SideInputs, width: int) -> None:
+        """Record the side inputs (side_args) and add task heads over the interaction vector (of `width` floats)
+        when there is more than one task; a single-task model keeps the family's own head, parameters, logits."""
+        self.n_context_ids, self.id_dropout = side.n_context_ids, side.id_dropout
+        self.has_item_features, self.has_user_features = side.item_features is not None, side.user_features is not None
+        tasks, task_mixture, experts = side.tasks, side.task_mixture, side.experts
         self.tasks = check_tasks(tasks, task_mixture, experts)
         self.task_mixture, self.n_experts = task_mixture, int(experts)
         self.task_heads = TaskHeads(width, self.tasks, task_mixture, experts) if len(self.tasks) > 1 else None
@@ -305,6 +381,13 @@ class RecModel(nn.Module):
     def reads_context(self) -> bool:
         """Whether user_repr reads batch.context (then a user's representation depends on the request)."""
         return any(isinstance(m, ContextPool) for m in self.modules())
+
+    def side_args(self) -> dict[str, Any]:
+        """The JSON-able side-input args of build_model this model was built with (tables excluded: they travel
+        in features/), e.g. for an artifact's config.json."""
+        return {"n_context_ids": int(getattr(self, "n_context_ids", 0)),
+                "id_dropout": float(getattr(self, "id_dropout", 0.0)), "tasks": list(self.tasks),
+                "task_mixture": getattr(self, "task_mixture", "shared"), "experts": int(getattr(self, "n_experts", 4))}
 
     def _task(self, task: str | None) -> str:
         task = self.tasks[0] if task is None else task
@@ -365,7 +448,8 @@ class RecModel(nn.Module):
         return torch.cat(parts) if parts else users.new_zeros((0, items.shape[0]))
 
     def _score_all(self, users: Tensor, items: Tensor) -> Tensor:
-        return self._chunked(users, items, self._head)
+        # Through the public head, so a subclass that overrides head() alone (the earlier contract) still scores.
+        return self._chunked(users, items, self.head)
 
     def score_all(self, users: Tensor, items: Tensor, task: str | None = None) -> Tensor:
         """Logits [B, M] of `task` (None: tasks[0]) of user representations [B, D] against item representations
@@ -519,7 +603,7 @@ class GMF(RecModel):
         init_embedding(self.user_emb)
         init_embedding(self.item_emb)
         init_prediction(self.predict)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors)
+        self._init_side(side, factors)
 
     def user_repr(self, batch: Batch) -> Tensor:
         return self.user_emb(batch.user, batch.context)
@@ -558,14 +642,14 @@ class MF(RecModel):
         init_embedding(self.item_emb)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors + 2)
+        self._init_side(side, factors + 2)
 
     @staticmethod
     def _bias(emb: FeaturedEmbedding, bias: nn.Embedding, idx: Tensor, context: Tensor | None = None
               ) -> tuple[Tensor, Tensor]:
-        keep = emb.keep_mask(idx)
+        keep = emb.keep_rows()  # an entity's id bias is dropped with its id embedding
         b = bias(idx)
-        return emb(idx, context, keep), b if keep is None else b * keep[..., None].to(b.dtype)
+        return emb(idx, context, keep), b if keep is None else b * keep[idx][..., None].to(b.dtype)
 
     def user_repr(self, batch: Batch) -> Tensor:
         emb, bias = self._bias(self.user_emb, self.user_bias, batch.user, batch.context)
@@ -600,7 +684,7 @@ class MLP(RecModel):
         self.pair_width = self.tower.pair_width
         self.factors = 0  # no GMF branch: the whole representation is the tower's
         init_prediction(self.predict)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, self.tower.out_features)
+        self._init_side(side, self.tower.out_features)
 
     def user_repr(self, batch: Batch) -> Tensor:
         return self.tower.user_half(batch.user, batch.context)
@@ -648,7 +732,7 @@ class NeuMF(RecModel):
         init_embedding(self.gmf_user_emb)
         init_embedding(self.gmf_item_emb)
         init_prediction(self.predict)
-        self._init_tasks(side.tasks, side.task_mixture, side.experts, factors + self.tower.out_features)
+        self._init_side(side, factors + self.tower.out_features)
 
     def user_repr(self, batch: Batch) -> Tensor:
         return torch.cat([self.gmf_user_emb(batch.user, batch.context),
@@ -711,9 +795,13 @@ class NeuMF(RecModel):
             raise UserError(f"pretrained GMF factors={gmf.factors} != NeuMF factors={self.factors}")
         if tuple(mlp.layers) != tuple(self.layers):
             raise UserError(f"pretrained MLP layers={list(mlp.layers)} != NeuMF layers={list(self.layers)}")
-        self.gmf_user_emb.weight.copy_(gmf.user_emb.weight)
-        self.gmf_item_emb.weight.copy_(gmf.item_emb.weight)
-        self.tower.load_state_dict(mlp.tower.state_dict())
+        try:  # whole embedding modules: their feature and context pools come along
+            self.gmf_user_emb.load_state_dict(gmf.user_emb.state_dict())
+            self.gmf_item_emb.load_state_dict(gmf.item_emb.state_dict())
+            self.tower.load_state_dict(mlp.tower.state_dict())
+        except RuntimeError as exc:
+            raise UserError("pretrained GMF/MLP were built with other side inputs (features, context) than this "
+                            f"NeuMF: {str(exc).splitlines()[0]}") from exc
         f = self.factors
         self.predict.weight[:, :f].copy_(alpha * gmf.predict.weight)
         self.predict.weight[:, f:].copy_((1.0 - alpha) * mlp.predict.weight)
@@ -782,7 +870,6 @@ class SeqNCF(RecModel):
             raise UserError(f"user feature table has {side.user_features.n_rows} rows but the model has "
                             f"{n_users} users (built from another dataset?)")
         self.user_feat = FeaturePool(side.user_features, factors) if side.user_features is not None else None
-        self.id_dropout = side.id_dropout
         self.context_pool = ContextPool(side.n_context_ids, factors) if side.n_context_ids > 0 else None
         self.blocks = nn.ModuleList(CausalBlock(factors, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(factors)
@@ -806,8 +893,7 @@ class SeqNCF(RecModel):
             self.predict = nn.Linear(factors + tower[-1], 1)
             init_prediction(self.predict)
             self.pair_width = max(tower[1:])
-        self._init_tasks(side.tasks, side.task_mixture, side.experts,
-                         factors if head == "dot" else factors + self.layers[-1])
+        self._init_side(side, factors if head == "dot" else factors + self.layers[-1])
 
     # -- user side
     def states(self, history: Tensor, users: Tensor | None = None) -> Tensor:
@@ -827,8 +913,9 @@ class SeqNCF(RecModel):
         x = self.norm(x)
         if self.user_emb is not None and users is not None:
             known = users >= 0
-            if self.user_feat is not None and self.training and self.id_dropout > 0:
-                known = known & (torch.rand(users.shape, device=users.device) >= self.id_dropout)  # as items
+            if self.user_feat is not None and self.training and self.id_dropout > 0:  # per user, as items
+                keep = torch.rand(self.n_users, device=users.device) >= self.id_dropout
+                known = known & keep[users.clamp(min=0)]
             ids = self.user_emb(users.clamp(min=0)) * known[:, None]
             x = x + ids[:, None, :]
         if self.user_feat is not None and users is not None:

@@ -1,6 +1,6 @@
 """Benchmarks that print each figure beside a baseline measured in the same run, and the ratio.
 
-    ncf-ray bench {prepare,train,eval,serve,gpu,all} [--quick] [--json] [--out bench/results]
+    ncf-ray bench {prepare,train,eval,serve,gpu,features,all} [--quick] [--json] [--out bench/results]
 
 Each bench writes `<out>/<name>.json` atomically and regenerates `<out>/../RESULTS.md` (bench/RESULTS.md by
 default): one Markdown table of every results JSON present, with the command, date and machine of each, plus
@@ -16,7 +16,9 @@ This package holds the runner and the report; each bench is one module with one 
 - eval (eval.py): sampled and full-ranking evaluation vs the popularity baseline scored by the same code;
 - serve (serve.py): HTTP req/s and latency of the Serve app vs a no-op endpoint, bf16 vs fp32 scoring;
 - gpu (gpu.py): `python -m ncf_ray.bench.gpu` in a subprocess (Ray-free); on CUDA a plain fp32 run is the
-  baseline of the fast (bf16, 1M batch) run.
+  baseline of the fast (bf16, 1M batch) run;
+- features (features.py): plain-torch training samples/s of each family with item and user side features vs
+  the ID-only model of the same family, same batch, same process.
 
 The bench modules import the stages; no stage imports them. Nothing here imports Ray or a bench module at import
 time (the runner loads a bench when it runs it), so `ncf_ray.bench.gpu` stays importable on a machine without Ray.
@@ -38,7 +40,7 @@ from typing import Any
 from ncf_ray.atomic import replacing, write_json
 from ncf_ray.errors import UserError
 
-BENCHES = ("prepare", "train", "eval", "serve", "gpu")
+BENCHES = ("prepare", "train", "eval", "serve", "gpu", "features")
 DEFAULT_OUT = "bench/results"
 QUICK_OUT = "bench/quick/results"
 # bench name -> the module whose `measure(quick)` runs it (loaded only when that bench runs).

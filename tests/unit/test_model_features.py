@@ -160,7 +160,7 @@ def test_tables_are_not_weights_and_id_only_state_is_unchanged(name):
     featured = model(name, item_features=item_table(), user_features=user_table(), n_context_ids=6)
     keys = set(featured.state_dict())
     assert set(plain) <= keys  # the id model's parameters keep their names
-    assert not [k for k in keys if k.endswith((".ids", ".inv_count", ".dense"))]  # the tables travel in features/
+    assert keys == set(dict(featured.named_parameters()))  # weights only: the tables travel in features/
 
 
 def test_feature_tables_must_match_the_model():
@@ -193,9 +193,16 @@ def test_pooling_is_a_masked_mean_of_the_real_slots():
     torch.testing.assert_close(got[0], w[1])
     torch.testing.assert_close(got[1], (w[1] + w[2]) / 2)
     assert got[2].abs().sum() == 0 and got[3].abs().sum() == 0  # no features / unknown row: zeros
-    # Gathering from the whole pooled table (many lookups) equals pooling per lookup.
-    many = torch.randint(0, 3, (50,))
-    torch.testing.assert_close(pool(many), torch.stack([pool(i[None])[0] for i in many]))
+    # Many lookups pool the whole table once (a sparse matmul) and gather: same values, same gradients as
+    # pooling per lookup.
+    many = torch.randint(0, 3, (50,), generator=torch.Generator().manual_seed(0))
+    g = torch.randn(50, 4, generator=torch.Generator().manual_seed(1))
+    (pool(many) * g).sum().backward()
+    grad_all, pool.emb.weight.grad = pool.emb.weight.grad.clone(), None
+    per_lookup = torch.stack([pool(i[None])[0] for i in many])
+    (per_lookup * g).sum().backward()
+    torch.testing.assert_close(pool(many), per_lookup)
+    torch.testing.assert_close(grad_all, pool.emb.weight.grad)
 
 
 def _cold_start_problem(n_users: int = 40, n_items: int = 40, seed: int = 0):
@@ -224,3 +231,46 @@ def test_training_with_id_dropout_ranks_cold_items_by_their_features():
         s = m.eval().score_items(user_batch(torch.arange(n_users)), torch.arange(4))  # the cold items only
     likes_odd = s[:, category[:4] == 1].mean(1) > s[:, category[:4] == 0].mean(1)
     assert bool((likes_odd == (torch.arange(n_users) % 2 == 1)).float().mean() >= 0.9)
+
+
+def test_featured_models_copy_reload_and_keep_dense_buffers():
+    import copy
+    import pickle
+
+    side = {"item_features": item_table(), "user_features": user_table(), "n_context_ids": 6}
+    m = model("neumf", **side)
+    users = torch.arange(N_USERS)
+    want = scores(m, users)  # builds the pooling matrices' cache
+    # DDP broadcasts every buffer, and cannot broadcast sparse tensors: the derived matrices are no buffers.
+    assert all(b.layout == torch.strided for b in m.buffers())
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(scores(clone, users), want, rtol=0, atol=0)
+    # The weights alone, loaded into a model built from the same tables, give the same scores.
+    fresh = model("neumf", seed=7, **side)
+    fresh.load_state_dict(m.state_dict())
+    torch.testing.assert_close(scores(fresh, users), want, rtol=1e-6, atol=1e-6)
+
+
+def test_side_args_name_what_the_model_was_built_with():
+    m = model("mlp", item_features=item_table(), n_context_ids=6, id_dropout=0.25, tasks=("click", "purchase"),
+              task_mixture="mmoe", experts=2)
+    assert m.side_args() == {"n_context_ids": 6, "id_dropout": 0.25, "tasks": ["click", "purchase"],
+                             "task_mixture": "mmoe", "experts": 2}
+    again = build_model("mlp", N_USERS, N_ITEMS, factors=8, layers=(16, 8), item_features=item_table(),
+                        **m.side_args())
+    assert set(again.state_dict()) == set(m.state_dict())
+    assert model("gmf").side_args()["tasks"] == ["click"]
+
+
+def test_neumf_pretraining_copies_the_feature_pools():
+    side = {"item_features": item_table(), "user_features": user_table()}
+    gmf, mlp = model("gmf", seed=1, **side), model("mlp", seed=2, **side)
+    torch.manual_seed(0)
+    neumf = build_model("neumf", N_USERS, N_ITEMS, factors=8, layers=(16, 8), **side)
+    neumf.load_pretrained(gmf, mlp, alpha=0.5).eval()
+    users = torch.arange(N_USERS)
+    with torch.no_grad():
+        want = 0.5 * scores(gmf, users) + 0.5 * scores(mlp, users)
+        torch.testing.assert_close(scores(neumf, users), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="other side inputs"):
+        neumf.load_pretrained(model("gmf"), mlp)
