@@ -42,7 +42,7 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path, capsys, monkeypatch):
 def test_pipeline_job_refuses_sizes_it_would_ignore(tmp_path, capsys):
     rc = run_job(_job("pipeline").main, ["--out", str(tmp_path / "o"), "--source", "logs.csv", "--users", "50"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and err == ["error: --users only apply to --source synthetic, not 'logs.csv'"]
+    assert rc == 2 and err == ["error: --users only apply to --source synthetic or synthetic-shop, not 'logs.csv'"]
     assert not (tmp_path / "o").exists()
 
 
