@@ -123,7 +123,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                      max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards,
                      **_shop_flags(args))
     if args.source == "synthetic-shop":
-        synthetic = _shop_spec(args)
+        from ncf_ray.data.sources import shop_spec_from
+
+        synthetic = shop_spec_from(args.users, args.items, args.interactions, seed=args.seed)
     else:
         synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
     if args.local_from and not args.source.startswith("movielens"):
@@ -136,14 +138,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.json:
         _print_json_last(summary)
     return 0
-
-
-def _shop_spec(args: argparse.Namespace) -> Any:
-    """synthetic-shop's ShopSpec from --users/--items/--interactions/--seed (None sizes keep its defaults)."""
-    from ncf_ray.data.shop import ShopSpec
-
-    sizes = {"users": args.users, "items": args.items, "interactions": args.interactions}
-    return ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=args.seed)
 
 
 def _shop_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -692,7 +692,9 @@ def local_out(out: str | os.PathLike) -> Path:
 def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False, local_from: str | None = None,
             synthetic: Any = None) -> dict[str, Any]:
     """Run the whole stage; returns the summary (meta.json fields + out, density, rows_read, rows_per_s,
-    timings). `synthetic` is a SyntheticSpec for source 'synthetic'; `local_from` the MovieLens --from path."""
+    timings). `synthetic` is a SyntheticSpec for source 'synthetic' (a shop.ShopSpec for 'synthetic-shop');
+    `local_from` the MovieLens --from path. synthetic-shop needs no other flags: its event column, funnel,
+    device context and side tables come with it (sources.shop_defaults)."""
     from ncf_ray.data.sources import SHOP_SOURCE, NcfSource, open_source, shop_defaults
 
     t0 = time.perf_counter()

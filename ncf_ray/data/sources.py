@@ -784,6 +784,16 @@ def shop_defaults(cfg: DataConfig) -> DataConfig:
                    time_context=True if cfg.time_context is None else cfg.time_context)
 
 
+def shop_spec_from(users: int | None = None, items: int | None = None, interactions: int | None = None,
+                   seed: int = 0) -> Any:
+    """synthetic-shop's ShopSpec from the --users/--items/--interactions/--seed flags (None keeps its defaults);
+    `ncf-ray prepare synthetic-shop` and the pipeline build it here."""
+    from ncf_ray.data.shop import ShopSpec
+
+    sizes = {"users": users, "items": items, "interactions": interactions}
+    return ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=seed)
+
+
 def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
     """`synthetic-shop`: generate the shop (ShopSpec; default ML-1M-sized, seeded by --seed) in the driver, its
     log as a Ray Dataset of normalised rows, its catalogue and user profiles as side tables (titles as text)."""
