@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -281,32 +281,37 @@ def _task_errors_as_user_errors() -> Iterator[None]:
 
 def collect(ds: Any) -> RawLog:
     """Drain a normalised dataset (streaming, block by block) into arrays of its good rows."""
+    with _task_errors_as_user_errors():
+        return collect_batches(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def collect_batches(batches: Iterable[pa.Table]) -> RawLog:
+    """Normalised batches (sources.normalise_batch's layout) -> arrays of their good rows, bad ones counted."""
     from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL
 
     users, items, times, events = [], [], [], []
     context: dict[str, list[pa.Array]] = {}
     log = RawLog(None, None, np.empty(0, np.int64))
-    with _task_errors_as_user_errors():
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            status = batch.column(STATUS_COL).to_numpy()
-            log.rows += status.size
-            n_bad = int((status == BAD).sum())
-            if n_bad:
-                log.bad += n_bad
-                if log.example is None:
-                    errs = batch.column(ERR_COL).drop_null()
-                    log.example = errs[0].as_py() if len(errs) else None
-            log.below_min += int((status == BELOW_MIN).sum())
-            if n_bad or (status != OK).any():
-                batch = batch.filter(pa.array(status == OK))
-            users.append(batch.column(S.USER_COL).combine_chunks())
-            items.append(batch.column(S.ITEM_COL).combine_chunks())
-            times.append(batch.column(S.TIME_COL).to_numpy())
-            if S.EVENT_COL in batch.column_names:
-                events.append(batch.column(S.EVENT_COL).to_numpy())
-            for name in batch.column_names:
-                if name.startswith(S.CONTEXT_PREFIX):
-                    context.setdefault(name[len(S.CONTEXT_PREFIX):], []).append(batch.column(name).combine_chunks())
+    for batch in batches:
+        status = batch.column(STATUS_COL).to_numpy()
+        log.rows += status.size
+        n_bad = int((status == BAD).sum())
+        if n_bad:
+            log.bad += n_bad
+            if log.example is None:
+                errs = batch.column(ERR_COL).drop_null()
+                log.example = errs[0].as_py() if len(errs) else None
+        log.below_min += int((status == BELOW_MIN).sum())
+        if n_bad or (status != OK).any():
+            batch = batch.filter(pa.array(status == OK))
+        users.append(batch.column(S.USER_COL).combine_chunks())
+        items.append(batch.column(S.ITEM_COL).combine_chunks())
+        times.append(batch.column(S.TIME_COL).to_numpy())
+        if S.EVENT_COL in batch.column_names:
+            events.append(batch.column(S.EVENT_COL).to_numpy())
+        for name in batch.column_names:
+            if name.startswith(S.CONTEXT_PREFIX):
+                context.setdefault(name[len(S.CONTEXT_PREFIX):], []).append(batch.column(name).combine_chunks())
     log.users, log.items = _ids_to_array(users), _ids_to_array(items)
     log.times = np.concatenate(times) if times else np.empty(0, np.int64)
     log.events = np.concatenate(events).astype(np.int8) if events else None

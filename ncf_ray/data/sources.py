@@ -799,15 +799,20 @@ def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
     log as a Ray Dataset of normalised rows, its catalogue and user profiles as side tables (titles as text)."""
     import ray.data
 
-    from ncf_ray.data.features import SideOptions
     from ncf_ray.data.shop import ShopSpec, generate_shop
 
     data = generate_shop(spec or ShopSpec(seed=cfg.seed))
     columns = ColumnSpec(**shop_spec(cfg))
     log = ray.data.from_arrow(data.log)
-    tables = {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=SHOP_TEXT_COLS)),
-              "users": (data.users, SideOptions(id_col=USER_COL))}
-    return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=tables)
+    return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=shop_side_tables(data))
+
+
+def shop_side_tables(data: Any) -> dict[str, tuple[Any, Any]]:
+    """A ShopData's catalogue (category, brand, price, title as text) and user profiles, as side tables."""
+    from ncf_ray.data.features import SideOptions
+
+    return {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=SHOP_TEXT_COLS)),
+            "users": (data.users, SideOptions(id_col=USER_COL))}
 
 
 # --------------------------------------------------------------------------------------------- entry point

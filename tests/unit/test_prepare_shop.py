@@ -287,3 +287,35 @@ def test_a_bad_side_table_is_one_user_error_line_naming_the_column(tmp_path: Pat
         with pytest.raises(UserError) as err:
             _with_tables(tmp_path, _shop_log(), **cfg_kw)
     assert "\n" not in str(err.value) and named in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ synthetic-shop
+def test_synthetic_shop_needs_no_flags_events_device_and_both_side_tables(tmp_path: Path):
+    """What `ncf-ray prepare synthetic-shop` does, minus Ray: its defaults, the normalised log, both tables;
+    the items released late are cold in train and held out in test."""
+    from ncf_ray.data.features import write_features
+    from ncf_ray.data.prepare import collect_batches, encode_side_tables, read_side_tables, table_ids
+    from ncf_ray.data.shop import ShopSpec, generate_shop
+    from ncf_ray.data.sources import SHOP_SOURCE, shop_defaults, shop_side_tables, shop_spec
+
+    cfg = shop_defaults(DataConfig(source=SHOP_SOURCE, eval_negatives=9))
+    assert (cfg.event_col, cfg.context_cols, cfg.with_time_context) == ("event", ("device",), True)
+    data = generate_shop(ShopSpec(users=300, items=200, interactions=15_000, seed=3))
+    log = collect_batches([normalise_batch(data.log, ColumnSpec(**shop_spec(cfg)))])
+    assert log.bad == 0 and log.events is not None and set(log.context) == {"device"}
+    tables = read_side_tables(cfg, shop_side_tables(data))
+    b = build_loo(log, cfg, table_ids(tables, "items"))
+    enc = encode_side_tables(tables, b)
+    assert b.item_ids.size == 200  # every catalogue item is in the vocab
+    assert {c["kind"] for c in enc["items"].spec["columns"]} >= {"categorical", "bucket", "text"}
+    d = tmp_path / "shop"
+    d.mkdir()
+    write_dataset(b, d, shards=2)
+    write_features(d, enc.get("items"), enc.get("users"))
+    (d / S.META_FILE).write_text(json.dumps(meta_of(cfg, b, SHOP_SOURCE, 0.0)))
+    ds = load_dataset(d)
+    assert set(ds.features) == {"items", "users"} and ds.features["items"].ids.shape[0] == ds.n_items
+    assert [c["name"] for c in ds.meta["context"]["columns"]] == ["hour", "dow", "device"]
+    cold = np.flatnonzero(ds.item_counts == 0)
+    assert np.isin(data.cold_items.astype(str), ds.item_ids[cold]).mean() > 0.5
+    assert np.isin(ds.test_items, cold).sum() > 0  # some users' held-out event is a new item
