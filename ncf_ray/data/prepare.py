@@ -6,8 +6,19 @@ keeping the latest, drop users below --min-user-interactions, map raw ids to con
 numerically, strings lexicographically), split leave-one-out by time, draw fixed eval negatives, and write the
 dataset dir of the contract (ARCHITECTURE.md) into a temp dir next to `out`, renamed into place at the end.
 
-The pure steps (`encode_ids`, `dedup_latest`, `split_leave_one_out`, `sample_eval_negatives`) take numpy arrays
-and never touch Ray, so unit tests run them directly.
+Shop logs (issue 14; all optional, without them the dataset is exactly the ID-only one):
+- events (`--event-col`, `--events` in funnel order): dedup keeps the strongest event per (user, item) — or per
+  (user, item, `--dedup-window`) — at its latest time, or every row (`--keep-all-events`); train/valid/test carry
+  column `event` (index into meta["events"]); meta counts each type and names the purchase event;
+- context: hour of day and day of week (UTC) from the timestamps, plus `--context-cols` as categorical (vocab from
+  train rows, anything else 0 = unknown), written as `ctx_<name>` global ids with their spec in meta["context"];
+- side tables (`--item-features`, `--user-features`, or those synthetic-shop / MovieLens bring): read before the
+  log, encoded against the built vocab by data/features.py into `features/`; items of the item table without
+  interactions join the item vocab as cold items (users of the user table do not).
+
+The pure steps (`encode_ids`, `dedup_latest`, `dedup_events`, `split_rows`, `encode_context`,
+`sample_eval_negatives`, `collect_batches`) take numpy/Arrow arrays and never touch Ray, so unit tests run them
+directly.
 """
 
 from __future__ import annotations

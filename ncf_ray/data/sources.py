@@ -1,8 +1,13 @@
 """Resolve `ncf-ray prepare SOURCE` into Ray Datasets of normalised interaction rows.
 
 SOURCE is a file, directory or glob of CSV/TSV/TXT(--sep)/Parquet/JSONL (optionally .gz), local or any pyarrow
-filesystem URI (s3://, gs://, file://), or a named source: `synthetic`, `ncf:PATH_PREFIX` (the NCF paper's files),
-`movielens-100k|1m|20m` (GroupLens download with checksum into ~/.cache/ncf_ray, or `--from LOCAL_ZIP_OR_DIR`).
+filesystem URI (s3://, gs://, file://), or a named source: `synthetic`, `synthetic-shop` (events, device context,
+item and user side tables: data/shop.py), `ncf:PATH_PREFIX` (the NCF paper's files), `movielens-100k|1m|20m`
+(GroupLens download with checksum into ~/.cache/ncf_ray, or `--from LOCAL_ZIP_OR_DIR`; its movie/user files come
+along as side tables unless --no-side-tables).
+
+A log's event column (`--event-col`) becomes `event`, the index of its value in `--events` (a value outside them
+is a bad row, named in `_err`); each `--context-cols` column passes through as text in `ctx_<name>`.
 
 Files are read one Ray task per file (`ray.data.from_items(paths).map_batches(read_file)`), streaming, and every
 batch goes through `normalise_batch`: columns are mapped to user_id/item_id/timestamp, timestamps become int
@@ -152,11 +157,11 @@ def _strip_quotes(arr: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(arr, pattern=r'^"(.*)"$', replacement=r"\1")
 
 
-def _describe(col: str, raw: pa.Array, bad: np.ndarray) -> pa.Array:
-    """`col='value'` for bad rows, null elsewhere (only built when something is bad)."""
+def _describe(col: str, raw: pa.Array, bad: np.ndarray, why: str = "") -> pa.Array:
+    """`col='value'` (then `why`) for bad rows, null elsewhere (only built when something is bad)."""
     text = pc.cast(raw, pa.string()) if not pa.types.is_string(raw.type) else raw
     text = pc.fill_null(text, "<missing>")
-    shown = pc.binary_join_element_wise(f"{col}='", text, "'", "")
+    shown = pc.binary_join_element_wise(f"{col}='", text, "'" + why, "")
     return pc.if_else(pa.array(bad), shown, pa.scalar(None, pa.string()))
 
 
@@ -307,9 +312,12 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] 
     if bad.any():
         # Name the first offending field of each bad row, most specific first.
         for col, mask in ((spec.time_col, bad_t), (spec.item_col, bad_i), (spec.user_col, bad_u),
-                          (spec.rating_col, bad_r), (spec.event_col, bad_e)):
+                          (spec.rating_col, bad_r)):
             if col and mask.any():
                 err = pc.coalesce(err, _describe(col, raw[col], mask))
+        if spec.event_col and bad_e.any():
+            why = f" (not one of --events {','.join(spec.events)})"
+            err = pc.coalesce(err, _describe(spec.event_col, raw[spec.event_col], bad_e, why))
     out = pa.table({
         USER_COL: user,
         ITEM_COL: item,

@@ -164,7 +164,7 @@ def test_normalise_maps_events_and_counts_unknown_values_as_bad():
     out = normalise_batch(batch, spec)
     assert out.column(S.EVENT_COL).to_pylist()[:2] == [VIEW, PURCHASE]
     assert out.column("_status").to_pylist() == [OK, OK, BAD, BAD]
-    assert out.column("_err").to_pylist()[2] == "type='click'"
+    assert out.column("_err").to_pylist()[2] == "type='click' (not one of --events view,cart,purchase)"
     assert out.column(S.CONTEXT_PREFIX + "device").to_pylist() == ["mobile", "", "desktop", "tv"]
 
 
