@@ -685,6 +685,11 @@ def _check_cfg(cfg: DataConfig) -> None:
                                          ("--user-features", cfg.user_features)) if given]
         if shop:
             raise UserError(f"{shop[0]} does not apply to ncf: sources (the paper's files are kept as given)")
+    named = cfg.source == "synthetic" or cfg.source.startswith("movielens")
+    if named and (cfg.event_col or cfg.context_cols):
+        flag = "--event-col" if cfg.event_col else "--context-cols"
+        raise UserError(f"{flag} does not apply to source {cfg.source!r}: its log has no such columns "
+                        f"(synthetic-shop and files do)")
     clash = {HOUR, DOW} & set(cfg.context_cols) if cfg.with_time_context else set()
     if clash:
         raise UserError(f"--context-cols {sorted(clash)[0]!r} clashes with the time context's own column of that "

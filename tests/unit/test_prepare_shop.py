@@ -319,3 +319,14 @@ def test_synthetic_shop_needs_no_flags_events_device_and_both_side_tables(tmp_pa
     cold = np.flatnonzero(ds.item_counts == 0)
     assert np.isin(data.cold_items.astype(str), ds.item_ids[cold]).mean() > 0.5
     assert np.isin(ds.test_items, cold).sum() > 0  # some users' held-out event is a new item
+
+
+def test_shop_flags_on_sources_without_such_columns_are_refused():
+    from ncf_ray.data.prepare import _check_cfg
+
+    with pytest.raises(UserError, match="--event-col does not apply to source 'movielens-1m'"):
+        _check_cfg(DataConfig(source="movielens-1m", event_col="event"))
+    with pytest.raises(UserError, match="--item-features does not apply to ncf: sources"):
+        _check_cfg(DataConfig(source="ncf:x", item_features="items.csv"))
+    with pytest.raises(UserError, match="--context-cols 'hour' clashes"):
+        _check_cfg(DataConfig(source="log.csv", context_cols=("hour",)))
