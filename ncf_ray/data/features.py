@@ -49,7 +49,7 @@ KINDS = (CATEGORICAL, BUCKET, BAG, TEXT, VECTOR)
 TABLES = ("items", "users")
 # Text values that mean "no value" in a numeric column (a price of "N/A" is missing, not a category).
 MISSING_WORDS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-"})
-WORD_RE = re.compile(r"[^\W_]+")  # letters and digits of any script; '_' and punctuation split words
+WORD_SPLIT = r"[^\pL\pN\pM]+"  # RE2: words are runs of letters, digits and marks of any script
 VECTOR_SPLIT_RE = re.compile(r"[,;\s|]+")
 SOURCE_KEY = b"ncf_ray.source"  # schema metadata read_side_table sets: the file name, for messages and the spec
 BAD_ROWS_KEY = b"ncf_ray.bad_rows"  # delimited rows with the wrong field count, skipped by read_side_table
@@ -292,6 +292,12 @@ def _as_text(arr: pa.Array) -> pa.Array:
     return pa.array([_scalar_text(v) for v in arr.to_pylist()], pa.string())
 
 
+def _missing_words(text: pa.Array) -> np.ndarray:
+    """Mask of text values that mean "no value" in a numeric column (null, '', 'NA', 'n/a', ...)."""
+    words = pc.is_in(pc.utf8_lower(text), value_set=pa.array(sorted(MISSING_WORDS), pa.string()))
+    return np.asarray(pc.fill_null(pc.or_kleene(words, text.is_null()), True).to_numpy(zero_copy_only=False), bool)
+
+
 def _as_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values float64 with NaN where missing or unparseable, mask of values present but not numbers)."""
     import pandas as pd
@@ -300,31 +306,73 @@ def _as_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if _is_number(arr.type) or pa.types.is_boolean(arr.type):
         vals = pc.cast(arr, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
         return np.where(np.isfinite(vals), vals, np.nan), np.zeros(len(arr), bool)
-    text = pd.Series(_as_text(arr).to_pylist(), dtype=object)
-    missing = np.asarray([v is None or v.lower() in MISSING_WORDS for v in text])
+    text = _as_text(arr)
+    missing = _missing_words(text)
+    text = pd.Series(text.to_pylist(), dtype=object)
     vals = np.asarray(pd.to_numeric(text.where(~missing, None), errors="coerce"), dtype=np.float64)
     vals = np.where(np.isfinite(vals), vals, np.nan)
     return vals, ~missing & np.isnan(vals)
 
 
-def _bag_values(arr: pa.Array, sep: str) -> list[list[str]]:
-    """Each row's distinct values in order: an Arrow list's elements, or text split on `sep`."""
+def _flat(arr: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(row of each value, the values as text) of a column: an Arrow list's elements, or one value per row."""
     arr = _plain(arr)
     if _is_list(arr.type):
-        rows = [[t for t in (_scalar_text(v) for v in (row or ())) if t] for row in arr.to_pylist()]
-    else:
-        rows = [[p.strip() for p in v.split(sep) if p.strip()] if v else [] for v in _as_text(arr).to_pylist()]
-    return [list(dict.fromkeys(r)) for r in rows]
+        rows = np.asarray(pc.list_parent_indices(arr).to_numpy(zero_copy_only=False), np.int64)
+        return rows, _as_text(pc.list_flatten(arr))
+    return np.arange(len(arr), dtype=np.int64), _as_text(arr)
 
 
-def _text_tokens(arr: pa.Array, hash_buckets: int) -> list[list[int]]:
-    """Each row's distinct hashed words in order (crc32 is stable across processes, unlike hash())."""
-    texts = _bag_values(arr, "\0") if _is_list(_plain(arr).type) else [[v] if v else [] for v in
-                                                                      _as_text(arr).to_pylist()]
-    out = []
-    for parts in texts:
-        words = WORD_RE.findall(" ".join(parts).lower())
-        out.append(list(dict.fromkeys(zlib.crc32(w.encode("utf-8")) % hash_buckets for w in words)))
+def _split_flat(rows: np.ndarray, text: pa.Array, pattern: str, regex: bool) -> tuple[np.ndarray, pa.Array]:
+    """Each text split on `pattern` (literal or RE2 regex): (row of each part, the trimmed non-empty parts)."""
+    parts = (pc.split_pattern_regex if regex else pc.split_pattern)(text.fill_null(""), pattern=pattern)
+    rows = rows[np.asarray(pc.list_parent_indices(parts).to_numpy(zero_copy_only=False), np.int64)]
+    flat = pc.utf8_trim_whitespace(pc.list_flatten(parts))
+    keep = np.asarray(pc.not_equal(flat, "").to_numpy(zero_copy_only=False), bool)
+    return rows[keep], flat.filter(pa.array(keep))
+
+
+def _bag_flat(arr: pa.Array, sep: str) -> tuple[np.ndarray, pa.Array]:
+    """A bag column as (row, value) pairs in row order: list elements, or text split on `sep`."""
+    rows, text = _flat(arr)
+    if _is_list(_plain(arr).type):
+        keep = np.asarray(text.is_valid().to_numpy(zero_copy_only=False), bool)
+        return rows[keep], text.filter(pa.array(keep))
+    return _split_flat(rows, text, sep, regex=False)
+
+
+def _text_flat(arr: pa.Array, hash_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """A text column as (row, hashed word) pairs in row order: lowercased, split on anything but letters, digits
+    and marks; each distinct word hashed once with crc32 (stable across processes, unlike hash())."""
+    rows, text = _flat(arr)
+    rows, words = _split_flat(rows, pc.utf8_lower(text), WORD_SPLIT, regex=True)
+    uniq = pc.unique(words)
+    hashes = np.asarray([zlib.crc32(w.encode("utf-8")) % hash_buckets for w in uniq.to_pylist()], np.int64)
+    where = np.asarray(pc.index_in(words, value_set=uniq).to_numpy(zero_copy_only=False), np.int64)
+    return rows, hashes[where] if where.size else np.empty(0, np.int64)
+
+
+def _first_per_row(rows: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, code) pairs (rows ascending) without repeats within a row, first occurrence kept, order kept."""
+    if rows.size == 0:
+        return rows, codes
+    key = rows * (int(codes.max()) - int(codes.min()) + 1) + (codes - codes.min())
+    _, first = np.unique(key, return_index=True)
+    keep = np.sort(first)
+    return rows[keep], codes[keep]
+
+
+def _per_row(rows: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(rows, minlength=n) if rows.size else np.zeros(n, np.int64)
+
+
+def _scatter(rows: np.ndarray, ids: np.ndarray, n: int, width: int, reserved: int) -> np.ndarray:
+    """[n, width] ids: each row's ids in order, cut at `width`, then 0 (padding); a row without any: reserved."""
+    out = np.zeros((n, width), np.int64)
+    out[:, 0] = reserved
+    pos = np.arange(rows.size) - np.searchsorted(rows, rows, side="left")  # index within its row
+    keep = pos < width
+    out[rows[keep], pos[keep]] = ids[keep]
     return out
 
 
@@ -391,8 +439,7 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
         return BAG
     if len(text):
         _, unparsed = _as_float(text)
-        present = np.asarray([v.lower() not in MISSING_WORDS for v in text.to_pylist()])
-        if present.any() and not unparsed.any():
+        if not _missing_words(text).all() and not unparsed.any():
             return BUCKET
     return CATEGORICAL
 
@@ -420,14 +467,15 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         edges = [float(e) for e in np.unique(qs)]
         col.update(edges=edges, size=1 + len(edges) + 1, width=1, unparsed=int(unparsed.sum()))
     elif kind == BAG:
-        rows = _bag_values(arr, options.bag_sep)
-        vocab = sorted({v for r in rows for v in r})
-        longest = max(len(r) for r in rows)
-        col.update(vocab=vocab, sep=options.bag_sep, size=1 + len(vocab),
-                   width=max(1, min(options.max_bag, longest)), truncated=sum(len(r) > options.max_bag for r in rows))
+        rows, values = _bag_flat(arr, options.bag_sep)
+        uniq = pc.unique(values)
+        rows, _ = _first_per_row(rows, np.asarray(pc.index_in(values, value_set=uniq).to_numpy(), np.int64))
+        counts = _per_row(rows, len(arr))
+        col.update(vocab=sorted(uniq.to_pylist()), sep=options.bag_sep, size=1 + len(uniq),
+                   width=max(1, min(options.max_bag, int(counts.max()))),
+                   truncated=int((counts > options.max_bag).sum()))
     elif kind == TEXT:
-        tokens = _text_tokens(arr, options.hash_buckets)
-        longest = max(len(r) for r in tokens)
+        longest = int(_per_row(_first_per_row(*_text_flat(arr, options.hash_buckets))[0], len(arr)).max())
         if longest == 0:
             raise UserError(f"{where}: text column {name!r} has no words (e.g. {sample!r})")
         col.update(hash_buckets=options.hash_buckets, max_tokens=options.max_tokens, size=1 + options.hash_buckets,
@@ -483,15 +531,14 @@ def _encode_column(col: dict[str, Any], arr: pa.Array, strict: bool = False) -> 
             raise UserError(f"feature {col['name']!r} wants a number, got {_sample(arr)!r}")
         code = np.searchsorted(np.asarray(col["edges"], np.float64), np.nan_to_num(vals), side="right")
         out[:, 0] = np.where(np.isnan(vals), offset, offset + 1 + code)
-    elif kind in (BAG, TEXT):
-        if kind == BAG:
-            index = {v: k for k, v in enumerate(col["vocab"])}
-            rows = [[index.get(v, -1) for v in r] for r in _bag_values(arr, col["sep"])]
-        else:
-            rows = _text_tokens(arr, col["hash_buckets"])
-        for k, r in enumerate(rows):
-            ids = list(dict.fromkeys(offset + 1 + c if c >= 0 else offset for c in r))[:width] or [offset]
-            out[k, :len(ids)] = ids
+    elif kind == BAG:
+        rows, values = _bag_flat(arr, col["sep"])
+        codes = pc.index_in(values, value_set=pa.array(col["vocab"], pa.string())).fill_null(-1)
+        ids = offset + 1 + np.asarray(codes.to_numpy(zero_copy_only=False), np.int64)  # unseen -> offset
+        out = _scatter(*_first_per_row(rows, ids), n, width, offset)
+    elif kind == TEXT:
+        rows, hashes = _text_flat(arr, col["hash_buckets"])
+        out = _scatter(*_first_per_row(rows, offset + 1 + hashes), n, width, offset)
     else:
         raise ValueError(f"column {col['name']!r} of kind {kind!r} has no ids")
     return out
@@ -612,10 +659,14 @@ def _value_array(value: Any, kind: str) -> pa.Array:
     return pa.array([value])
 
 
-def encode_row_values(spec: dict[str, Any], raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+def encode_row_values(spec: dict[str, Any] | list[dict[str, Any]], raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """Ids int32 [S] (and dense float32 [V], or None) of one new entity from its raw values {column: value}, as
     encode_side_table would have encoded its row: unseen or absent values -> reserved ids. A column name that is
-    not in the spec, a number column given text, or a vector of the wrong length -> UserError naming it."""
+    not in the spec, a number column given text, or a vector of the wrong length -> UserError naming it.
+    `spec` may also be just its "columns" list (contract §3 names it so)."""
+    if isinstance(spec, list):
+        spec = {"columns": spec, "slots": max((c["slots"][1] for c in spec if "slots" in c), default=0),
+                "dense_dim": max((c["dims"][1] for c in spec if "dims" in c), default=0)}
     by_name = {c["name"]: c for c in spec["columns"]}
     unknown = [k for k in raw if k not in by_name and k != spec.get("id_col")]
     if unknown:
