@@ -784,7 +784,7 @@ def describe(spec: dict[str, Any]) -> list[str]:
             what = f"words hashed into {col['hash_buckets']}, up to {col['slots'][1] - col['slots'][0]} per row"
         else:
             what = f"{col['dim']} dims (learned projection)"
-        missing = f", {col['missing']} rows missing" if col.get("missing") else ""
+        missing = f", missing on {col['missing']} rows" if col.get("missing") else ""
         lines.append(f"{col['name']}: {kind}, {what}{missing}")
     return lines
 

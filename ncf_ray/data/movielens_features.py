@@ -54,14 +54,16 @@ FILES = {
 
 
 def _member(directory: Path, name: str) -> bytes | None:
-    """The bytes of file `name` in a folder (the shallowest copy), a zip archive, or beside a file; or None."""
+    """The bytes of file `name` under a folder (the shallowest copy), in a zip archive, or beside a file; or None."""
     if directory.is_file() and zipfile.is_zipfile(directory):
         with zipfile.ZipFile(directory) as zf:
             found = sorted((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == name), key=lambda n: n.count("/"))
             return zf.read(found[0]) if found else None
-    folder = directory if directory.is_dir() else directory.parent
-    found = sorted(folder.rglob(name), key=lambda p: (len(p.parts), str(p)))
-    return found[0].read_bytes() if found else None
+    if directory.is_dir():
+        found = sorted(directory.rglob(name), key=lambda p: (len(p.parts), str(p)))
+        return found[0].read_bytes() if found else None
+    beside = directory.parent / name  # the ratings file itself: only its own folder, never a walk above it
+    return beside.read_bytes() if beside.is_file() else None
 
 
 def _lines(data: bytes, encoding: str, sep: str, names: tuple[str, ...], source: str) -> tuple[pa.Table, int]:

@@ -311,7 +311,7 @@ def test_side_ids_are_written_as_the_log_writes_its_ids(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["items.csv", "items.tsv", "items.dat", "items.parquet", "items.jsonl",
-                                  "items.csv.gz"])
+                                  "items.json", "items.csv.gz"])
 def test_every_format_prepare_reads_gives_the_same_encoding(tmp_path, name):
     rows = [{"item_id": "1", "category": "a", "price": "1.5"}, {"item_id": "2", "category": "b", "price": "3"}]
     f = tmp_path / name
@@ -319,6 +319,8 @@ def test_every_format_prepare_reads_gives_the_same_encoding(tmp_path, name):
         pq.write_table(pa.Table.from_pylist(rows), f)
     elif name.endswith(".jsonl"):
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".json"):
+        f.write_text(json.dumps(rows, indent=1))  # one array of objects
     else:
         sep = {"items.tsv": "\t", "items.dat": "::"}.get(name, ",")
         text = sep.join(rows[0]) + "\n" + "".join(sep.join(r.values()) + "\n" for r in rows)
@@ -371,6 +373,14 @@ def test_unreadable_files_and_unknown_features_are_user_errors(tmp_path):
     with pytest.raises(UserError) as exc:
         read_side_table(tmp_path / "missing.csv", "item_id", "items")
     _one_line_naming(exc, "missing.csv")
+    (tmp_path / "items.xlsx").write_bytes(b"PK")
+    with pytest.raises(UserError) as exc:
+        read_side_table(tmp_path / "items.xlsx", "item_id", "items")
+    _one_line_naming(exc, "items.xlsx", "unknown format")
+    (tmp_path / "cut.jsonl").write_text('{"item_id": 1, "c": "x"}\n{"item_id": 2, "c"')
+    with pytest.raises(UserError) as exc:
+        read_side_table(tmp_path / "cut.jsonl", "item_id", "items")
+    _one_line_naming(exc, "cut.jsonl")
     (tmp_path / "empty.csv").write_text("item_id,c\n")
     with pytest.raises(UserError) as exc:
         read_side_table(tmp_path / "empty.csv", "item_id", "items")
@@ -431,6 +441,20 @@ def test_movielens_100k_items_and_users_from_a_zip(tmp_path):
     assert users["occupation"].to_pylist() == ["technician", "other"] and users["zip3"].to_pylist()[1] == "T8H"
     uenc = encode_side_table(users, uopts, np.array(["1", "2"]), np.ones(2, bool), "users")
     assert _col(uenc, "age")["kind"] == BUCKET
+
+
+def test_movielens_20m_movies_csv(tmp_path):
+    (tmp_path / "movies.csv").write_text('movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n'
+                                         '2,Untitled,(no genres listed)\n')
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    items, users, iopts, _ = movielens_side_tables("movielens-20m", tmp_path / "ratings.csv")
+    assert users is None
+    assert items["title"].to_pylist() == ["American President, The", "Untitled"]
+    assert items["year"].to_pylist() == [1995, None]
+    enc = encode_side_table(items, iopts, np.array(["1", "2"]), np.ones(2, bool), "items")
+    assert _col(enc, "genres")["vocab"] == ["Comedy", "Drama"]
+    assert _slots(enc, "genres", 1)[0] == _col(enc, "genres")["offset"]  # no genre -> reserved
+    assert _slots(enc, "year", 1) == [_col(enc, "year")["offset"]]
 
 
 def test_movielens_absent_files_give_none(tmp_path):
