@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import zlib
 from collections.abc import Sequence
@@ -50,7 +49,7 @@ TABLES = ("items", "users")
 # Text values that mean "no value" in a numeric column (a price of "N/A" is missing, not a category).
 MISSING_WORDS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-"})
 WORD_SPLIT = r"[^\pL\pN\pM]+"  # RE2: words are runs of letters, digits and marks of any script
-VECTOR_SPLIT_RE = re.compile(r"[,;\s|]+")
+VECTOR_SPLIT = r"[,;\s|]+"  # RE2: what separates the numbers of a vector written as text
 SOURCE_KEY = b"ncf_ray.source"  # schema metadata read_side_table sets: the file name, for messages and the spec
 BAD_ROWS_KEY = b"ncf_ray.bad_rows"  # delimited rows with the wrong field count, skipped by read_side_table
 
@@ -376,41 +375,57 @@ def _scatter(rows: np.ndarray, ids: np.ndarray, n: int, width: int, reserved: in
     return out
 
 
-def _vector_rows(arr: pa.Array, name: str, row_ids: Sequence[str], where: str) -> list[list[float] | None]:
-    """Each row's vector (None when missing): an Arrow list of numbers, or text like '0.1 0.2' / '[0.1, 0.2]'."""
+def _vectors(arr: pa.Array, name: str, row_ids: Sequence[str], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(length of each row's vector, 0 when missing; all the numbers, row after row, float64) of a vector
+    column: Arrow lists of numbers, or text like '0.1 0.2' / '[0.1, 0.2, 0.3]' (split on , ; | and spaces).
+    A value that is not numbers, or holds NaN/inf -> UserError naming the column and the row's id."""
     arr = _plain(arr)
     if _is_list(arr.type):
-        originals = rows = arr.to_pylist()
+        lengths = pc.list_value_length(arr).fill_null(0)
+        flat = pc.list_flatten(arr)
     elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type):
-        originals, rows = arr.to_pylist(), []
-        for text in originals:
-            text = (text or "").strip().strip("[]()").strip()
-            rows.append(VECTOR_SPLIT_RE.split(text) if text else None)
+        text = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()).fill_null(""))
+        text = pc.utf8_trim_whitespace(pc.replace_substring_regex(text, pattern=r"^[\[(]|[\])]$", replacement=""))
+        parts = pc.split_pattern_regex(text, pattern=VECTOR_SPLIT)
+        lengths = pc.if_else(pc.equal(text, ""), 0, pc.list_value_length(parts))
+        flat = pc.list_flatten(parts.filter(pc.not_equal(text, "")))
     else:
         raise UserError(f"{where}: column {name!r} is a vector column but holds {arr.type} values, e.g. "
                         f"{_sample(arr)!r}; expected lists of numbers or text like '0.1 0.2 0.3'")
-    out: list[list[float] | None] = []
-    for k, row in enumerate(rows):
-        if row is None or len(row) == 0:
-            out.append(None)
-            continue
+    lengths = np.asarray(lengths.to_numpy(zero_copy_only=False), np.int64)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    try:
+        if flat.null_count:
+            raise pa.ArrowInvalid("a null element")
+        values = np.asarray(pc.cast(flat, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        bad = _first_unparseable(flat)
+        raise UserError(f"{where}: column {name!r}, id {row_ids[rows[bad]]!r}: "
+                        f"{_short(_plain(arr)[int(rows[bad])].as_py())!r} is not a vector of numbers") from None
+    if values.size and not np.isfinite(values).all():
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise UserError(f"{where}: column {name!r}, id {row_ids[rows[bad]]!r}: the vector holds NaN or inf")
+    return lengths, values
+
+
+def _first_unparseable(flat: pa.Array) -> int:
+    """Index of the first element of `flat` that is null or not a number (only called to name it)."""
+    for k, v in enumerate(flat.to_pylist()):
         try:
-            vec = [float(v) for v in row]
+            float(v)
         except (TypeError, ValueError):
-            raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: {_short(originals[k])!r} is not a "
-                            f"vector of numbers") from None
-        if not all(math.isfinite(v) for v in vec):
-            raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: the vector holds NaN or inf")
-        out.append(vec)
-    return out
+            return k
+    return 0
 
 
 def _sample(arr: pa.Array) -> Any:
-    """The first non-null value of a column, for messages."""
-    for v in _plain(arr).to_pylist():
-        if v is not None and v != "":
-            return _short(v)
-    return None
+    """The first value of a column that is neither null nor '' (shortened), for messages; None if none."""
+    arr = _plain(arr)
+    present = arr.is_valid()
+    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
+        present = pc.and_(present, pc.not_equal(pc.utf8_trim_whitespace(arr), "").fill_null(False))
+    where = np.flatnonzero(np.asarray(present.to_numpy(zero_copy_only=False), bool))
+    return _short(arr[int(where[0])].as_py()) if where.size else None
 
 
 def _short(v: Any) -> Any:
@@ -481,15 +496,12 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         col.update(hash_buckets=options.hash_buckets, max_tokens=options.max_tokens, size=1 + options.hash_buckets,
                    width=min(options.max_tokens, longest))
     elif kind == VECTOR:
-        vecs = _vector_rows(arr, name, row_ids, where)
-        dims = {len(v) for v in vecs if v is not None}
-        if not dims:
+        lengths, _ = _vectors(arr, name, row_ids, where)
+        present = np.flatnonzero(lengths)
+        if present.size == 0:
             raise UserError(f"{where}: vector column {name!r} has no vector (e.g. {sample!r})")
-        dim = next(len(v) for v in vecs if v is not None)
-        for k, v in enumerate(vecs):
-            if v is not None and len(v) != dim:
-                raise UserError(f"{where}: vector column {name!r}, id {row_ids[k]!r}: length {len(v)}, expected "
-                                f"{dim} (the first vector's length)")
+        dim = int(lengths[present[0]])
+        _check_lengths(lengths, dim, name, row_ids, where, "the first vector's length")
         col.update(dim=dim, size=0, width=dim)
     else:
         raise ValueError(f"unknown column kind {kind!r}")
@@ -544,19 +556,24 @@ def _encode_column(col: dict[str, Any], arr: pa.Array, strict: bool = False) -> 
     return out
 
 
+def _check_lengths(lengths: np.ndarray, dim: int, name: str, row_ids: Sequence[str], where: str,
+                   why: str = "the column's dim") -> None:
+    wrong = np.flatnonzero((lengths != 0) & (lengths != dim))
+    if wrong.size:
+        k = int(wrong[0])
+        raise UserError(f"{where}: vector column {name!r}, id {row_ids[k]!r}: length {lengths[k]}, expected {dim} "
+                        f"({why})")
+
+
 def _dense_column(col: dict[str, Any], arr: pa.Array, row_ids: Sequence[str],
                   where: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 [n, dim], mask of rows with a vector) of one vector column; a missing vector is zeros, a wrong
     length a UserError naming the column and the row's id."""
+    lengths, values = _vectors(arr, col["name"], row_ids, where)
+    _check_lengths(lengths, col["dim"], col["name"], row_ids, where)
+    present = lengths > 0
     out = np.zeros((len(arr), col["dim"]), np.float32)
-    present = np.zeros(len(arr), bool)
-    for k, v in enumerate(_vector_rows(arr, col["name"], row_ids, where)):
-        if v is None:
-            continue
-        if len(v) != col["dim"]:
-            raise UserError(f"{where}: vector column {col['name']!r}, id {row_ids[k]!r}: length {len(v)}, "
-                            f"expected {col['dim']}")
-        out[k], present[k] = v, True
+    out[present] = values.reshape(-1, col["dim"])
     return out, present
 
 

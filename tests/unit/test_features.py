@@ -346,6 +346,7 @@ def test_quoted_csv_fields_and_rows_with_the_wrong_field_count(tmp_path):
     ("item_id,price\n1,\n2,\n", SideOptions("item_id"), ["price", "empty"]),  # a column with no value
     ("item_id,price\n1,cheap\n2,dear\n", SideOptions("item_id", numeric_cols=("price",)), ["price", "cheap"]),
     ("item_id,emb\n1,a b c\n", SideOptions("item_id", vector_cols=("emb",)), ["emb", "a b c"]),
+    ("item_id,emb\n1,1 nan 2\n", SideOptions("item_id", vector_cols=("emb",)), ["emb", "NaN", "'1'"]),
     ("item_id,title\n1,!!!\n", SideOptions("item_id", text_cols=("title",)), ["title", "!!!"]),
     ("item_id,c\n1,x\n", SideOptions("item_id", text_cols=("title",)), ["title", "not in the table"]),
     ("item_id\n1\n", SideOptions("item_id"), ["no feature columns", "item_id"]),
