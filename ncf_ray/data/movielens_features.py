@@ -29,8 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ncf_ray.data.features import BAD_ROWS_KEY, SOURCE_KEY, SideOptions
+from ncf_ray.data.features import SideOptions
 from ncf_ray.data.schema import ITEM_COL, USER_COL
+from ncf_ray.data.side_read import BAD_ROWS_KEY, SOURCE_KEY, read_delimited
+from ncf_ray.data.sources import split_fields
 from ncf_ray.errors import UserError
 
 YEAR_RE = re.compile(r"\s*\((?P<year>\d{4})\)\s*$")  # "Toy Story (1995)" -> 1995, title "Toy Story"
@@ -68,8 +70,6 @@ def _member(directory: Path, name: str) -> bytes | None:
 
 def _lines(data: bytes, encoding: str, sep: str, names: tuple[str, ...], source: str) -> tuple[pa.Table, int]:
     """Header-less lines split on the exact `sep` (MovieLens fields are never quoted) into text columns."""
-    from ncf_ray.data.sources import split_fields
-
     lines = [ln.rstrip("\r") for ln in data.decode(encoding).split("\n") if ln.strip()]
     table, bad = split_fields(pa.array(lines, pa.string()), sep, names)
     if table.num_rows == 0:
@@ -91,8 +91,6 @@ def _split_title(titles: pa.Array) -> tuple[pa.Array, pa.Array]:
 def movies_table(data: bytes, sep: str, encoding: str, source: str, header: bool = False) -> pa.Table:
     """movies.dat (MovieID::Title::Genres) or movies.csv (with a header) -> item_id, title, year, genres."""
     if header:
-        from ncf_ray.data.features import read_delimited
-
         raw, bad = read_delimited(data.decode(encoding), sep)
         raw = raw.rename_columns([ITEM_COL, TITLE, GENRES][: raw.num_columns])
     else:
