@@ -426,6 +426,11 @@ def write_features(directory: str | Path, items: EncodedFeatures | None, users: 
             save_file(tensors, str(tmp / S.FEATURE_FILES[what]))
         (tmp / S.FEATURES_JSON).write_text(json.dumps({k: v.spec for k, v in tables.items()}, indent=2,
                                                       sort_keys=True))
+        # safetensors writes 0600; give its files the mode a plain file gets here (0666 & ~umask), so a dataset
+        # dir or artifact copied somewhere shared stays readable like its Parquet files.
+        mode = (tmp / S.FEATURES_JSON).stat().st_mode & 0o777
+        for what in tables:
+            os.chmod(tmp / S.FEATURE_FILES[what], mode)
         old = root / f".{S.FEATURES_DIR}.old-{os.getpid()}"
         if dest.exists():
             os.replace(dest, old)

@@ -257,6 +257,8 @@ def test_write_read_round_trip_keeps_ids_dense_and_spec(tmp_path):
     write_features(tmp_path / "ds", enc, users)
     files = sorted(p.name for p in (tmp_path / "ds" / S.FEATURES_DIR).iterdir())
     assert files == sorted([S.FEATURES_JSON, *S.FEATURE_FILES.values()])
+    modes = {(p.stat().st_mode & 0o777) for p in (tmp_path / "ds" / S.FEATURES_DIR).iterdir()}
+    assert len(modes) == 1  # the safetensors files are as readable as features.json
     back = read_features(tmp_path / "ds")
     assert set(back) == {"items", "users"}
     assert np.array_equal(back["items"].ids, enc.ids) and np.array_equal(back["items"].dense, enc.dense)
