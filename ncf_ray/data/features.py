@@ -15,10 +15,11 @@ of slots (its distinct values in order, then 0s), a vector column none (it fills
 
 Column kinds, decided per column in this order:
   vector       `vector_cols`, or an Arrow list of numbers: fixed length, else UserError naming column and row
-  text         `text_cols`: lowercased words (runs of letters/digits) hashed with zlib.crc32 into hash_buckets
+  text         `text_cols`: lowercased words (letters, digits, marks of any script) crc32-hashed into buckets
   bag          `bag_cols`, an Arrow list of strings, or text values holding `bag_sep` (genres, tags): own vocab
   categorical  `categorical_cols`, booleans, and text that is not all numbers: own vocab
-  bucket       `numeric_cols`, numbers, and text that is all numbers ("NA"-like words count as missing):
+  bucket       `numeric_cols`, numbers, dates/timestamps (as epoch seconds, also ISO 8601 text), and text that
+               is all numbers ("NA"-like words count as missing):
                quantile edges from the values of entities with train interactions only, so a cold item's price
                never moves an edge
 Vocabularies (categorical, bag) come from every row of the table whose id is in the log's vocab, not only from
@@ -128,7 +129,7 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
         return VECTOR if V.is_number(t.value_type) else BAG
     if pa.types.is_boolean(t):
         return CATEGORICAL
-    if V.is_number(t):
+    if V.is_number(t) or V.is_time(t):
         return BUCKET
     if pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_binary(t):
         raise TypeError(f"unsupported type {t}")
@@ -138,6 +139,8 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
     if len(text):
         _, unparsed = V.as_float(text)
         if not V.missing_words(text).all() and not unparsed.any():
+            return BUCKET
+        if V.looks_like_time(text):
             return BUCKET
     return CATEGORICAL
 
@@ -154,7 +157,8 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         vocab = sorted(set(V.as_text(arr).drop_null().to_pylist()))
         col.update(vocab=vocab, size=1 + len(vocab), width=1)
     elif kind == BUCKET:
-        vals, unparsed = V.as_float(arr)
+        time = V.is_time(V.plain(arr).type) or V.looks_like_time(arr)
+        vals, unparsed = V.as_float(arr, time=time)
         if np.isnan(vals).all():
             raise UserError(f"{where}: column {name!r} has no numeric value (e.g. {sample!r})")
         train_vals = vals[train_rows & ~np.isnan(vals)]
@@ -164,6 +168,8 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         qs = np.quantile(train_vals, np.linspace(0, 1, options.buckets + 1)[1:-1])
         edges = [float(e) for e in np.unique(qs)]
         col.update(edges=edges, size=1 + len(edges) + 1, width=1, unparsed=int(unparsed.sum()))
+        if time:
+            col["time"] = True  # edges are epoch seconds; a new entity's value may come as an ISO date
     elif kind == BAG:
         rows, values = V.bag_flat(arr, options.bag_sep)
         uniq = pc.unique(values)
@@ -221,7 +227,7 @@ def _encode_column(col: dict[str, Any], arr: pa.Array, strict: bool = False) -> 
         codes = np.asarray(codes.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
         out[:, 0] = offset + 1 + codes  # -1 (unseen/missing) lands on offset
     elif kind == BUCKET:
-        vals, unparsed = V.as_float(arr)
+        vals, unparsed = V.as_float(arr, time=col.get("time", False))
         if strict and unparsed.any():
             raise UserError(f"feature {col['name']!r} wants a number, got {V.sample(arr)!r}")
         code = np.searchsorted(np.asarray(col["edges"], np.float64), np.nan_to_num(vals), side="right")

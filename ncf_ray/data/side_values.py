@@ -73,18 +73,47 @@ def missing_words(text: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.or_kleene(words, text.is_null()), True).to_numpy(zero_copy_only=False), bool)
 
 
-def as_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values float64 with NaN where missing or unparseable, mask of values present but not numbers)."""
+def is_time(t: pa.DataType) -> bool:
+    return pa.types.is_timestamp(t) or pa.types.is_date(t)
+
+
+def looks_like_time(arr: pa.Array) -> bool:
+    """True for text whose every present value is an ISO 8601 date or timestamp ('2024-05-01', '2024-05-01T10:00Z');
+    plain numbers are not (they are numbers)."""
     import pandas as pd
 
     arr = plain(arr)
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        return False
+    text = as_text(arr)
+    present = text.filter(pa.array(~missing_words(text)))
+    if len(present) == 0 or not pc.all(pc.match_substring_regex(present, r"^\d{4}-\d{2}")).as_py():
+        return False
+    return not pd.to_datetime(pd.Series(present.to_pylist()), utc=True, errors="coerce", format="ISO8601").isna().any()
+
+
+def as_float(arr: pa.Array, time: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(values float64 with NaN where missing or unparseable, mask of values present but not numbers). Dates and
+    timestamps become epoch seconds (UTC); with `time`, so does text (ISO 8601, as a request would send a date)."""
+    import pandas as pd
+
+    arr = plain(arr)
+    if is_time(arr.type):
+        if pa.types.is_timestamp(arr.type) and arr.type.tz is not None:
+            arr = pc.cast(arr, pa.timestamp(arr.type.unit))  # the same instants, as UTC wall time
+        arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
     if is_number(arr.type) or pa.types.is_boolean(arr.type):
         vals = pc.cast(arr, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
         return np.where(np.isfinite(vals), vals, np.nan), np.zeros(len(arr), bool)
     text = as_text(arr)
     missing = missing_words(text)
-    text = pd.Series(text.to_pylist(), dtype=object)
-    vals = np.asarray(pd.to_numeric(text.where(~missing, None), errors="coerce"), dtype=np.float64)
+    series = pd.Series(text.to_pylist(), dtype=object).where(~missing, None)
+    if time:
+        stamps = pd.to_datetime(series, utc=True, errors="coerce", format="ISO8601")
+        vals = np.where(stamps.isna(), np.nan, (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+        vals = vals.astype(np.float64)
+    else:
+        vals = np.asarray(pd.to_numeric(series, errors="coerce"), dtype=np.float64)
     vals = np.where(np.isfinite(vals), vals, np.nan)
     return vals, ~missing & np.isnan(vals)
 

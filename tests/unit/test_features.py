@@ -164,6 +164,30 @@ def test_bucket_codes_order_values_and_missing_or_unparsed_is_reserved(tmp_path)
     _one_line_naming(exc, "price", "cheap")
 
 
+def test_dates_are_bucketed_as_time_and_a_new_entity_may_send_an_iso_date(tmp_path):
+    import datetime as dt
+
+    days = [dt.date(2020, 1, 1) + dt.timedelta(days=30 * k) for k in range(10)]
+    pq.write_table(pa.table({"item_id": [str(k) for k in range(10)], "released": days}), tmp_path / "d.parquet")
+    table = read_side_table(tmp_path / "d.parquet", "item_id", "items")
+    enc = encode_side_table(table, SideOptions("item_id", buckets=4), np.array([str(k) for k in range(10)]),
+                            np.ones(10, bool), "items")
+    col = _col(enc, "released")
+    assert col["kind"] == BUCKET and col["time"]
+    late, _ = encode_row_values(enc.spec, {"released": "2030-06-01"})
+    early, _ = encode_row_values(enc.spec, {"released": "2019-06-01T12:00:00Z"})
+    assert late[0] == _slots(enc, "released", 9)[0] and early[0] == _slots(enc, "released", 0)[0]
+    with pytest.raises(UserError) as exc:
+        encode_row_values(enc.spec, {"released": "soon"})
+    _one_line_naming(exc, "released", "soon")
+    csv_rows = "".join(f"{k},{d.isoformat()}\n" for k, d in enumerate(days)) + "10,NA\n"
+    text = read_side_table(_csv(tmp_path, "item_id,released\n" + csv_rows), "item_id", "items")
+    enc2 = encode_side_table(text, SideOptions("item_id", buckets=4), np.array([str(k) for k in range(11)]),
+                             np.ones(11, bool), "items")
+    got = _col(enc2, "released")  # ISO dates in a CSV bucket exactly as the Parquet dates; "NA" is missing
+    assert (got["kind"], got["edges"], got["time"], got["missing"]) == (BUCKET, col["edges"], True, 1)
+
+
 # ------------------------------------------------------------------------------------------- bags, text, vectors
 def test_bag_from_separated_text_and_from_parquet_lists_encode_alike(tmp_path):
     enc = _encode(tmp_path)
