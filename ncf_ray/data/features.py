@@ -145,6 +145,12 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
     return CATEGORICAL
 
 
+def _train_unseen(vocab: list[str], train_values: pa.Array) -> int:
+    """How many vocab values no entity with train interactions has: their embeddings get no gradient in training
+    (the vocab still holds them, so a cold item's own value is not confused with another's)."""
+    return len(vocab) - len(pc.unique(train_values)) if len(train_values) else len(vocab)
+
+
 def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, options: SideOptions,
                 row_ids: Sequence[str], where: str) -> dict[str, Any]:
     """The column's spec (kind extras, size, width in slots or dims) from its values on the table's known rows.
@@ -154,8 +160,10 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         raise UserError(f"{where}: column {name!r} is empty (no value on any of its {len(arr)} rows)")
     col: dict[str, Any] = {"name": name, "kind": kind}
     if kind == CATEGORICAL:
-        vocab = sorted(set(V.as_text(arr).drop_null().to_pylist()))
-        col.update(vocab=vocab, size=1 + len(vocab), width=1)
+        text = V.as_text(arr)
+        vocab = sorted(set(text.drop_null().to_pylist()))
+        col.update(vocab=vocab, size=1 + len(vocab), width=1,
+                   train_unseen=_train_unseen(vocab, text.filter(pa.array(train_rows)).drop_null()))
     elif kind == BUCKET:
         time = V.is_time(V.plain(arr).type) or V.looks_like_time(arr)
         vals, unparsed = V.as_float(arr, time=time)
@@ -171,13 +179,15 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         if time:
             col["time"] = True  # edges are epoch seconds; a new entity's value may come as an ISO date
     elif kind == BAG:
-        rows, values = V.bag_flat(arr, options.bag_sep)
+        rows_all, values = V.bag_flat(arr, options.bag_sep)
         uniq = pc.unique(values)
-        rows, _ = V.first_per_row(rows, np.asarray(pc.index_in(values, value_set=uniq).to_numpy(), np.int64))
+        rows, _ = V.first_per_row(rows_all, np.asarray(pc.index_in(values, value_set=uniq).to_numpy(), np.int64))
         counts = V.per_row(rows, len(arr))
-        col.update(vocab=sorted(uniq.to_pylist()), sep=options.bag_sep, size=1 + len(uniq),
+        vocab = sorted(uniq.to_pylist())
+        col.update(vocab=vocab, sep=options.bag_sep, size=1 + len(uniq),
                    width=max(1, min(options.max_bag, int(counts.max()))),
-                   truncated=int((counts > options.max_bag).sum()))
+                   truncated=int((counts > options.max_bag).sum()),
+                   train_unseen=_train_unseen(vocab, values.filter(pa.array(train_rows[rows_all]))))
     elif kind == TEXT:
         longest = int(V.per_row(V.first_per_row(*V.text_flat(arr, options.hash_buckets))[0], len(arr)).max())
         if longest == 0:
@@ -497,6 +507,8 @@ def describe(spec: dict[str, Any]) -> list[str]:
         else:
             what = f"{col['dim']} dims (learned projection)"
         missing = f", missing on {col['missing']} rows" if col.get("missing") else ""
+        if col.get("train_unseen"):
+            missing += f", {col['train_unseen']} values only on entities without train interactions"
         lines.append(f"{col['name']}: {kind}, {what}{missing}")
     return lines
 

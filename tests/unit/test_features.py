@@ -107,6 +107,8 @@ def test_categorical_vocab_covers_cold_items_and_unseen_values_get_the_reserved_
     ids, _ = encode_row_values(enc.spec, {"category": "socks"})
     lo, _ = col["slots"]
     assert ids[lo] == col["offset"]
+    assert col["train_unseen"] == 0  # "hats" is also on item 5, which has train interactions
+    assert _col(enc, "tags")["train_unseen"] == 1  # "beach" is only on the cold item 4
 
 
 def test_entity_without_a_row_gets_every_reserved_id_and_zero_dense(tmp_path):
