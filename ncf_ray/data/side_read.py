@@ -27,7 +27,8 @@ def read_side_table(path: str | Path, id_col: str, what: str, sep: str | None = 
     """A side table from a file, directory or glob of CSV/TSV/TXT/DAT/Parquet/JSON Lines (optionally .gz), local
     or a pyarrow URI. Delimited text is read with a header line naming the columns, every value as text (so ids
     stay as written); .txt/.dat need `sep` or are sniffed from the header ('::', tab, '|', ','). Rows with the
-    wrong number of fields are skipped and counted (schema metadata BAD_ROWS_KEY). `what` ("items"/"users")
+    wrong number of fields are skipped and counted (schema metadata BAD_ROWS_KEY); more of those than good rows
+    in a file is a UserError (the separator is wrong). `what` ("items"/"users")
     only names the table in messages. Missing id column, an unreadable or empty file -> UserError naming it."""
     source = str(path)
     fs, files = _list_files(source)
@@ -42,6 +43,9 @@ def read_side_table(path: str | Path, id_col: str, what: str, sep: str | None = 
         except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"{what} table {f}: cannot read as {fmt}: {first}") from None
+        if n_bad > table.num_rows:  # a wrong separator or broken quoting, not a few damaged lines
+            raise UserError(f"{what} table {f}: {n_bad} of {n_bad + table.num_rows} rows do not have the header's "
+                            f"{table.num_columns} fields; is the separator right?")
         if id_col not in table.column_names:
             raise UserError(f"{what} table {f}: missing id column {id_col!r}; columns found: "
                             f"{', '.join(table.column_names) or '(none)'}")

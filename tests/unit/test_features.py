@@ -360,12 +360,31 @@ def test_every_format_prepare_reads_gives_the_same_encoding(tmp_path, name):
     assert _slots(enc, "category", 1)[0] == _col(enc, "category")["offset"] + 2
 
 
+def test_a_directory_of_parts_and_a_file_uri_read_as_one_table(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.csv").write_text("item_id,c\n1,x\n")
+    (tmp_path / "parts" / "b.csv").write_text("c,item_id\ny,2\n")  # same columns, another order
+    (tmp_path / "parts" / "_SUCCESS").write_text("")
+    table = read_side_table(tmp_path / "parts", "item_id", "items")
+    assert sorted(zip(table["item_id"].to_pylist(), table["c"].to_pylist())) == [("1", "x"), ("2", "y")]
+    uri = read_side_table(f"file://{tmp_path / 'parts' / 'a.csv'}", "item_id", "items")
+    assert uri["c"].to_pylist() == ["x"]
+    (tmp_path / "parts" / "c.csv").write_text("item_id,d\n3,z\n")
+    with pytest.raises(UserError) as exc:
+        read_side_table(tmp_path / "parts", "item_id", "items")
+    _one_line_naming(exc, "c.csv", "differ")
+
+
 def test_quoted_csv_fields_and_rows_with_the_wrong_field_count(tmp_path):
     f = _csv(tmp_path, 'item_id,title\n1,"Hello, world"\n2,a,extra\n3,b\n')
     table = read_side_table(f, "item_id", "items")
     assert table["title"].to_pylist() == ["Hello, world", "b"]
     enc = encode_side_table(table, SideOptions("item_id"), np.array(["1", "3"]), np.ones(2, bool), "items")
     assert enc.spec["stats"]["bad_rows"] == 1
+    f = _csv(tmp_path, "item_id,title\n1;a\n2;b\n3,c\n", "semi.csv")  # mostly ';'-separated: not a few bad lines
+    with pytest.raises(UserError) as exc:
+        read_side_table(f, "item_id", "items")
+    _one_line_naming(exc, "semi.csv", "2 of 3 rows")
 
 
 # ------------------------------------------------------------------------------------------- bad tables
