@@ -74,7 +74,7 @@ def _read_one(fs: Any, path: str, fmt: str, compression: str | None, sep: str | 
     if fmt in ("jsonl", "json"):
         return _read_json(data, fmt), 0
     sep = sep or {"csv": ",", "tsv": "\t"}.get(fmt) or _sniff_sep(data)
-    return read_delimited(data.decode("utf-8"), sep)
+    return read_delimited(data.decode("utf-8-sig"), sep)  # -sig: a spreadsheet's BOM is not part of a name
 
 
 def _read_json(data: bytes, fmt: str) -> pa.Table:

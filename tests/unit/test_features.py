@@ -375,6 +375,11 @@ def test_a_directory_of_parts_and_a_file_uri_read_as_one_table(tmp_path):
     _one_line_naming(exc, "c.csv", "differ")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("item_id,c\n1,x\n".encode("utf-8-sig"))
+    assert read_side_table(tmp_path / "bom.csv", "item_id", "items").column_names == ["item_id", "c"]
+
+
 def test_quoted_csv_fields_and_rows_with_the_wrong_field_count(tmp_path):
     f = _csv(tmp_path, 'item_id,title\n1,"Hello, world"\n2,a,extra\n3,b\n')
     table = read_side_table(f, "item_id", "items")
