@@ -99,9 +99,12 @@ def as_float(arr: pa.Array, time: bool = False) -> tuple[np.ndarray, np.ndarray]
 
     arr = plain(arr)
     if is_time(arr.type):
-        if pa.types.is_timestamp(arr.type) and arr.type.tz is not None:
-            arr = pc.cast(arr, pa.timestamp(arr.type.unit))  # the same instants, as UTC wall time
-        arr = pc.cast(pc.cast(arr, pa.timestamp("s")), pa.int64())
+        if pa.types.is_date(arr.type):
+            arr = pc.cast(arr, pa.timestamp("s"))
+        per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[arr.type.unit]
+        ticks = pc.cast(arr, pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)  # UTC, whatever the tz
+        vals = np.where(np.asarray(arr.is_null().to_numpy(zero_copy_only=False), bool), np.nan, ticks / per_second)
+        return vals, np.zeros(len(arr), bool)
     if is_number(arr.type) or pa.types.is_boolean(arr.type):
         vals = pc.cast(arr, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
         return np.where(np.isfinite(vals), vals, np.nan), np.zeros(len(arr), bool)

@@ -182,6 +182,10 @@ def test_dates_are_bucketed_as_time_and_a_new_entity_may_send_an_iso_date(tmp_pa
     with pytest.raises(UserError) as exc:
         encode_row_values(enc.spec, {"released": "soon"})
     _one_line_naming(exc, "released", "soon")
+    stamps = pa.array([dt.datetime(2020, 1, 1, 0, 0, 0, 123000, tzinfo=dt.timezone.utc)] * 2, pa.timestamp("ms", "UTC"))
+    ms = encode_side_table(pa.table({"item_id": ["0", "1"], "t": stamps}), SideOptions("item_id"),
+                           np.array(["0", "1"]), np.ones(2, bool), "items")  # sub-second values: no lossy cast
+    assert _col(ms, "t")["edges"] == [pytest.approx(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc).timestamp() + 0.123)]
     csv_rows = "".join(f"{k},{d.isoformat()}\n" for k, d in enumerate(days)) + "10,NA\n"
     text = read_side_table(_csv(tmp_path, "item_id,released\n" + csv_rows), "item_id", "items")
     enc2 = encode_side_table(text, SideOptions("item_id", buckets=4), np.array([str(k) for k in range(11)]),
