@@ -134,8 +134,8 @@ class ShopSpec:
         if self.users <= 0 or self.interactions <= 0:
             raise UserError(f"synthetic-shop needs users > 0 and interactions > 0 "
                             f"(got users={self.users}, interactions={self.interactions})")
-        if self.categories < 1 or self.brands < self.categories:
-            raise UserError(f"synthetic-shop needs brands >= categories >= 1 "
+        if self.categories < 3 or self.brands < self.categories:
+            raise UserError(f"synthetic-shop needs brands >= categories >= 3 "
                             f"(got categories={self.categories}, brands={self.brands})")
         if self.items < 3 * self.categories:
             raise UserError(f"synthetic-shop items={self.items} must be at least 3 per category "
@@ -563,6 +563,8 @@ def write_shop(data: ShopData, directory: str | Path) -> dict[str, Path]:
     for name, table in (("log", data.log), ("items", data.items), ("users", data.users)):
         path = directory / f"{name}.csv"
         with replacing(path) as tmp:
-            pacsv.write_csv(table, tmp)
+            # No quotes (pyarrow would quote every string): plain files any CSV reader takes. No generated value
+            # holds a comma, quote or newline; one that did would raise here, a bug of this module.
+            pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="none", quoting_header="none"))
         paths[name] = path
     return paths

@@ -27,6 +27,7 @@ from ncf_ray.data.shop import (
     generate_shop,
     write_shop,
 )
+from ncf_ray.data.sources import OK, ColumnSpec, FileFormat, read_file
 from ncf_ray.errors import UserError
 
 SMALL = ShopSpec(seed=3, users=500, items=400, interactions=40_000)
@@ -237,11 +238,22 @@ def test_write_shop_writes_three_csvs_that_read_back_to_the_tables(shop, tmp_pat
         assert back.column_names == table.column_names
         assert back.column(0).cast(pa.int64()).equals(table.column(0))
     assert pacsv.read_csv(paths["items"])["title"].equals(shop.items["title"])
+    assert paths["log"].read_text().splitlines()[0] == "user_id,item_id,timestamp,event,device"
+
+
+def test_log_csv_reads_cleanly_through_the_prepare_file_reader(tmp_path):
+    data = generate_shop(ShopSpec(seed=5, users=60, items=90, interactions=2000))
+    path = write_shop(data, tmp_path)["log"]
+    tables = list(read_file(str(path), None, FileFormat("delimited", sep=","), ColumnSpec()))
+    back = pa.concat_tables(tables)
+    assert back.num_rows == data.log.num_rows
+    assert set(back["_status"].to_pylist()) == {OK}
 
 
 @pytest.mark.parametrize("bad", [dict(users=0), dict(interactions=0), dict(brands=5), dict(items=10),
                                  dict(cold_fraction=0.7), dict(cold_days=60), dict(cold_days=0),
-                                 dict(min_views=2), dict(session_focus=1.5)])
+                                 dict(min_views=2), dict(session_focus=1.5),
+                                 dict(categories=2)])
 def test_bad_spec_is_a_user_error_naming_the_value(bad):
     with pytest.raises(UserError) as exc:
         ShopSpec(**bad)
