@@ -59,6 +59,12 @@ EVENT_NAME_COL = "event"
 DEVICE_COL = "device"
 
 EVENTS = ("view", "cart", "purchase")  # funnel order, weakest first (contract: meta["events"])
+# How prepare should read the side tables and the log's extra columns (what `ncf-ray prepare synthetic-shop`
+# passes as --item-features/--user-features/--text-cols/--context-cols): price is numeric (bucketised), title text.
+ITEM_FEATURE_COLS = ("category", "brand", "price", "title")
+TEXT_COLS = ("title",)
+USER_FEATURE_COLS = ("age_band", "gender", "region")
+CONTEXT_COLS = (DEVICE_COL,)
 DEVICES = ("mobile", "desktop", "app")
 AGE_BANDS = ("18-24", "25-34", "35-44", "45-54", "55+")
 AGE_SHARES = (0.18, 0.30, 0.24, 0.16, 0.12)
@@ -568,3 +574,11 @@ def write_shop(data: ShopData, directory: str | Path) -> dict[str, Path]:
             pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="none", quoting_header="none"))
         paths[name] = path
     return paths
+
+
+def shop_spec(users: int | None = None, items: int | None = None, interactions: int | None = None,
+              seed: int = 0) -> ShopSpec:
+    """A ShopSpec from CLI sizes (`ncf-ray prepare synthetic-shop --users --items --interactions --seed`); None
+    keeps the ML-1M-sized default."""
+    sizes = {"users": users, "items": items, "interactions": interactions}
+    return ShopSpec(seed=seed, **{k: v for k, v in sizes.items() if v is not None})

@@ -16,15 +16,20 @@ from ncf_ray.data.prepare import dedup_latest, encode_ids, split_leave_one_out
 from ncf_ray.data.shop import (
     CART_DELAY_S,
     CART_TO_PURCHASE,
+    CONTEXT_COLS,
     DAY,
     DEVICES,
     EVENTS,
     HOUR,
+    ITEM_FEATURE_COLS,
     PURCHASE_DELAY_S,
     SHOP_T0,
+    TEXT_COLS,
+    USER_FEATURE_COLS,
     VIEW_TO_CART,
     ShopSpec,
     generate_shop,
+    shop_spec,
     write_shop,
 )
 from ncf_ray.data.sources import OK, ColumnSpec, FileFormat, read_file
@@ -73,8 +78,9 @@ def test_same_seed_gives_identical_tables_and_another_seed_differs(shop):
 # --------------------------------------------------------------------------------------------- the tables
 def test_tables_have_the_contract_columns_and_sizes(shop, log):
     assert shop.log.column_names == [S.USER_COL, S.ITEM_COL, S.TIME_COL, "event", "device"]
-    assert shop.items.column_names == [S.ITEM_COL, "category", "brand", "price", "title"]
-    assert shop.users.column_names == [S.USER_COL, "age_band", "gender", "region"]
+    assert shop.items.column_names == [S.ITEM_COL, *ITEM_FEATURE_COLS]
+    assert shop.users.column_names == [S.USER_COL, *USER_FEATURE_COLS]
+    assert set(TEXT_COLS) <= set(ITEM_FEATURE_COLS) and set(CONTEXT_COLS) <= set(shop.log.column_names)
     assert shop.items.num_rows == SMALL.items and shop.users.num_rows == SMALL.users
     # ~interactions events in all (views + carts + purchases).
     assert 0.9 * SMALL.interactions <= len(log) <= 1.1 * SMALL.interactions
@@ -264,3 +270,10 @@ def test_no_new_items_when_cold_fraction_is_zero():
     data = generate_shop(ShopSpec(seed=2, users=100, items=100, interactions=3000, cold_fraction=0.0))
     assert data.cold_items.size == 0
     assert data.log.num_rows > 0
+
+
+def test_shop_spec_builder_keeps_defaults_for_sizes_not_given():
+    assert shop_spec() == ShopSpec()
+    assert shop_spec(users=10, seed=4) == ShopSpec(users=10, seed=4)
+    with pytest.raises(UserError, match="users=0"):
+        shop_spec(users=0)
