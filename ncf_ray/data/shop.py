@@ -331,6 +331,7 @@ class _Sessions:
     user: np.ndarray  # [S] sorted by user, then start
     start: np.ndarray  # [S] int seconds
     length: np.ndarray  # [S] views
+    view_offset: np.ndarray  # [sum(length)] seconds from its session's start to each view, session by session
     device: np.ndarray  # [S] index into DEVICES
     ctx_shift: np.ndarray  # [S, C] category logit shift from hour/device/weekday
     focus: np.ndarray  # [S] focus category
@@ -351,7 +352,7 @@ def _sessions(rng: np.random.Generator, spec: ShopSpec, users: _Users) -> _Sessi
     hour = rng.choice(24, size=user.size, p=HOUR_WEIGHTS / HOUR_WEIGHTS.sum())
     start = SHOP_T0 + day * DAY + hour * HOUR + rng.integers(0, HOUR, size=user.size)
     order = np.lexsort((start, user))
-    user, start, day, hour = user[order], start[order], day[order], hour[order]
+    user, start = user[order], start[order]
 
     # Split each user's views over their sessions by exponential weights, at least one view each.
     sess_start = _group_start(user, U)
@@ -362,6 +363,19 @@ def _sessions(rng: np.random.Generator, spec: ShopSpec, users: _Users) -> _Sessi
     first = sess_start[:-1]
     length[first] = np.maximum(length[first], 3)
 
+    # Views follow each other by exponential gaps; a session lasts until its last view's purchase could come, and
+    # the next session of the user starts no earlier (so sessions never interleave).
+    v_first = np.concatenate([[0], np.cumsum(length)[:-1]])
+    n_views = int(length.sum())
+    in_session = np.arange(n_views) - np.repeat(v_first, length)
+    gaps = np.where(in_session > 0, rng.exponential(VIEW_GAP_S, size=n_views).astype(np.int64) + 5, 0)
+    cum = np.cumsum(gaps)
+    view_offset = cum - np.repeat(cum[v_first], length)
+    duration = view_offset[v_first + length - 1] + CART_DELAY_S[1] + PURCHASE_DELAY_S[1]
+    start = _without_overlap(user, start, duration)
+
+    day = (start - SHOP_T0) // DAY
+    hour = (start - SHOP_T0) % DAY // HOUR
     weekday = day % 7
     evening = (hour >= EVENING[0]) & (hour <= EVENING[1])
     office = (weekday < 5) & (hour >= OFFICE[0]) & (hour <= OFFICE[1])
@@ -380,7 +394,17 @@ def _sessions(rng: np.random.Generator, spec: ShopSpec, users: _Users) -> _Sessi
     keep = rng.random(user.size) < spec.session_sticky
     keep[first] = False
     source = np.maximum.accumulate(np.where(keep, 0, np.arange(user.size)))
-    return _Sessions(user, start, length, device, ctx_shift, fresh[source])
+    return _Sessions(user, start, length, view_offset, device, ctx_shift, fresh[source])
+
+
+def _without_overlap(user: np.ndarray, start: np.ndarray, duration: np.ndarray) -> np.ndarray:
+    """Session starts (sorted by user, then start) moved later where needed so that each session of a user starts
+    after the previous one ends: start'[s] = max(start[s], start'[s-1] + duration[s-1]). Unrolled, that is
+    D[s] + max over the user's j <= s of (start[j] - D[j]) with D the exclusive cumsum of durations: one
+    maximum.accumulate, kept inside each user by adding user * 2**40 (far more than any time difference)."""
+    shift = user.astype(np.int64) << 40
+    before = np.concatenate([[0], np.cumsum(duration)[:-1]])
+    return np.maximum.accumulate(start - before + shift) - shift + before
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -432,10 +456,7 @@ def _views(rng: np.random.Generator, spec: ShopSpec, cat: _Catalogue, users: _Us
     v_sess = np.repeat(np.arange(sess.user.size), sess.length)
     v_user = sess.user[v_sess]
     offsets = np.concatenate([[0], np.cumsum(sess.length)[:-1]])
-    pos = np.arange(n) - offsets[v_sess]
-    gaps = np.where(pos > 0, rng.exponential(VIEW_GAP_S, size=n).astype(np.int64) + 5, 0)
-    cum = np.cumsum(gaps)
-    ts = sess.start[v_sess] + cum - cum[offsets[v_sess]]
+    ts = sess.start[v_sess] + sess.view_offset
 
     off_focus = rng.random(n) >= spec.session_focus
     category = sess.focus[v_sess].copy()

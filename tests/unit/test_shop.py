@@ -28,6 +28,7 @@ from ncf_ray.data.shop import (
     USER_FEATURE_COLS,
     VIEW_TO_CART,
     ShopSpec,
+    _without_overlap,
     generate_shop,
     shop_spec,
     write_shop,
@@ -277,3 +278,10 @@ def test_shop_spec_builder_keeps_defaults_for_sizes_not_given():
     assert shop_spec(users=10, seed=4) == ShopSpec(users=10, seed=4)
     with pytest.raises(UserError, match="users=0"):
         shop_spec(users=0)
+
+
+def test_sessions_of_a_user_are_pushed_apart_but_never_into_another_user():
+    user = np.array([0, 0, 0, 1, 1])
+    start = np.array([0, 5, 100, 3, 4])
+    duration = np.array([10, 10, 10, 2, 2])
+    assert _without_overlap(user, start, duration).tolist() == [0, 10, 100, 3, 5]
