@@ -22,8 +22,9 @@ How the shop is made (vectorised numpy, no per-event Python; one seed → the sa
   the category, then an item by popularity;
 - funnel: each view becomes a cart with mean rate VIEW_TO_CART and each cart a purchase with mean rate
   CART_TO_PURCHASE (the rates are calibrated exactly in expectation). Carting depends mildly, buying strongly, on
-  the item's price against the user's budget, so "likely to buy" differs from "likely to click". Cart and
-  purchase rows are separate events of the same item, seconds to minutes after the view;
+  the item's price against the user's budget, and buying also on the category (groceries convert, jewellery is
+  browsed), so "likely to buy" differs from "likely to click". Cart and purchase rows are separate events of the
+  same item, seconds to minutes after the view;
 - new arrivals: `cold_fraction` of the items are released only in the last `cold_days` days and are never viewed
   before release. A user whose final session comes after a release ends it, with probability `new_arrival_rate`,
   with one more view (after all their other events) of a new item chosen by their category/brand tastes and the
@@ -95,7 +96,9 @@ BRAND_NOISE = 1.0  # individual brand taste spread
 CONTEXT_EFFECT = 0.9  # spread of the evening/mobile/weekend category shifts
 CART_PRICE_SLOPE = 0.8  # carting: mild price effect
 CART_BRAND_SLOPE = 0.4  # ... plus liking of the brand
-BUY_PRICE_SLOPE = 3.0  # buying: strong price-vs-budget effect
+BUY_PRICE_SLOPE = 4.0  # buying: strong price-vs-budget effect
+ITEM_PRICE_NOISE = 0.45  # spread of an item's price around its category level × brand premium (log)
+CONVERSION_SPREAD = 1.5  # categories differ in how often a cart is bought (groceries vs. jewellery)
 NEW_FOCUS_BONUS = 1.5  # a new arrival in the session's focus category is this much likelier
 
 # Words for titles: category name and nouns; adjectives; brand syllables.
@@ -214,6 +217,7 @@ class _Catalogue:
     release: np.ndarray  # [I] int seconds (SHOP_T0 for the catalogue on sale from the start)
     premium: np.ndarray  # [B] brand price premium (log)
     cat_base: np.ndarray  # [C] overall category appeal (log)
+    conversion: np.ndarray  # [C] purchase logit shift of the category
     brand_names: list[str]
     titles: list[str]
 
@@ -259,7 +263,7 @@ def _catalogue(rng: np.random.Generator, spec: ShopSpec) -> _Catalogue:
 
     cat_level = rng.uniform(math.log(8.0), math.log(400.0), size=C)
     premium = rng.normal(0.0, 0.35, size=B)
-    log_price = cat_level[category] + premium[brand] + rng.normal(0.0, 0.35, size=n_items)
+    log_price = cat_level[category] + premium[brand] + rng.normal(0.0, ITEM_PRICE_NOISE, size=n_items)
     price = np.maximum(1.0, np.round(np.exp(log_price))) - 0.01  # shop prices: 19.99
     log_rel_price = np.log(price) - cat_level[category]
 
@@ -285,7 +289,8 @@ def _catalogue(rng: np.random.Generator, spec: ShopSpec) -> _Catalogue:
     noun = rng.integers(0, 3, size=n_items)
     titles = [f"{brand_names[b]} {ADJECTIVES[a]} {nouns[c][k].replace('_', ' ')}"
               for b, a, c, k in zip(brand.tolist(), adj.tolist(), category.tolist(), noun.tolist(), strict=True)]
-    return _Catalogue(category, brand, price, log_rel_price, log_pop, cold, release, premium, cat_base,
+    conversion = rng.normal(0.0, CONVERSION_SPREAD, size=C)
+    return _Catalogue(category, brand, price, log_rel_price, log_pop, cold, release, premium, cat_base, conversion,
                       brand_names, titles)
 
 
@@ -514,7 +519,7 @@ def _funnel(rng: np.random.Generator, cat: _Catalogue, users: _Users, user: np.n
     s_cart = scale[0] if scale else VIEW_TO_CART / max(raw_cart.mean(), 1e-12)
     carts = np.flatnonzero(rng.random(user.size) < np.minimum(1.0, s_cart * raw_cart))
     cart_ts = ts[carts] + rng.integers(*CART_DELAY_S, size=carts.size)
-    raw_buy = _sigmoid(BUY_PRICE_SLOPE * fit[carts])
+    raw_buy = _sigmoid(BUY_PRICE_SLOPE * fit[carts] + cat.conversion[cat.category[item[carts]]])
     s_buy = scale[1] if scale else CART_TO_PURCHASE / max(raw_buy.mean(), 1e-12) if raw_buy.size else 1.0
     buys = np.flatnonzero(rng.random(carts.size) < np.minimum(1.0, s_buy * raw_buy))
     buy_ts = cart_ts[buys] + rng.integers(*PURCHASE_DELAY_S, size=buys.size)

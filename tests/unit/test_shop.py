@@ -140,6 +140,16 @@ def test_purchases_depend_on_price_against_budget(shop, log):
     assert bought[~pricey].mean() > bought[pricey].mean() + 0.10
 
 
+def test_categories_convert_carts_to_purchases_at_different_rates(shop, log):
+    cats = shop.items.to_pandas().set_index(S.ITEM_COL)["category"]
+    per_cat = log[log["event"] != "view"].assign(cat=lambda d: cats.loc[d[S.ITEM_COL]].to_numpy())
+    counts = per_cat.groupby(["cat", "event"]).size().unstack(fill_value=0)
+    counts = counts[counts["cart"] >= 50]  # enough carts for a rate
+    rate = counts["purchase"] / counts["cart"]
+    assert len(rate) >= 5
+    assert rate.max() > 2 * rate.min()
+
+
 # ------------------------------------------------------------------------------------ leave-one-out structure
 def test_every_user_has_at_least_three_distinct_items():
     for spec in (SMALL, ShopSpec(seed=1, users=50, items=60, interactions=100)):
