@@ -21,7 +21,7 @@ How the shop is made (vectorised numpy, no per-event Python; one seed → the sa
   predicts the next item. A view's item: category, then brand by the user's brand taste × that brand's item mass in
   the category, then an item by popularity;
 - funnel: each view becomes a cart with mean rate VIEW_TO_CART and each cart a purchase with mean rate
-  CART_TO_PURCHASE (the rates are calibrated exactly in expectation). Carting depends mildly, buying strongly, on
+  CART_TO_PURCHASE (calibrated in expectation, up to rare clipping at 1). Carting depends mildly, buying strongly, on
   the item's price against the user's budget, and buying also on the category (groceries convert, jewellery is
   browsed), so "likely to buy" differs from "likely to click". Cart and purchase rows are separate events of the
   same item, seconds to minutes after the view;
