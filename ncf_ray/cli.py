@@ -123,9 +123,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                      max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards,
                      **_shop_flags(args))
     if args.source == "synthetic-shop":
-        from ncf_ray.data.sources import shop_spec_from
+        from ncf_ray.data.shop import shop_spec
 
-        synthetic = shop_spec_from(args.users, args.items, args.interactions, seed=args.seed)
+        synthetic = shop_spec(args.users, args.items, args.interactions, seed=args.seed)
     else:
         synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
     if args.local_from and not args.source.startswith("movielens"):

@@ -248,13 +248,13 @@ def _malformed_rows(lines: Sequence[str], spec: ColumnSpec) -> pa.Table:
         USER_COL: pa.array([""] * n, pa.string()),
         ITEM_COL: pa.array([""] * n, pa.string()),
         TIME_COL: pa.array(np.zeros(n, np.int64)),
-        **_shop_columns(spec, n),
+        **_shop_placeholders(spec, n),
         STATUS_COL: pa.array(np.full(n, BAD, np.int8)),
         ERR_COL: pa.array([f"line='{line}'" for line in lines], pa.string()),
     })
 
 
-def _shop_columns(spec: ColumnSpec, n: int) -> dict[str, pa.Array]:
+def _shop_placeholders(spec: ColumnSpec, n: int) -> dict[str, pa.Array]:
     """Placeholder event/context columns of the normalised layout (event 0, context '' = unknown)."""
     out: dict[str, pa.Array] = {}
     if spec.event_col:
@@ -293,7 +293,7 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] 
     ts, bad_t = _times(raw[spec.time_col])
     bad = bad_u | bad_i | bad_t
     bad_e = np.zeros(n, bool)
-    shop = _shop_columns(spec, n)
+    shop = _shop_placeholders(spec, n)
     if spec.event_col:
         events, bad_e = _events(raw[spec.event_col], spec.events)
         shop[EVENT_COL] = pa.array(events)
@@ -584,7 +584,7 @@ def _sizes(fs: Any, files: list[str]) -> list[int]:
     return [i.size or 0 for i in (fs or pafs.LocalFileSystem()).get_file_info(files)]
 
 
-def shop_spec(cfg: DataConfig) -> dict[str, Any]:
+def shop_columns(cfg: DataConfig) -> dict[str, Any]:
     """The ColumnSpec fields for a log's event and context columns (empty without them)."""
     if not cfg.event_col and not cfg.context_cols:
         return {}
@@ -612,7 +612,7 @@ def read_files(source: str, cfg: DataConfig) -> LogSource:
     if len(compressions) > 1:
         raise UserError(f"mixed compression in {source}: {', '.join(sorted(map(str, compressions)))}")
     rating_col = cfg.rating_col or (RATING_COL if cfg.min_rating is not None else None)
-    spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating, **shop_spec(cfg))
+    spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating, **shop_columns(cfg))
     if ext in ("csv", "tsv", "txt"):
         sep = cfg.sep or {"csv": ",", "tsv": "\t"}.get(ext)
         if sep is None:
@@ -780,26 +780,15 @@ def movielens_tables(name: str, local: Path) -> dict[str, tuple[Any, Any]]:
 
 # --------------------------------------------------------------------------------------------- synthetic shop
 SHOP_SOURCE = "synthetic-shop"
-SHOP_EVENT_COL, SHOP_CONTEXT_COLS, SHOP_TEXT_COLS = "event", ("device",), ("title",)
 
 
 def shop_defaults(cfg: DataConfig) -> DataConfig:
     """synthetic-shop's log with no other flags: its event column and funnel, device as context, time context."""
-    from ncf_ray.data.shop import EVENTS
+    from ncf_ray.data.shop import CONTEXT_COLS, EVENT_NAME_COL, EVENTS
 
-    return replace(cfg, event_col=cfg.event_col or SHOP_EVENT_COL, events=EVENTS,
-                   context_cols=cfg.context_cols or SHOP_CONTEXT_COLS,
+    return replace(cfg, event_col=cfg.event_col or EVENT_NAME_COL, events=EVENTS,
+                   context_cols=cfg.context_cols or CONTEXT_COLS,
                    time_context=True if cfg.time_context is None else cfg.time_context)
-
-
-def shop_spec_from(users: int | None = None, items: int | None = None, interactions: int | None = None,
-                   seed: int = 0) -> Any:
-    """synthetic-shop's ShopSpec from the --users/--items/--interactions/--seed flags (None keeps its defaults);
-    `ncf-ray prepare synthetic-shop` and the pipeline build it here."""
-    from ncf_ray.data.shop import ShopSpec
-
-    sizes = {"users": users, "items": items, "interactions": interactions}
-    return ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=seed)
 
 
 def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
@@ -810,7 +799,7 @@ def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
     from ncf_ray.data.shop import ShopSpec, generate_shop
 
     data = generate_shop(spec or ShopSpec(seed=cfg.seed))
-    columns = ColumnSpec(**shop_spec(cfg))
+    columns = ColumnSpec(**shop_columns(cfg))
     log = ray.data.from_arrow(data.log)
     return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=shop_side_tables(data))
 
@@ -818,8 +807,9 @@ def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
 def shop_side_tables(data: Any) -> dict[str, tuple[Any, Any]]:
     """A ShopData's catalogue (category, brand, price, title as text) and user profiles, as side tables."""
     from ncf_ray.data.features import SideOptions
+    from ncf_ray.data.shop import TEXT_COLS
 
-    return {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=SHOP_TEXT_COLS)),
+    return {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=TEXT_COLS)),
             "users": (data.users, SideOptions(id_col=USER_COL))}
 
 

@@ -296,12 +296,12 @@ def test_synthetic_shop_needs_no_flags_events_device_and_both_side_tables(tmp_pa
     from ncf_ray.data.features import write_features
     from ncf_ray.data.prepare import collect_batches, encode_side_tables, read_side_tables, table_ids
     from ncf_ray.data.shop import ShopSpec, generate_shop
-    from ncf_ray.data.sources import SHOP_SOURCE, shop_defaults, shop_side_tables, shop_spec
+    from ncf_ray.data.sources import SHOP_SOURCE, shop_columns, shop_defaults, shop_side_tables
 
     cfg = shop_defaults(DataConfig(source=SHOP_SOURCE, eval_negatives=9))
     assert (cfg.event_col, cfg.context_cols, cfg.with_time_context) == ("event", ("device",), True)
     data = generate_shop(ShopSpec(users=300, items=200, interactions=15_000, seed=3))
-    log = collect_batches([normalise_batch(data.log, ColumnSpec(**shop_spec(cfg)))])
+    log = collect_batches([normalise_batch(data.log, ColumnSpec(**shop_columns(cfg)))])
     assert log.bad == 0 and log.events is not None and set(log.context) == {"device"}
     tables = read_side_tables(cfg, shop_side_tables(data))
     b = build_loo(log, cfg, table_ids(tables, "items"))
