@@ -399,6 +399,11 @@ def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = 
         item_table_ids = np.unique(np.asarray(item_table_ids, dtype=str))
         item_table_ids = item_table_ids[item_table_ids != ""]  # a row without an id names no item
     icode, ivocab, table_only = encode_item_ids(log.items, item_table_ids)
+    if item_table_ids is not None and item_table_ids.size and table_only == item_table_ids.size:
+        # Every table item would join as a cold item: a wrong id column, not a catalogue of new products.
+        raise UserError(f"item table: none of its {item_table_ids.size} ids is an item id of the log (e.g. "
+                        f"{str(item_table_ids[0])!r}; the log has e.g. {str(ivocab[icode[0]])!r}); check "
+                        f"--feature-id-col")
     ctx_codes = {name: encode_ids(values) for name, values in log.context.items()}
     keep = dedup_events(ucode, icode, log.times, log.events, cfg.dedup_window, cfg.keep_all_events)
     duplicates = ucode.size - keep.size

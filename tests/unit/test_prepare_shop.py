@@ -269,11 +269,12 @@ def _bad_tables(tmp_path: Path) -> dict[str, tuple[dict, str]]:
              "vector_cols": ("emb",)}, "'emb'"),
         "no id of the log": ({"item_features": _item_table(tmp_path / "far.csv", [900 + k for k in range(5)],
                                                            category=["a"] * 5)}, "item_id"),
+        "no id joins the vocab": ({"item_features": str(tmp_path / "far.csv")}, "'900'"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "missing id column", "text column in no table",
-                                  "unparseable vector column", "no id of the log"])
+                                  "unparseable vector column", "no id of the log", "no id joins the vocab"])
 def test_a_bad_side_table_is_one_user_error_line_naming_the_column(tmp_path: Path, case: str):
     cfg_kw, named = _bad_tables(tmp_path)[case]
     if case == "no id of the log":  # ids disjoint from the log's and not joining it: MovieLens' rule
@@ -330,3 +331,26 @@ def test_shop_flags_on_sources_without_such_columns_are_refused():
         _check_cfg(DataConfig(source="ncf:x", item_features="items.csv"))
     with pytest.raises(UserError, match="--context-cols 'hour' clashes"):
         _check_cfg(DataConfig(source="log.csv", context_cols=("hour",)))
+
+
+def test_dedup_flags_are_checked():
+    with pytest.raises(UserError, match="--dedup-window=0 must be > 0"):
+        _cfg(dedup_window=0)
+    with pytest.raises(UserError, match="exclude each other"):
+        _cfg(dedup_window=60, keep_all_events=True)
+
+
+def test_summary_prints_event_context_and_feature_lines_only_when_present():
+    from ncf_ray.data.prepare import format_summary
+
+    cfg = _cfg(context_cols=("device",))
+    b = build_loo(_shop_log(), cfg)
+    meta = meta_of(cfg, b, "shop.csv", 1.0)
+    extra = {"out": "x", "density": 0.1, "rows_read": 1, "rows_per_s": 1.0}
+    text = format_summary({**meta, **extra})
+    assert f"view {meta['event_counts']['view']:,}" in text
+    assert "context               hour (24), dow (7), device (3)" in text
+    plain = build_loo(RawLog(users=b.user_ids.astype(np.int64)[b.split.train_users], items=b.split.train_items,
+                             times=b.split.train_times, rows=b.split.train_users.size), DataConfig(eval_negatives=5))
+    text = format_summary({**meta_of(DataConfig(), plain, "log.csv", 1.0), **extra})
+    assert "events" not in text and "context" not in text and "features" not in text
