@@ -133,7 +133,7 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
     if V.is_number(t) or V.is_time(t):
         return BUCKET
     if pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_binary(t):
-        raise TypeError(f"unsupported type {t}")
+        raise V.UnsupportedValue(f"unsupported type {t}")
     text = V.as_text(arr).drop_null()
     if len(text) and pc.any(pc.match_substring(text, options.bag_sep)).as_py():
         return BAG
@@ -330,9 +330,9 @@ def encode_side_table(table: pa.Table, options: SideOptions, vocab_ids: np.ndarr
         arr = table.column(name).take(pa.array(rows)).combine_chunks()
         try:
             kind = infer_kind(name, arr, options)
-        except TypeError as exc:
+            cols.append(_fit_column(name, kind, arr, train_rows, options, row_ids, where))
+        except V.UnsupportedValue as exc:
             raise UserError(f"{where}: column {name!r}: {exc}") from None
-        cols.append(_fit_column(name, kind, arr, train_rows, options, row_ids, where))
     n_ids, slots, dense_dim = _layout(cols)
 
     n = vocab_ids.size
@@ -436,12 +436,15 @@ def extend_features(enc: EncodedFeatures, new_ids: np.ndarray, table: pa.Table |
             if col["name"] not in table.column_names:
                 continue
             arr = table.column(col["name"]).take(rows).combine_chunks()
-            if col["kind"] == VECTOR:
-                lo, hi = col["dims"]
-                dense[found, lo:hi] = _dense_column(col, arr, row_ids, where)[0]
-            else:
-                lo, hi = col["slots"]
-                ids[found, lo:hi] = _encode_column(col, arr)
+            try:
+                if col["kind"] == VECTOR:
+                    lo, hi = col["dims"]
+                    dense[found, lo:hi] = _dense_column(col, arr, row_ids, where)[0]
+                else:
+                    lo, hi = col["slots"]
+                    ids[found, lo:hi] = _encode_column(col, arr)
+            except V.UnsupportedValue as exc:
+                raise UserError(f"{where}: column {col['name']!r}: {exc}") from None
     stats = spec.setdefault("stats", {})
     stats["appended"] = int(stats.get("appended", 0) + n)
     stats["appended_without_row"] = int(stats.get("appended_without_row", 0) + n - int(found.sum()))

@@ -465,6 +465,11 @@ def test_unreadable_files_and_unknown_features_are_user_errors(tmp_path):
     with pytest.raises(UserError) as exc:
         read_side_table(tmp_path / "empty.csv", "item_id", "items")
     _one_line_naming(exc, "no rows")
+    listed = pa.table({"item_id": ["1"], "c": [["a", "b"]]})
+    with pytest.raises(UserError) as exc:
+        encode_side_table(listed, SideOptions("item_id", categorical_cols=("c",)), np.array(["1"]), np.ones(1, bool),
+                          "items")
+    _one_line_naming(exc, "'c'", "list")
     t = pa.table({"item_id": ["1"], "s": pa.array([{"a": 1}])})
     with pytest.raises(UserError) as exc:
         encode_side_table(t, SideOptions("item_id"), np.array(["1"]), np.ones(1, bool), "items")
