@@ -4,7 +4,8 @@ in the dataset dir's `features/`, read them back, and encode one new entity at s
 `ncf-ray prepare SOURCE --item-features FILE --user-features FILE` calls, per table: `read_side_table` (any format
 prepare reads), `encode_side_table` (against the log's vocab, with bucket edges from train entities only), then
 `write_features`. Training, export and serving call `read_features`; serving and `ncf-ray update` call
-`encode_row_values` for an entity that is not in the table. Pure numpy/pyarrow, no Ray. File reading lives in
+`encode_row_values` for an entity that is not in the table, and `extend_features` to append the rows of entities
+an update adds to the vocab. Pure numpy/pyarrow, no Ray. File reading lives in
 side_read.py, value parsing in side_values.py, the MovieLens tables in movielens_features.py.
 
 Layout (ARCHITECTURE / contract §3). Every column owns the global ids [offset, offset + size) of one shared id
@@ -46,7 +47,7 @@ from ncf_ray.data.side_read import BAD_ROWS_KEY, SOURCE_KEY, read_delimited, rea
 from ncf_ray.errors import UserError
 
 __all__ = ["BAG", "BUCKET", "CATEGORICAL", "KINDS", "TEXT", "VECTOR", "EncodedFeatures", "SideOptions", "describe",
-           "encode_row_values", "encode_side_table", "infer_kind", "movielens_side_tables", "read_delimited",
+           "encode_row_values", "encode_side_table", "extend_features", "infer_kind", "movielens_side_tables", "read_delimited",
            "read_features", "read_side_table", "side_ids", "write_features"]
 
 CATEGORICAL, BUCKET, BAG, TEXT, VECTOR = "categorical", "bucket", "bag", "text", "vector"
@@ -132,7 +133,7 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
     if V.is_number(t) or V.is_time(t):
         return BUCKET
     if pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_binary(t):
-        raise TypeError(f"unsupported type {t}")
+        raise V.UnsupportedValue(f"unsupported type {t}")
     text = V.as_text(arr).drop_null()
     if len(text) and pc.any(pc.match_substring(text, options.bag_sep)).as_py():
         return BAG
@@ -329,9 +330,9 @@ def encode_side_table(table: pa.Table, options: SideOptions, vocab_ids: np.ndarr
         arr = table.column(name).take(pa.array(rows)).combine_chunks()
         try:
             kind = infer_kind(name, arr, options)
-        except TypeError as exc:
+            cols.append(_fit_column(name, kind, arr, train_rows, options, row_ids, where))
+        except V.UnsupportedValue as exc:
             raise UserError(f"{where}: column {name!r}: {exc}") from None
-        cols.append(_fit_column(name, kind, arr, train_rows, options, row_ids, where))
     n_ids, slots, dense_dim = _layout(cols)
 
     n = vocab_ids.size
@@ -403,6 +404,52 @@ def encode_row_values(spec: dict[str, Any] | list[dict[str, Any]],
             lo, hi = col["slots"]
             ids[lo:hi] = _encode_column(col, arr, strict=True)[0]
     return ids.astype(np.int32), dense
+
+
+def extend_features(enc: EncodedFeatures, new_ids: np.ndarray, table: pa.Table | None = None,
+                    what: str = "items") -> EncodedFeatures:
+    """`enc` with one row appended per entry of `new_ids` (raw ids of entities added after it was built: an
+    `ncf-ray update` growing the vocab), each encoded from its row of `table` against the frozen spec (the same
+    vocab and bucket edges, so every existing id keeps its meaning; unseen values -> reserved ids), or all-reserved
+    when `table` is None or has no row for it. Spec columns the table lacks stay reserved; extra columns are
+    ignored (a trained model cannot take a new column). Old rows are unchanged. stats gains "appended" and
+    "appended_without_row"."""
+    spec = json.loads(json.dumps(enc.spec))  # a copy: the caller's spec stays as it was
+    new_ids = np.asarray(new_ids).astype(str)
+    n, cols = new_ids.size, spec["columns"]
+    ids = np.tile(_reserved_row(cols, spec["slots"]), (n, 1))
+    dense = np.zeros((n, spec["dense_dim"]), np.float32) if spec["dense_dim"] else None
+    found = np.zeros(n, bool)
+    if table is not None and n:
+        where = f"{what} table {(table.schema.metadata or {}).get(SOURCE_KEY, what.encode()).decode()}"
+        if spec["id_col"] not in table.column_names:
+            raise UserError(f"{where}: missing id column {spec['id_col']!r}; columns found: "
+                            f"{', '.join(table.column_names)}")
+        raw = side_ids(table, spec["id_col"])
+        uniq, first = np.unique(raw, return_index=True)  # the first row of a repeated id counts
+        pos = pc.index_in(pa.array(new_ids, pa.string()), value_set=pa.array(uniq, pa.string()))
+        pos = np.asarray(pos.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+        found = pos >= 0
+        rows = pa.array(first[pos[found]])
+        row_ids = new_ids[found].tolist()
+        for col in cols:
+            if col["name"] not in table.column_names:
+                continue
+            arr = table.column(col["name"]).take(rows).combine_chunks()
+            try:
+                if col["kind"] == VECTOR:
+                    lo, hi = col["dims"]
+                    dense[found, lo:hi] = _dense_column(col, arr, row_ids, where)[0]
+                else:
+                    lo, hi = col["slots"]
+                    ids[found, lo:hi] = _encode_column(col, arr)
+            except V.UnsupportedValue as exc:
+                raise UserError(f"{where}: column {col['name']!r}: {exc}") from None
+    stats = spec.setdefault("stats", {})
+    stats["appended"] = int(stats.get("appended", 0) + n)
+    stats["appended_without_row"] = int(stats.get("appended_without_row", 0) + n - int(found.sum()))
+    all_dense = None if dense is None else np.concatenate([enc.dense, dense])
+    return EncodedFeatures(np.concatenate([enc.ids, ids.astype(np.int32)]), all_dense, spec)
 
 
 # ============================================================================================ storing

@@ -22,6 +22,11 @@ WORD_SPLIT = r"[^\pL\pN\pM]+"  # RE2: words are runs of letters, digits and mark
 VECTOR_SPLIT = r"[,;\s|]+"  # RE2: what separates the numbers of a vector written as text
 
 
+class UnsupportedValue(TypeError):
+    """A value of a type its column's kind cannot hold (a list where one value belongs, a struct). The encoder
+    turns it into a UserError naming the column; any other TypeError stays a bug with its traceback."""
+
+
 def plain(arr: pa.Array) -> pa.Array:
     """Dictionary arrays decoded; chunked arrays combined."""
     if isinstance(arr, pa.ChunkedArray):
@@ -63,7 +68,7 @@ def as_text(arr: pa.Array) -> pa.Array:
         text = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
         return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
     if is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
-        raise TypeError(f"a {t} value where a single value is expected")
+        raise UnsupportedValue(f"a {t} value where a single value is expected")
     return pa.array([scalar_text(v) for v in arr.to_pylist()], pa.string())
 
 

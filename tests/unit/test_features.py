@@ -31,6 +31,7 @@ from ncf_ray.data.features import (
     describe,
     encode_row_values,
     encode_side_table,
+    extend_features,
     movielens_side_tables,
     read_features,
     read_side_table,
@@ -308,6 +309,28 @@ def test_a_new_entity_encodes_exactly_as_its_table_row(tmp_path):
     assert ids.tolist() == enc.ids[3].tolist() and dense.tolist() == enc.dense[3].tolist()
 
 
+def test_extend_appends_new_entities_against_the_frozen_spec(tmp_path):
+    enc = _encode(tmp_path)
+    new = pa.table({"item_id": ["7", "8"], "category": ["shoes", "socks"], "price": [1e6, 15.0],
+                    "emb": [[1.0, 1.0, 1.0], None], "colour": ["red", "blue"]})  # no tags/title; extra column
+    grown = extend_features(enc, np.array(["7", "8", "9"]), new)
+    assert grown.ids.shape == (VOCAB.size + 3, enc.spec["slots"])
+    assert np.array_equal(grown.ids[:VOCAB.size], enc.ids) and np.array_equal(grown.dense[:VOCAB.size], enc.dense)
+    assert [c["edges"] if c["kind"] == BUCKET else c.get("vocab") for c in grown.spec["columns"]] == [
+        c["edges"] if c["kind"] == BUCKET else c.get("vocab") for c in enc.spec["columns"]]  # nothing refitted
+    for k, raw in enumerate(({"category": "shoes", "price": 1e6, "emb": [1, 1, 1]},
+                             {"category": "socks", "price": 15.0}, {})):
+        ids, dense = encode_row_values(enc.spec, raw)
+        assert grown.ids[VOCAB.size + k].tolist() == ids.tolist()
+        assert grown.dense[VOCAB.size + k].tolist() == dense.tolist()
+    assert grown.spec["stats"]["appended"] == 3 and grown.spec["stats"]["appended_without_row"] == 1
+    assert "appended" not in enc.spec["stats"]  # the original is untouched
+    write_features(tmp_path / "ds", grown, None)
+    assert np.array_equal(read_features(tmp_path / "ds")["items"].ids, grown.ids)
+    reserved = extend_features(enc, np.array(["10"]))
+    assert reserved.ids[-1].tolist() == encode_row_values(enc.spec, {})[0].tolist()
+
+
 def test_damaged_features_dir_is_a_user_error_naming_the_file(tmp_path):
     enc = _encode(tmp_path)
     write_features(tmp_path, enc, None)
@@ -442,6 +465,11 @@ def test_unreadable_files_and_unknown_features_are_user_errors(tmp_path):
     with pytest.raises(UserError) as exc:
         read_side_table(tmp_path / "empty.csv", "item_id", "items")
     _one_line_naming(exc, "no rows")
+    listed = pa.table({"item_id": ["1"], "c": [["a", "b"]]})
+    with pytest.raises(UserError) as exc:
+        encode_side_table(listed, SideOptions("item_id", categorical_cols=("c",)), np.array(["1"]), np.ones(1, bool),
+                          "items")
+    _one_line_naming(exc, "'c'", "list")
     t = pa.table({"item_id": ["1"], "s": pa.array([{"a": 1}])})
     with pytest.raises(UserError) as exc:
         encode_side_table(t, SideOptions("item_id"), np.array(["1"]), np.ones(1, bool), "items")
