@@ -91,7 +91,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--item-features", default=None, metavar="FILE", help="item side table (id + columns)")
     g.add_argument("--user-features", default=None, metavar="FILE", help="user side table (id + columns)")
     g.add_argument("--feature-id-col", default=None,
-                   help="id column of the side tables (default the log's --item-col / --user-col)")
+                   help="id column of the side tables: NAME, or items=NAME,users=NAME (default the log's "
+                        "--item-col / --user-col)")
     g.add_argument("--text-cols", type=_csv_names, default=None, help="side-table text columns (hashed words)")
     g.add_argument("--vector-cols", type=_csv_names, default=None,
                    help="side-table columns of fixed-length float vectors (precomputed embeddings)")

@@ -560,7 +560,7 @@ def read_side_tables(cfg: DataConfig, source_tables: dict[str, SideTable]) -> di
     for what, path, log_col in (("items", cfg.item_features, cfg.item_col), ("users", cfg.user_features,
                                                                               cfg.user_col)):
         if path:
-            id_col = cfg.feature_id_col or log_col
+            id_col = feature_id_col(cfg.feature_id_col, what, log_col)
             try:
                 table = read_side_table(path, id_col, what)
             except UserError as exc:  # name the flag: "path not found: x.csv" alone does not say which file
@@ -575,6 +575,22 @@ def read_side_tables(cfg: DataConfig, source_tables: dict[str, SideTable]) -> di
                 where = ", ".join(f"{w} table: {', '.join(t.column_names)}" for w, (t, _) in tables.items())
                 raise UserError(f"{flag} {col!r} is not a column of any side table ({where or 'none given'})")
     return tables
+
+
+def feature_id_col(flag: str | None, what: str, log_col: str) -> str:
+    """The id column of side table `what`: --feature-id-col NAME names it for both tables, `items=sku,users=uid`
+    per table; a table it does not name uses the log's id column name."""
+    if not flag:
+        return log_col
+    if "=" not in flag:
+        return flag
+    named = {}
+    for part in flag.split(","):
+        key, _, col = part.partition("=")
+        if key.strip() not in ("items", "users") or not col.strip():
+            raise UserError(f"--feature-id-col {flag!r}: expected NAME or items=NAME,users=NAME")
+        named[key.strip()] = col.strip()
+    return named.get(what, log_col)
 
 
 def table_ids(tables: dict[str, SideTable], what: str) -> np.ndarray | None:

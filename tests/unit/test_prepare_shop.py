@@ -354,3 +354,13 @@ def test_summary_prints_event_context_and_feature_lines_only_when_present():
                              times=b.split.train_times, rows=b.split.train_users.size), DataConfig(eval_negatives=5))
     text = format_summary({**meta_of(DataConfig(), plain, "log.csv", 1.0), **extra})
     assert "events" not in text and "context" not in text and "features" not in text
+
+
+def test_feature_id_col_names_both_tables_or_each():
+    from ncf_ray.data.prepare import feature_id_col
+
+    assert feature_id_col(None, "items", "sku") == "sku"
+    assert feature_id_col("id", "users", "uid") == "id"
+    assert [feature_id_col("items=pid", w, "log") for w in ("items", "users")] == ["pid", "log"]
+    with pytest.raises(UserError, match="expected NAME or items=NAME,users=NAME"):
+        feature_id_col("products=pid", "items", "sku")
