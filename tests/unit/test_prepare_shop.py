@@ -13,15 +13,16 @@ import pytest
 from ncf_ray.config import DataConfig
 from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import load_dataset
-from ncf_ray.data.prepare import (
-    RawLog,
-    build_loo,
+from ncf_ray.data.prepare import RawLog, build_loo, write_dataset
+from ncf_ray.data.prepare import _meta as meta_of
+from ncf_ray.data.shoplog import (
     dedup_events,
     encode_context,
+    encode_side_tables,
     hour_dow,
-    write_dataset,
+    read_side_tables,
+    table_ids,
 )
-from ncf_ray.data.prepare import _meta as meta_of
 from ncf_ray.data.sources import BAD, OK, ColumnSpec, normalise_batch
 from ncf_ray.errors import UserError
 
@@ -210,8 +211,6 @@ def _item_table(path: Path, ids: list, **cols) -> str:
 
 
 def _with_tables(tmp_path: Path, log: RawLog, **cfg_kw):
-    from ncf_ray.data.prepare import encode_side_tables, read_side_tables, table_ids
-
     cfg = _cfg(**cfg_kw)
     tables = read_side_tables(cfg, {})
     b = build_loo(log, cfg, table_ids(tables, "items"))
@@ -278,8 +277,6 @@ def _bad_tables(tmp_path: Path) -> dict[str, tuple[dict, str]]:
 def test_a_bad_side_table_is_one_user_error_line_naming_the_column(tmp_path: Path, case: str):
     cfg_kw, named = _bad_tables(tmp_path)[case]
     if case == "no id of the log":  # ids disjoint from the log's and not joining it: MovieLens' rule
-        from ncf_ray.data.prepare import encode_side_tables, read_side_tables
-
         cfg = _cfg(**cfg_kw)
         tables = read_side_tables(cfg, {})
         with pytest.raises(UserError) as err:
@@ -295,7 +292,7 @@ def test_synthetic_shop_needs_no_flags_events_device_and_both_side_tables(tmp_pa
     """What `ncf-ray prepare synthetic-shop` does, minus Ray: its defaults, the normalised log, both tables;
     the items released late are cold in train and held out in test."""
     from ncf_ray.data.features import write_features
-    from ncf_ray.data.prepare import collect_batches, encode_side_tables, read_side_tables, table_ids
+    from ncf_ray.data.prepare import collect_batches
     from ncf_ray.data.shop import ShopSpec, generate_shop
     from ncf_ray.data.sources import SHOP_SOURCE, shop_columns, shop_defaults, shop_side_tables
 
@@ -357,7 +354,7 @@ def test_summary_prints_event_context_and_feature_lines_only_when_present():
 
 
 def test_feature_id_col_names_both_tables_or_each():
-    from ncf_ray.data.prepare import feature_id_col
+    from ncf_ray.data.shoplog import feature_id_col
 
     assert feature_id_col(None, "items", "sku") == "sku"
     assert feature_id_col("id", "users", "uid") == "id"

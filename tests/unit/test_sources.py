@@ -302,7 +302,7 @@ def test_movielens_from_a_partial_folder_or_the_ratings_file_itself(tmp_path):
 def test_movielens_1m_side_tables_keep_the_papers_item_set(tmp_path):
     """movies.dat / users.dat beside ratings.dat become side tables; movies nobody rated stay out of the vocab
     (LogSource.cold_items is False for MovieLens), and a folder with the ratings only brings no tables."""
-    from ncf_ray.data.prepare import encode_side_tables
+    from ncf_ray.data.shoplog import encode_side_tables
     from ncf_ray.data.sources import movielens_tables
 
     ml = tmp_path / "ml-1m"
