@@ -91,7 +91,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--item-features", default=None, metavar="FILE", help="item side table (id + columns)")
     g.add_argument("--user-features", default=None, metavar="FILE", help="user side table (id + columns)")
     g.add_argument("--feature-id-col", default=None,
-                   help="id column of the side tables (default the log's --item-col / --user-col)")
+                   help="id column of the side tables: NAME, or items=NAME,users=NAME (default the log's "
+                        "--item-col / --user-col)")
     g.add_argument("--text-cols", type=_csv_names, default=None, help="side-table text columns (hashed words)")
     g.add_argument("--vector-cols", type=_csv_names, default=None,
                    help="side-table columns of fixed-length float vectors (precomputed embeddings)")
@@ -123,7 +124,9 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                      max_bad_fraction=args.max_bad_fraction, seed=args.seed, shards=args.shards,
                      **_shop_flags(args))
     if args.source == "synthetic-shop":
-        synthetic = _shop_spec(args)
+        from ncf_ray.data.shop import shop_spec
+
+        synthetic = shop_spec(args.users, args.items, args.interactions, seed=args.seed)
     else:
         synthetic = synthetic_spec(args.source, args.users, args.items, args.interactions, seed=args.seed)
     if args.local_from and not args.source.startswith("movielens"):
@@ -136,14 +139,6 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     if args.json:
         _print_json_last(summary)
     return 0
-
-
-def _shop_spec(args: argparse.Namespace) -> Any:
-    """synthetic-shop's ShopSpec from --users/--items/--interactions/--seed (None sizes keep its defaults)."""
-    from ncf_ray.data.shop import ShopSpec
-
-    sizes = {"users": args.users, "items": args.items, "interactions": args.interactions}
-    return ShopSpec(**{k: v for k, v in sizes.items() if v is not None}, seed=args.seed)
 
 
 def _shop_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,7 +4,9 @@ in the dataset dir's `features/`, read them back, and encode one new entity at s
 `ncf-ray prepare SOURCE --item-features FILE --user-features FILE` calls, per table: `read_side_table` (any format
 prepare reads), `encode_side_table` (against the log's vocab, with bucket edges from train entities only), then
 `write_features`. Training, export and serving call `read_features`; serving and `ncf-ray update` call
-`encode_row_values` for an entity that is not in the table. Pure numpy/pyarrow, no Ray.
+`encode_row_values` for an entity that is not in the table, and `extend_features` to append the rows of entities
+an update adds to the vocab. Pure numpy/pyarrow, no Ray. File reading lives in
+side_read.py, value parsing in side_values.py, the MovieLens tables in movielens_features.py.
 
 Layout (ARCHITECTURE / contract §3). Every column owns the global ids [offset, offset + size) of one shared id
 space: `offset` is the column's reserved id (value missing, or never seen when the vocab was built), `offset + 1 +
@@ -14,10 +16,11 @@ of slots (its distinct values in order, then 0s), a vector column none (it fills
 
 Column kinds, decided per column in this order:
   vector       `vector_cols`, or an Arrow list of numbers: fixed length, else UserError naming column and row
-  text         `text_cols`: lowercased words (runs of letters/digits) hashed with zlib.crc32 into hash_buckets
+  text         `text_cols`: lowercased words (letters, digits, marks of any script) crc32-hashed into buckets
   bag          `bag_cols`, an Arrow list of strings, or text values holding `bag_sep` (genres, tags): own vocab
   categorical  `categorical_cols`, booleans, and text that is not all numbers: own vocab
-  bucket       `numeric_cols`, numbers, and text that is all numbers ("NA"-like words count as missing):
+  bucket       `numeric_cols`, numbers, dates/timestamps (as epoch seconds, also ISO 8601 text), and text that
+               is all numbers ("NA"-like words count as missing):
                quantile edges from the values of entities with train interactions only, so a cold item's price
                never moves an edge
 Vocabularies (categorical, bag) come from every row of the table whose id is in the log's vocab, not only from
@@ -27,11 +30,8 @@ train entities: a cold item's category then has its own id, which is what lets a
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shutil
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +42,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ncf_ray.data import schema as S
+from ncf_ray.data import side_values as V
+from ncf_ray.data.side_read import BAD_ROWS_KEY, SOURCE_KEY, read_delimited, read_side_table
 from ncf_ray.errors import UserError
+
+__all__ = ["BAG", "BUCKET", "CATEGORICAL", "KINDS", "TEXT", "VECTOR", "EncodedFeatures", "SideOptions", "describe",
+           "encode_row_values", "encode_side_table", "extend_features", "infer_kind", "movielens_side_tables", "read_delimited",
+           "read_features", "read_side_table", "side_ids", "write_features"]
 
 CATEGORICAL, BUCKET, BAG, TEXT, VECTOR = "categorical", "bucket", "bag", "text", "vector"
 KINDS = (CATEGORICAL, BUCKET, BAG, TEXT, VECTOR)
 TABLES = ("items", "users")
-# Text values that mean "no value" in a numeric column (a price of "N/A" is missing, not a category).
-MISSING_WORDS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", "-"})
-WORD_RE = re.compile(r"[^\W_]+")  # letters and digits of any script; '_' and punctuation split words
-VECTOR_SPLIT_RE = re.compile(r"[,;\s|]+")
-SOURCE_KEY = b"ncf_ray.source"  # schema metadata read_side_table sets: the file name, for messages and the spec
-BAD_ROWS_KEY = b"ncf_ray.bad_rows"  # delimited rows with the wrong field count, skipped by read_side_table
 
 
 @dataclass(frozen=True)
@@ -111,263 +111,11 @@ class EncodedFeatures:
         return int(self.spec["n_ids"])
 
 
-# ============================================================================================ reading
-def read_side_table(path: str | Path, id_col: str, what: str, sep: str | None = None) -> pa.Table:
-    """A side table from a file, directory or glob of CSV/TSV/TXT/DAT/Parquet/JSON Lines (optionally .gz), local
-    or a pyarrow URI. Delimited text is read with a header line naming the columns, every value as text (so ids
-    stay as written); .txt/.dat need `sep` or are sniffed from the header ('::', tab, '|', ','). Rows with the
-    wrong number of fields are skipped and counted (schema metadata BAD_ROWS_KEY). `what` ("items"/"users")
-    only names the table in messages. Missing id column, an unreadable or empty file -> UserError naming it."""
-    from ncf_ray.data.sources import _list_files, _split_ext
-
-    source = str(path)
-    fs, files = _list_files(source)
-    tables, bad = [], 0
-    for f in files:
-        fmt, compression = _split_ext(f)
-        if not fmt:
-            raise UserError(f"{what} table {f}: unknown format: expected .csv, .tsv, .txt/.dat, .parquet, .jsonl "
-                            f"or .json (optionally .gz)")
-        try:
-            table, n_bad = _read_one(fs, f, fmt, compression, sep)
-        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"{what} table {f}: cannot read as {fmt}: {first}") from None
-        if id_col not in table.column_names:
-            raise UserError(f"{what} table {f}: missing id column {id_col!r}; columns found: "
-                            f"{', '.join(table.column_names) or '(none)'}")
-        tables.append(table)
-        bad += n_bad
-    names = tables[0].column_names
-    for f, t in zip(files, tables):
-        if sorted(t.column_names) != sorted(names):
-            raise UserError(f"{what} table {f}: columns {', '.join(t.column_names)} differ from {files[0]}'s "
-                            f"{', '.join(names)}")
-    table = pa.concat_tables([t.select(names) for t in tables], promote_options="permissive")
-    if table.num_rows == 0:
-        raise UserError(f"{what} table {source}: no rows")
-    name = os.path.basename(files[0]) if len(files) == 1 else source
-    return table.replace_schema_metadata({SOURCE_KEY: name.encode(), BAD_ROWS_KEY: str(bad).encode()})
-
-
-def _read_one(fs: Any, path: str, fmt: str, compression: str | None, sep: str | None) -> tuple[pa.Table, int]:
-    """(table, rows skipped) of one file."""
-    from ncf_ray.data.sources import _open
-
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path, filesystem=fs), 0
-    with _open(fs, path, compression) as fh:
-        data = fh.read()
-    if fmt in ("jsonl", "json"):
-        return _read_json(data, fmt), 0
-    sep = sep or {"csv": ",", "tsv": "\t"}.get(fmt) or _sniff_sep(data)
-    return read_delimited(data.decode("utf-8"), sep)
-
-
-def _read_json(data: bytes, fmt: str) -> pa.Table:
-    import pyarrow.json as pajson
-
-    try:
-        return pajson.read_json(pa.BufferReader(data))
-    except pa.ArrowInvalid:
-        if fmt != "json":
-            raise
-        rows = json.loads(data)
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise ValueError("expected objects, one per line, or one array of objects") from None
-        return pa.Table.from_pylist(rows)
-
-
-def _sniff_sep(data: bytes) -> str:
-    header = data[:1 << 16].split(b"\n", 1)[0].decode("utf-8", errors="replace")
-    for sep in ("::", "\t", "|", ","):
-        if sep in header:
-            return sep
-    raise UserError(f"cannot tell the separator of a .txt/.dat side table from its header {header[:80]!r}; "
-                    f"give it as a .csv or .tsv file")
-
-
-def read_delimited(text: str, sep: str, names: Sequence[str] | None = None) -> tuple[pa.Table, int]:
-    """Delimited text -> (table of trimmed, unquoted text columns, rows with the wrong field count). `names`
-    None: the first line names the columns. Blank lines are skipped. Used for side tables and for the
-    MovieLens files (which have no header)."""
-    from ncf_ray.data.sources import _strip_quotes, split_fields
-
-    lines = [ln.rstrip("\r") for ln in text.split("\n")]
-    lines = [ln for ln in lines if ln.strip()]
-    if names is None:
-        if not lines:
-            return pa.table({}), 0
-        names = [n for n in _strip_quotes(pa.array(_split_header(lines[0], sep))).to_pylist()]
-        lines = lines[1:]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate column names in the header: {', '.join(names)}")
-    if len(sep) == 1:
-        return _read_csv(lines, sep, names)
-    table, bad = split_fields(pa.array(lines, pa.string()), sep, names)
-    return table, len(bad)
-
-
-def _split_header(line: str, sep: str) -> list[str]:
-    if len(sep) == 1:
-        import csv
-
-        return next(csv.reader([line], delimiter=sep))
-    return line.split(sep)
-
-
-def _read_csv(lines: list[str], sep: str, names: Sequence[str]) -> tuple[pa.Table, int]:
-    """One-character separator through pyarrow.csv, so quoted fields may hold the separator."""
-    import pyarrow.csv as pacsv
-
-    bad: list[str] = []
-
-    def on_invalid(row: Any) -> str:
-        bad.append(row.text)
-        return "skip"
-
-    if not lines:
-        return pa.table({n: pa.array([], pa.string()) for n in names}), 0
-    table = pacsv.read_csv(
-        pa.BufferReader(("\n".join(lines) + "\n").encode()),
-        read_options=pacsv.ReadOptions(column_names=list(names)),
-        parse_options=pacsv.ParseOptions(delimiter=sep, invalid_row_handler=on_invalid),
-        convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
-                                             strings_can_be_null=False))
-    return pa.table({c: pc.utf8_trim_whitespace(table.column(c)) for c in table.column_names}), len(bad)
-
-
 def side_ids(table: pa.Table, id_col: str) -> np.ndarray:
     """The table's ids as the log's vocab writes them (str): integers canonically ('7' for 7 and 7.0), text
     exactly as given (trimmed). As in the log, text is never rewritten, so '007' in a side table is not 7: the
     log keeps '0012' and '12' apart too (sources._ids). Missing ids are ''."""
-    return _as_text(table.column(id_col).combine_chunks()).fill_null("").to_numpy(zero_copy_only=False).astype(str)
-
-
-# ============================================================================================ value parsing
-def _plain(arr: pa.Array) -> pa.Array:
-    """Dictionary arrays decoded; chunked arrays combined."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_dictionary(arr.type):
-        arr = arr.dictionary_decode()
-    return arr
-
-
-def _is_list(t: pa.DataType) -> bool:
-    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
-
-
-def _is_number(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
-
-
-def _scalar_text(v: Any) -> str | None:
-    """One Python value as the text a vocab stores: whole floats as integers, text trimmed, '' -> None."""
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return None
-        return str(int(v)) if v.is_integer() else repr(v)
-    text = str(v).strip()
-    return text or None
-
-
-def _as_text(arr: pa.Array) -> pa.Array:
-    """A column as vocab text (nulls where missing): see _scalar_text."""
-    arr = _plain(arr)
-    t = arr.type
-    if pa.types.is_integer(t):
-        return pc.cast(arr, pa.string())
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        text = pc.utf8_trim_whitespace(pc.cast(arr, pa.string()))
-        return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
-    if _is_list(t) or pa.types.is_struct(t) or pa.types.is_map(t):
-        raise TypeError(f"a {t} value where a single value is expected")
-    return pa.array([_scalar_text(v) for v in arr.to_pylist()], pa.string())
-
-
-def _as_float(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(values float64 with NaN where missing or unparseable, mask of values present but not numbers)."""
-    import pandas as pd
-
-    arr = _plain(arr)
-    if _is_number(arr.type) or pa.types.is_boolean(arr.type):
-        vals = pc.cast(arr, pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float64)
-        return np.where(np.isfinite(vals), vals, np.nan), np.zeros(len(arr), bool)
-    text = pd.Series(_as_text(arr).to_pylist(), dtype=object)
-    missing = np.asarray([v is None or v.lower() in MISSING_WORDS for v in text])
-    vals = np.asarray(pd.to_numeric(text.where(~missing, None), errors="coerce"), dtype=np.float64)
-    vals = np.where(np.isfinite(vals), vals, np.nan)
-    return vals, ~missing & np.isnan(vals)
-
-
-def _bag_values(arr: pa.Array, sep: str) -> list[list[str]]:
-    """Each row's distinct values in order: an Arrow list's elements, or text split on `sep`."""
-    arr = _plain(arr)
-    if _is_list(arr.type):
-        rows = [[t for t in (_scalar_text(v) for v in (row or ())) if t] for row in arr.to_pylist()]
-    else:
-        rows = [[p.strip() for p in v.split(sep) if p.strip()] if v else [] for v in _as_text(arr).to_pylist()]
-    return [list(dict.fromkeys(r)) for r in rows]
-
-
-def _text_tokens(arr: pa.Array, hash_buckets: int) -> list[list[int]]:
-    """Each row's distinct hashed words in order (crc32 is stable across processes, unlike hash())."""
-    texts = _bag_values(arr, "\0") if _is_list(_plain(arr).type) else [[v] if v else [] for v in
-                                                                      _as_text(arr).to_pylist()]
-    out = []
-    for parts in texts:
-        words = WORD_RE.findall(" ".join(parts).lower())
-        out.append(list(dict.fromkeys(zlib.crc32(w.encode("utf-8")) % hash_buckets for w in words)))
-    return out
-
-
-def _vector_rows(arr: pa.Array, name: str, row_ids: Sequence[str], where: str) -> list[list[float] | None]:
-    """Each row's vector (None when missing): an Arrow list of numbers, or text like '0.1 0.2' / '[0.1, 0.2]'."""
-    arr = _plain(arr)
-    if _is_list(arr.type):
-        originals = rows = arr.to_pylist()
-    elif pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type) or pa.types.is_null(arr.type):
-        originals, rows = arr.to_pylist(), []
-        for text in originals:
-            text = (text or "").strip().strip("[]()").strip()
-            rows.append(VECTOR_SPLIT_RE.split(text) if text else None)
-    else:
-        raise UserError(f"{where}: column {name!r} is a vector column but holds {arr.type} values, e.g. "
-                        f"{_sample(arr)!r}; expected lists of numbers or text like '0.1 0.2 0.3'")
-    out: list[list[float] | None] = []
-    for k, row in enumerate(rows):
-        if row is None or len(row) == 0:
-            out.append(None)
-            continue
-        try:
-            vec = [float(v) for v in row]
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: {_short(originals[k])!r} is not a "
-                            f"vector of numbers") from None
-        if not all(math.isfinite(v) for v in vec):
-            raise UserError(f"{where}: column {name!r}, id {row_ids[k]!r}: the vector holds NaN or inf")
-        out.append(vec)
-    return out
-
-
-def _sample(arr: pa.Array) -> Any:
-    """The first non-null value of a column, for messages."""
-    for v in _plain(arr).to_pylist():
-        if v is not None and v != "":
-            return _short(v)
-    return None
-
-
-def _short(v: Any) -> Any:
-    text = v if isinstance(v, str) else repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return V.as_text(table.column(id_col).combine_chunks()).fill_null("").to_numpy(zero_copy_only=False).astype(str)
 
 
 # ============================================================================================ fitting columns
@@ -376,40 +124,50 @@ def infer_kind(name: str, arr: pa.Array, options: SideOptions) -> str:
     for kind, cols in options.forced().items():
         if name in cols:
             return kind
-    arr = _plain(arr)
+    arr = V.plain(arr)
     t = arr.type
-    if _is_list(t):
-        return VECTOR if _is_number(t.value_type) else BAG
+    if V.is_list(t):
+        return VECTOR if V.is_number(t.value_type) else BAG
     if pa.types.is_boolean(t):
         return CATEGORICAL
-    if _is_number(t):
+    if V.is_number(t) or V.is_time(t):
         return BUCKET
     if pa.types.is_struct(t) or pa.types.is_map(t) or pa.types.is_binary(t):
-        raise TypeError(f"unsupported type {t}")
-    text = _as_text(arr).drop_null()
+        raise V.UnsupportedValue(f"unsupported type {t}")
+    text = V.as_text(arr).drop_null()
     if len(text) and pc.any(pc.match_substring(text, options.bag_sep)).as_py():
         return BAG
     if len(text):
-        _, unparsed = _as_float(text)
-        present = np.asarray([v.lower() not in MISSING_WORDS for v in text.to_pylist()])
-        if present.any() and not unparsed.any():
+        _, unparsed = V.as_float(text)
+        if not V.missing_words(text).all() and not unparsed.any():
+            return BUCKET
+        if V.looks_like_time(text):
             return BUCKET
     return CATEGORICAL
+
+
+def _train_unseen(vocab: list[str], train_values: pa.Array) -> int:
+    """How many vocab values no entity with train interactions has: their embeddings get no gradient in training
+    (the vocab still holds them, so a cold item's own value is not confused with another's)."""
+    return len(vocab) - len(pc.unique(train_values)) if len(train_values) else len(vocab)
 
 
 def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, options: SideOptions,
                 row_ids: Sequence[str], where: str) -> dict[str, Any]:
     """The column's spec (kind extras, size, width in slots or dims) from its values on the table's known rows.
     A column with no value at all, or none parseable for its kind -> UserError naming it and a sample."""
-    sample = _sample(arr)
+    sample = V.sample(arr)
     if sample is None:
         raise UserError(f"{where}: column {name!r} is empty (no value on any of its {len(arr)} rows)")
     col: dict[str, Any] = {"name": name, "kind": kind}
     if kind == CATEGORICAL:
-        vocab = sorted(set(_as_text(arr).drop_null().to_pylist()))
-        col.update(vocab=vocab, size=1 + len(vocab), width=1)
+        text = V.as_text(arr)
+        vocab = sorted(set(text.drop_null().to_pylist()))
+        col.update(vocab=vocab, size=1 + len(vocab), width=1,
+                   train_unseen=_train_unseen(vocab, text.filter(pa.array(train_rows)).drop_null()))
     elif kind == BUCKET:
-        vals, unparsed = _as_float(arr)
+        time = V.is_time(V.plain(arr).type) or V.looks_like_time(arr)
+        vals, unparsed = V.as_float(arr, time=time)
         if np.isnan(vals).all():
             raise UserError(f"{where}: column {name!r} has no numeric value (e.g. {sample!r})")
         train_vals = vals[train_rows & ~np.isnan(vals)]
@@ -419,29 +177,31 @@ def _fit_column(name: str, kind: str, arr: pa.Array, train_rows: np.ndarray, opt
         qs = np.quantile(train_vals, np.linspace(0, 1, options.buckets + 1)[1:-1])
         edges = [float(e) for e in np.unique(qs)]
         col.update(edges=edges, size=1 + len(edges) + 1, width=1, unparsed=int(unparsed.sum()))
+        if time:
+            col["time"] = True  # edges are epoch seconds; a new entity's value may come as an ISO date
     elif kind == BAG:
-        rows = _bag_values(arr, options.bag_sep)
-        vocab = sorted({v for r in rows for v in r})
-        longest = max(len(r) for r in rows)
-        col.update(vocab=vocab, sep=options.bag_sep, size=1 + len(vocab),
-                   width=max(1, min(options.max_bag, longest)), truncated=sum(len(r) > options.max_bag for r in rows))
+        rows_all, values = V.bag_flat(arr, options.bag_sep)
+        uniq = pc.unique(values)
+        rows, _ = V.first_per_row(rows_all, np.asarray(pc.index_in(values, value_set=uniq).to_numpy(), np.int64))
+        counts = V.per_row(rows, len(arr))
+        vocab = sorted(uniq.to_pylist())
+        col.update(vocab=vocab, sep=options.bag_sep, size=1 + len(uniq),
+                   width=max(1, min(options.max_bag, int(counts.max()))),
+                   truncated=int((counts > options.max_bag).sum()),
+                   train_unseen=_train_unseen(vocab, values.filter(pa.array(train_rows[rows_all]))))
     elif kind == TEXT:
-        tokens = _text_tokens(arr, options.hash_buckets)
-        longest = max(len(r) for r in tokens)
+        longest = int(V.per_row(V.first_per_row(*V.text_flat(arr, options.hash_buckets))[0], len(arr)).max())
         if longest == 0:
             raise UserError(f"{where}: text column {name!r} has no words (e.g. {sample!r})")
         col.update(hash_buckets=options.hash_buckets, max_tokens=options.max_tokens, size=1 + options.hash_buckets,
                    width=min(options.max_tokens, longest))
     elif kind == VECTOR:
-        vecs = _vector_rows(arr, name, row_ids, where)
-        dims = {len(v) for v in vecs if v is not None}
-        if not dims:
+        lengths, _ = V.vectors(arr, name, row_ids, where)
+        present = np.flatnonzero(lengths)
+        if present.size == 0:
             raise UserError(f"{where}: vector column {name!r} has no vector (e.g. {sample!r})")
-        dim = next(len(v) for v in vecs if v is not None)
-        for k, v in enumerate(vecs):
-            if v is not None and len(v) != dim:
-                raise UserError(f"{where}: vector column {name!r}, id {row_ids[k]!r}: length {len(v)}, expected "
-                                f"{dim} (the first vector's length)")
+        dim = int(lengths[present[0]])
+        _check_lengths(lengths, dim, name, row_ids, where, "the first vector's length")
         col.update(dim=dim, size=0, width=dim)
     else:
         raise ValueError(f"unknown column kind {kind!r}")
@@ -474,42 +234,46 @@ def _encode_column(col: dict[str, Any], arr: pa.Array, strict: bool = False) -> 
     out = np.zeros((n, width), np.int64)
     kind = col["kind"]
     if kind == CATEGORICAL:
-        codes = pc.index_in(_as_text(arr), value_set=pa.array(col["vocab"], pa.string()))
+        codes = pc.index_in(V.as_text(arr), value_set=pa.array(col["vocab"], pa.string()))
         codes = np.asarray(codes.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
         out[:, 0] = offset + 1 + codes  # -1 (unseen/missing) lands on offset
     elif kind == BUCKET:
-        vals, unparsed = _as_float(arr)
+        vals, unparsed = V.as_float(arr, time=col.get("time", False))
         if strict and unparsed.any():
-            raise UserError(f"feature {col['name']!r} wants a number, got {_sample(arr)!r}")
+            raise UserError(f"feature {col['name']!r} wants a number, got {V.sample(arr)!r}")
         code = np.searchsorted(np.asarray(col["edges"], np.float64), np.nan_to_num(vals), side="right")
         out[:, 0] = np.where(np.isnan(vals), offset, offset + 1 + code)
-    elif kind in (BAG, TEXT):
-        if kind == BAG:
-            index = {v: k for k, v in enumerate(col["vocab"])}
-            rows = [[index.get(v, -1) for v in r] for r in _bag_values(arr, col["sep"])]
-        else:
-            rows = _text_tokens(arr, col["hash_buckets"])
-        for k, r in enumerate(rows):
-            ids = list(dict.fromkeys(offset + 1 + c if c >= 0 else offset for c in r))[:width] or [offset]
-            out[k, :len(ids)] = ids
+    elif kind == BAG:
+        rows, values = V.bag_flat(arr, col["sep"])
+        codes = pc.index_in(values, value_set=pa.array(col["vocab"], pa.string())).fill_null(-1)
+        ids = offset + 1 + np.asarray(codes.to_numpy(zero_copy_only=False), np.int64)  # unseen -> offset
+        out = V.scatter(*V.first_per_row(rows, ids), n, width, offset)
+    elif kind == TEXT:
+        rows, hashes = V.text_flat(arr, col["hash_buckets"])
+        out = V.scatter(*V.first_per_row(rows, offset + 1 + hashes), n, width, offset)
     else:
         raise ValueError(f"column {col['name']!r} of kind {kind!r} has no ids")
     return out
+
+
+def _check_lengths(lengths: np.ndarray, dim: int, name: str, row_ids: Sequence[str], where: str,
+                   why: str = "the column's dim") -> None:
+    wrong = np.flatnonzero((lengths != 0) & (lengths != dim))
+    if wrong.size:
+        k = int(wrong[0])
+        raise UserError(f"{where}: vector column {name!r}, id {row_ids[k]!r}: length {lengths[k]}, expected {dim} "
+                        f"({why})")
 
 
 def _dense_column(col: dict[str, Any], arr: pa.Array, row_ids: Sequence[str],
                   where: str) -> tuple[np.ndarray, np.ndarray]:
     """(float32 [n, dim], mask of rows with a vector) of one vector column; a missing vector is zeros, a wrong
     length a UserError naming the column and the row's id."""
+    lengths, values = V.vectors(arr, col["name"], row_ids, where)
+    _check_lengths(lengths, col["dim"], col["name"], row_ids, where)
+    present = lengths > 0
     out = np.zeros((len(arr), col["dim"]), np.float32)
-    present = np.zeros(len(arr), bool)
-    for k, v in enumerate(_vector_rows(arr, col["name"], row_ids, where)):
-        if v is None:
-            continue
-        if len(v) != col["dim"]:
-            raise UserError(f"{where}: vector column {col['name']!r}, id {row_ids[k]!r}: length {len(v)}, "
-                            f"expected {col['dim']}")
-        out[k], present[k] = v, True
+    out[present] = values.reshape(-1, col["dim"])
     return out, present
 
 
@@ -566,9 +330,9 @@ def encode_side_table(table: pa.Table, options: SideOptions, vocab_ids: np.ndarr
         arr = table.column(name).take(pa.array(rows)).combine_chunks()
         try:
             kind = infer_kind(name, arr, options)
-        except TypeError as exc:
+            cols.append(_fit_column(name, kind, arr, train_rows, options, row_ids, where))
+        except V.UnsupportedValue as exc:
             raise UserError(f"{where}: column {name!r}: {exc}") from None
-        cols.append(_fit_column(name, kind, arr, train_rows, options, row_ids, where))
     n_ids, slots, dense_dim = _layout(cols)
 
     n = vocab_ids.size
@@ -603,19 +367,24 @@ def _value_array(value: Any, kind: str) -> pa.Array:
         if kind == VECTOR:
             return pa.array([list(value)], pa.list_(pa.float64()))
         if kind == BAG:
-            return pa.array([[_scalar_text(v) for v in value]], pa.list_(pa.string()))
+            return pa.array([[V.scalar_text(v) for v in value]], pa.list_(pa.string()))
         raise TypeError(f"a list where a single value is expected (a {kind} feature)")
     if isinstance(value, dict):
         raise TypeError(f"an object where a single value is expected (a {kind} feature)")
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        value = _scalar_text(value)
+        value = V.scalar_text(value)
     return pa.array([value])
 
 
-def encode_row_values(spec: dict[str, Any], raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+def encode_row_values(spec: dict[str, Any] | list[dict[str, Any]],
+                      raw: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """Ids int32 [S] (and dense float32 [V], or None) of one new entity from its raw values {column: value}, as
     encode_side_table would have encoded its row: unseen or absent values -> reserved ids. A column name that is
-    not in the spec, a number column given text, or a vector of the wrong length -> UserError naming it."""
+    not in the spec, a number column given text, or a vector of the wrong length -> UserError naming it.
+    `spec` may also be just its "columns" list (contract §3 names it so)."""
+    if isinstance(spec, list):
+        spec = {"columns": spec, "slots": max((c["slots"][1] for c in spec if "slots" in c), default=0),
+                "dense_dim": max((c["dims"][1] for c in spec if "dims" in c), default=0)}
     by_name = {c["name"]: c for c in spec["columns"]}
     unknown = [k for k in raw if k not in by_name and k != spec.get("id_col")]
     if unknown:
@@ -635,6 +404,52 @@ def encode_row_values(spec: dict[str, Any], raw: dict[str, Any]) -> tuple[np.nda
             lo, hi = col["slots"]
             ids[lo:hi] = _encode_column(col, arr, strict=True)[0]
     return ids.astype(np.int32), dense
+
+
+def extend_features(enc: EncodedFeatures, new_ids: np.ndarray, table: pa.Table | None = None,
+                    what: str = "items") -> EncodedFeatures:
+    """`enc` with one row appended per entry of `new_ids` (raw ids of entities added after it was built: an
+    `ncf-ray update` growing the vocab), each encoded from its row of `table` against the frozen spec (the same
+    vocab and bucket edges, so every existing id keeps its meaning; unseen values -> reserved ids), or all-reserved
+    when `table` is None or has no row for it. Spec columns the table lacks stay reserved; extra columns are
+    ignored (a trained model cannot take a new column). Old rows are unchanged. stats gains "appended" and
+    "appended_without_row"."""
+    spec = json.loads(json.dumps(enc.spec))  # a copy: the caller's spec stays as it was
+    new_ids = np.asarray(new_ids).astype(str)
+    n, cols = new_ids.size, spec["columns"]
+    ids = np.tile(_reserved_row(cols, spec["slots"]), (n, 1))
+    dense = np.zeros((n, spec["dense_dim"]), np.float32) if spec["dense_dim"] else None
+    found = np.zeros(n, bool)
+    if table is not None and n:
+        where = f"{what} table {(table.schema.metadata or {}).get(SOURCE_KEY, what.encode()).decode()}"
+        if spec["id_col"] not in table.column_names:
+            raise UserError(f"{where}: missing id column {spec['id_col']!r}; columns found: "
+                            f"{', '.join(table.column_names)}")
+        raw = side_ids(table, spec["id_col"])
+        uniq, first = np.unique(raw, return_index=True)  # the first row of a repeated id counts
+        pos = pc.index_in(pa.array(new_ids, pa.string()), value_set=pa.array(uniq, pa.string()))
+        pos = np.asarray(pos.fill_null(-1).to_numpy(zero_copy_only=False), np.int64)
+        found = pos >= 0
+        rows = pa.array(first[pos[found]])
+        row_ids = new_ids[found].tolist()
+        for col in cols:
+            if col["name"] not in table.column_names:
+                continue
+            arr = table.column(col["name"]).take(rows).combine_chunks()
+            try:
+                if col["kind"] == VECTOR:
+                    lo, hi = col["dims"]
+                    dense[found, lo:hi] = _dense_column(col, arr, row_ids, where)[0]
+                else:
+                    lo, hi = col["slots"]
+                    ids[found, lo:hi] = _encode_column(col, arr)
+            except V.UnsupportedValue as exc:
+                raise UserError(f"{where}: column {col['name']!r}: {exc}") from None
+    stats = spec.setdefault("stats", {})
+    stats["appended"] = int(stats.get("appended", 0) + n)
+    stats["appended_without_row"] = int(stats.get("appended_without_row", 0) + n - int(found.sum()))
+    all_dense = None if dense is None else np.concatenate([enc.dense, dense])
+    return EncodedFeatures(np.concatenate([enc.ids, ids.astype(np.int32)]), all_dense, spec)
 
 
 # ============================================================================================ storing
@@ -674,6 +489,11 @@ def write_features(directory: str | Path, items: EncodedFeatures | None, users: 
             save_file(tensors, str(tmp / S.FEATURE_FILES[what]))
         (tmp / S.FEATURES_JSON).write_text(json.dumps({k: v.spec for k, v in tables.items()}, indent=2,
                                                       sort_keys=True))
+        # safetensors writes 0600; give its files the mode a plain file gets here (0666 & ~umask), so a dataset
+        # dir or artifact copied somewhere shared stays readable like its Parquet files.
+        mode = (tmp / S.FEATURES_JSON).stat().st_mode & 0o777
+        for what in tables:
+            os.chmod(tmp / S.FEATURE_FILES[what], mode)
         old = root / f".{S.FEATURES_DIR}.old-{os.getpid()}"
         if dest.exists():
             os.replace(dest, old)
@@ -733,7 +553,9 @@ def describe(spec: dict[str, Any]) -> list[str]:
             what = f"words hashed into {col['hash_buckets']}, up to {col['slots'][1] - col['slots'][0]} per row"
         else:
             what = f"{col['dim']} dims (learned projection)"
-        missing = f", {col['missing']} rows missing" if col.get("missing") else ""
+        missing = f", missing on {col['missing']} rows" if col.get("missing") else ""
+        if col.get("train_unseen"):
+            missing += f", {col['train_unseen']} values only on entities without train interactions"
         lines.append(f"{col['name']}: {kind}, {what}{missing}")
     return lines
 

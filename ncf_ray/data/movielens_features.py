@@ -29,8 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ncf_ray.data.features import BAD_ROWS_KEY, SOURCE_KEY, SideOptions
+from ncf_ray.data.features import SideOptions
 from ncf_ray.data.schema import ITEM_COL, USER_COL
+from ncf_ray.data.side_read import BAD_ROWS_KEY, SOURCE_KEY, read_delimited
+from ncf_ray.data.sources import split_fields
 from ncf_ray.errors import UserError
 
 YEAR_RE = re.compile(r"\s*\((?P<year>\d{4})\)\s*$")  # "Toy Story (1995)" -> 1995, title "Toy Story"
@@ -54,20 +56,20 @@ FILES = {
 
 
 def _member(directory: Path, name: str) -> bytes | None:
-    """The bytes of file `name` in a folder (the shallowest copy), a zip archive, or beside a file; or None."""
+    """The bytes of file `name` under a folder (the shallowest copy), in a zip archive, or beside a file; or None."""
     if directory.is_file() and zipfile.is_zipfile(directory):
         with zipfile.ZipFile(directory) as zf:
             found = sorted((n for n in zf.namelist() if n.rsplit("/", 1)[-1] == name), key=lambda n: n.count("/"))
             return zf.read(found[0]) if found else None
-    folder = directory if directory.is_dir() else directory.parent
-    found = sorted(folder.rglob(name), key=lambda p: (len(p.parts), str(p)))
-    return found[0].read_bytes() if found else None
+    if directory.is_dir():
+        found = sorted(directory.rglob(name), key=lambda p: (len(p.parts), str(p)))
+        return found[0].read_bytes() if found else None
+    beside = directory.parent / name  # the ratings file itself: only its own folder, never a walk above it
+    return beside.read_bytes() if beside.is_file() else None
 
 
 def _lines(data: bytes, encoding: str, sep: str, names: tuple[str, ...], source: str) -> tuple[pa.Table, int]:
     """Header-less lines split on the exact `sep` (MovieLens fields are never quoted) into text columns."""
-    from ncf_ray.data.sources import split_fields
-
     lines = [ln.rstrip("\r") for ln in data.decode(encoding).split("\n") if ln.strip()]
     table, bad = split_fields(pa.array(lines, pa.string()), sep, names)
     if table.num_rows == 0:
@@ -89,8 +91,6 @@ def _split_title(titles: pa.Array) -> tuple[pa.Array, pa.Array]:
 def movies_table(data: bytes, sep: str, encoding: str, source: str, header: bool = False) -> pa.Table:
     """movies.dat (MovieID::Title::Genres) or movies.csv (with a header) -> item_id, title, year, genres."""
     if header:
-        from ncf_ray.data.features import read_delimited
-
         raw, bad = read_delimited(data.decode(encoding), sep)
         raw = raw.rename_columns([ITEM_COL, TITLE, GENRES][: raw.num_columns])
     else:

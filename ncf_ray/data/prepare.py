@@ -6,8 +6,19 @@ keeping the latest, drop users below --min-user-interactions, map raw ids to con
 numerically, strings lexicographically), split leave-one-out by time, draw fixed eval negatives, and write the
 dataset dir of the contract (ARCHITECTURE.md) into a temp dir next to `out`, renamed into place at the end.
 
-The pure steps (`encode_ids`, `dedup_latest`, `split_leave_one_out`, `sample_eval_negatives`) take numpy arrays
-and never touch Ray, so unit tests run them directly.
+Shop logs (issue 14; all optional, without them the dataset is exactly the ID-only one):
+- events (`--event-col`, `--events` in funnel order): dedup keeps the strongest event per (user, item) — or per
+  (user, item, `--dedup-window`) — at its latest time, or every row (`--keep-all-events`); train/valid/test carry
+  column `event` (index into meta["events"]); meta counts each type and names the purchase event;
+- context: hour of day and day of week (UTC) from the timestamps, plus `--context-cols` as categorical (vocab from
+  train rows, anything else 0 = unknown), written as `ctx_<name>` global ids with their spec in meta["context"];
+- side tables (`--item-features`, `--user-features`, or those synthetic-shop / MovieLens bring): read before the
+  log, encoded against the built vocab by data/features.py into `features/`; items of the item table without
+  interactions join the item vocab as cold items (users of the user table do not).
+The shop-log steps live in data/shoplog.py.
+
+The pure steps (`encode_ids`, `dedup_latest`, `split_rows`, `sample_eval_negatives`, `collect_batches`, and
+shoplog's) take numpy/Arrow arrays and never touch Ray, so unit tests run them directly.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +43,19 @@ import pyarrow.parquet as pq
 
 from ncf_ray.config import DataConfig
 from ncf_ray.data import schema as S
+from ncf_ray.data.shoplog import (
+    DOW,
+    HOUR,
+    dedup_events,
+    dedup_rule,
+    encode_context,
+    encode_side_tables,
+    event_meta,
+    features_meta,
+    read_side_tables,
+    shop_summary,
+    table_ids,
+)
 from ncf_ray.errors import UserError
 
 PROTOCOL_LOO = "leave-one-out-by-time"
@@ -63,27 +87,6 @@ def dedup_latest(users: np.ndarray, items: np.ndarray, times: np.ndarray) -> np.
     last = np.ones(order.size, bool)
     last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
     return order[last]
-
-
-def dedup_events(users: np.ndarray, items: np.ndarray, times: np.ndarray, events: np.ndarray | None,
-                 window: int | None = None, keep_all: bool = False) -> np.ndarray:
-    """Indices of the rows to keep, sorted by (user, item, time).
-
-    One row per (user, item) — or per (user, item, time // window) with a window in seconds: the strongest
-    event (highest funnel index), and among rows of that event the latest. `keep_all` keeps every row. Without
-    events and a window this is `dedup_latest`."""
-    if keep_all:
-        return np.lexsort((times, items, users))
-    if events is None and window is None:
-        return dedup_latest(users, items, times)
-    ev = np.zeros(users.size, np.int8) if events is None else events
-    win = np.zeros(users.size, np.int64) if window is None else times // np.int64(window)
-    order = np.lexsort((times, ev, win, items, users))
-    u, i, w = users[order], items[order], win[order]
-    last = np.ones(order.size, bool)
-    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1]) | (w[1:] != w[:-1])
-    kept = order[last]
-    return kept[np.lexsort((times[kept], items[kept], users[kept]))]
 
 
 @dataclass
@@ -128,48 +131,6 @@ def split_leave_one_out(users: np.ndarray, items: np.ndarray, times: np.ndarray,
     """`split_rows` gathered into a Split. Train keeps (user, time, item) order."""
     tr, va, te = split_rows(users, items, times, n_users)
     return Split(users[tr], items[tr], times[tr], items[va], times[va], items[te], times[te])
-
-
-# ============================================================================================ context
-HOUR, DOW = "hour", "dow"
-EPOCH_DOW = 3  # 1970-01-01 was a Thursday; Monday = 0
-
-
-def hour_dow(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """UTC hour of day (0..23) and day of week (0..6, Monday = 0) of int seconds since the epoch."""
-    t = np.asarray(times, dtype=np.int64)
-    return (t // 3600) % 24, (t // 86400 + EPOCH_DOW) % 7
-
-
-def encode_context(times: np.ndarray | None, categorical: dict[str, tuple[np.ndarray, np.ndarray]],
-                   train_rows: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """Per-row global context ids [n, K] int64 and meta["context"] (contract.md 2).
-
-    `times` (None: no time context) gives the hour and dow columns; `categorical` maps a column name to (codes
-    into its raw vocab, raw vocab of str). A categorical column's vocab is its non-empty values seen in the
-    `train_rows`, sorted; other values (valid/test only, or '') map to 0, the global unknown id."""
-    cols: list[np.ndarray] = []
-    specs: list[dict[str, Any]] = []
-    offset = 1
-    if times is not None:
-        hour, dow = hour_dow(times)
-        for name, values, size in ((HOUR, hour, 24), (DOW, dow, 7)):
-            cols.append(offset + values)
-            specs.append({"name": name, "kind": name, "offset": offset, "size": size})
-            offset += size
-    for name, (codes, raw_vocab) in categorical.items():
-        in_train = np.zeros(raw_vocab.size, bool)
-        in_train[codes[train_rows]] = True
-        in_train &= raw_vocab != ""
-        vocab = raw_vocab[in_train]
-        ids = np.where(in_train, offset + np.cumsum(in_train) - 1, 0)
-        cols.append(ids[codes])
-        specs.append({"name": name, "kind": "categorical", "offset": offset, "size": int(vocab.size),
-                      "vocab": vocab.tolist()})
-        offset += int(vocab.size)
-    n = train_rows.size if not cols else cols[0].size
-    ids = np.stack(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), np.int64)
-    return ids, {"n_ids": offset, "columns": specs}
 
 
 def _is_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -281,32 +242,37 @@ def _task_errors_as_user_errors() -> Iterator[None]:
 
 def collect(ds: Any) -> RawLog:
     """Drain a normalised dataset (streaming, block by block) into arrays of its good rows."""
+    with _task_errors_as_user_errors():
+        return collect_batches(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
+
+def collect_batches(batches: Iterable[pa.Table]) -> RawLog:
+    """Normalised batches (sources.normalise_batch's layout) -> arrays of their good rows, bad ones counted."""
     from ncf_ray.data.sources import BAD, BELOW_MIN, ERR_COL, OK, STATUS_COL
 
     users, items, times, events = [], [], [], []
     context: dict[str, list[pa.Array]] = {}
     log = RawLog(None, None, np.empty(0, np.int64))
-    with _task_errors_as_user_errors():
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            status = batch.column(STATUS_COL).to_numpy()
-            log.rows += status.size
-            n_bad = int((status == BAD).sum())
-            if n_bad:
-                log.bad += n_bad
-                if log.example is None:
-                    errs = batch.column(ERR_COL).drop_null()
-                    log.example = errs[0].as_py() if len(errs) else None
-            log.below_min += int((status == BELOW_MIN).sum())
-            if n_bad or (status != OK).any():
-                batch = batch.filter(pa.array(status == OK))
-            users.append(batch.column(S.USER_COL).combine_chunks())
-            items.append(batch.column(S.ITEM_COL).combine_chunks())
-            times.append(batch.column(S.TIME_COL).to_numpy())
-            if S.EVENT_COL in batch.column_names:
-                events.append(batch.column(S.EVENT_COL).to_numpy())
-            for name in batch.column_names:
-                if name.startswith(S.CONTEXT_PREFIX):
-                    context.setdefault(name[len(S.CONTEXT_PREFIX):], []).append(batch.column(name).combine_chunks())
+    for batch in batches:
+        status = batch.column(STATUS_COL).to_numpy()
+        log.rows += status.size
+        n_bad = int((status == BAD).sum())
+        if n_bad:
+            log.bad += n_bad
+            if log.example is None:
+                errs = batch.column(ERR_COL).drop_null()
+                log.example = errs[0].as_py() if len(errs) else None
+        log.below_min += int((status == BELOW_MIN).sum())
+        if n_bad or (status != OK).any():
+            batch = batch.filter(pa.array(status == OK))
+        users.append(batch.column(S.USER_COL).combine_chunks())
+        items.append(batch.column(S.ITEM_COL).combine_chunks())
+        times.append(batch.column(S.TIME_COL).to_numpy())
+        if S.EVENT_COL in batch.column_names:
+            events.append(batch.column(S.EVENT_COL).to_numpy())
+        for name in batch.column_names:
+            if name.startswith(S.CONTEXT_PREFIX):
+                context.setdefault(name[len(S.CONTEXT_PREFIX):], []).append(batch.column(name).combine_chunks())
     log.users, log.items = _ids_to_array(users), _ids_to_array(items)
     log.times = np.concatenate(times) if times else np.empty(0, np.int64)
     log.events = np.concatenate(events).astype(np.int8) if events else None
@@ -344,14 +310,6 @@ class Built:
     shop: dict[str, Any] = field(default_factory=dict)  # meta.json fields of events/context (absent: ID-only)
 
 
-def _dedup_rule(cfg: DataConfig, has_events: bool) -> str:
-    if cfg.keep_all_events:
-        return "none (every event kept)"
-    what = "strongest event, latest among those" if has_events else "latest"
-    per = f"(user, item, {cfg.dedup_window}s window)" if cfg.dedup_window else "(user, item)"
-    return f"{what}, per {per}"
-
-
 def encode_item_ids(log_items: Any, table_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, int]:
     """Item codes of the log rows and the vocab of the sorted union of the log's and a side table's ids, plus
     how many of the table's ids the log lacks (cold items). The union keeps `encode_ids`' rule: ints sort
@@ -383,8 +341,16 @@ def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = 
         item_table_ids = np.unique(np.asarray(item_table_ids, dtype=str))
         item_table_ids = item_table_ids[item_table_ids != ""]  # a row without an id names no item
     icode, ivocab, table_only = encode_item_ids(log.items, item_table_ids)
+    if item_table_ids is not None and item_table_ids.size and table_only == item_table_ids.size:
+        # Every table item would join as a cold item: a wrong id column, not a catalogue of new products.
+        raise UserError(f"item table: none of its {item_table_ids.size} ids is an item id of the log (e.g. "
+                        f"{str(item_table_ids[0])!r}; the log has e.g. {str(ivocab[icode[0]])!r}); check "
+                        f"--feature-id-col")
     ctx_codes = {name: encode_ids(values) for name, values in log.context.items()}
-    keep = dedup_events(ucode, icode, log.times, log.events, cfg.dedup_window, cfg.keep_all_events)
+    if log.events is None and cfg.dedup_window is None and not cfg.keep_all_events:
+        keep = dedup_latest(ucode, icode, log.times)  # the ID-only rule, as before shop logs
+    else:
+        keep = dedup_events(ucode, icode, log.times, log.events, cfg.dedup_window, cfg.keep_all_events)
     duplicates = ucode.size - keep.size
     u, i, t = ucode[keep], icode[keep], log.times[keep]
     ev = log.events[keep] if log.events is not None else None
@@ -418,14 +384,14 @@ def build_loo(log: RawLog, cfg: DataConfig, item_table_ids: np.ndarray | None = 
     shop: dict[str, Any] = {}
     if ev is not None:
         split.train_events, split.valid_events, split.test_events = ev[tr], ev[va], ev[te]
-        shop.update(_event_meta(cfg, ev, split))
+        shop.update(event_meta(cfg, ev, split))
     times = t if cfg.with_time_context else None
     if times is not None or ctx_codes:
         ctx, spec = encode_context(times, ctx_codes, tr)
         split.train_context, split.valid_context, split.test_context = ctx[tr], ctx[va], ctx[te]
         shop["context"] = spec
     if ev is not None or ctx_codes or cfg.dedup_window or cfg.keep_all_events:
-        shop["dedup"] = _dedup_rule(cfg, ev is not None)
+        shop["dedup"] = dedup_rule(cfg, ev is not None)
     if item_table_ids is not None:
         shop["items_without_interactions"] = table_only
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 1]))
@@ -441,23 +407,6 @@ def _table_codes(vocab: np.ndarray, table_ids: np.ndarray) -> np.ndarray:
     text = np.asarray(vocab).astype(str)
     order = np.argsort(text)
     return order[np.searchsorted(text[order], np.asarray(table_ids, dtype=str))]
-
-
-def _event_meta(cfg: DataConfig, ev: np.ndarray, split: Split) -> dict[str, Any]:
-    """meta.json's event fields: names in funnel order, rows kept per type (all splits), the purchase event,
-    and how many held-out rows of each split are purchases (the purchase task's evaluation users)."""
-    names = list(cfg.events)
-    purchase = cfg.purchase_name
-    assert purchase is not None
-    purchase_from = names.index(purchase)
-    counts = np.bincount(ev, minlength=len(names))
-    return {
-        "events": names,
-        "event_counts": {n: int(c) for n, c in zip(names, counts)},
-        "purchase_event": purchase,
-        "held_out_purchases": {"valid": int((split.valid_events >= purchase_from).sum()),
-                               "test": int((split.test_events >= purchase_from).sum())},
-    }
 
 
 def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig, timestamps: bool = True) -> Built:
@@ -523,79 +472,6 @@ def build_ncf(train: RawLog, test: RawLog, negatives: pa.Table, cfg: DataConfig,
                  {"bad_rows": train.bad + test.bad, "duplicates": int(train.users.size - keep.size),
                   "below_min_rating": 0, "sparse_users": 0, "users_without_train": int(n_users - n_kept)},
                  PROTOCOL_NCF, int(u.size + n_kept), valid_from=valid_from, timestamps=timestamps)
-
-
-# ============================================================================================ side tables
-SideTable = tuple[pa.Table, Any]  # (raw table, features.SideOptions)
-
-
-def read_side_tables(cfg: DataConfig, source_tables: dict[str, SideTable]) -> dict[str, SideTable]:
-    """The side tables to encode: --item-features / --user-features files (read now, so a bad file fails before
-    the log is read), else those the source brings (synthetic-shop, MovieLens; none with --no-side-tables).
-    --text-cols / --vector-cols apply to whichever table has the column; one that neither has is a UserError."""
-    tables = dict(source_tables) if cfg.side_tables else {}
-    if cfg.item_features or cfg.user_features:
-        from ncf_ray.data.features import SideOptions, read_side_table
-    for what, path, log_col in (("items", cfg.item_features, cfg.item_col), ("users", cfg.user_features,
-                                                                              cfg.user_col)):
-        if path:
-            id_col = cfg.feature_id_col or log_col
-            try:
-                table = read_side_table(path, id_col, what)
-            except UserError as exc:  # name the flag: "path not found: x.csv" alone does not say which file
-                raise UserError(f"--{what[:-1]}-features: {exc}") from None
-            names = set(table.column_names)
-            opts = SideOptions(id_col=id_col, text_cols=tuple(c for c in cfg.text_cols if c in names),
-                               vector_cols=tuple(c for c in cfg.vector_cols if c in names))
-            tables[what] = (table, opts)
-    for flag, cols in (("--text-cols", cfg.text_cols), ("--vector-cols", cfg.vector_cols)):
-        for col in cols:
-            if not any(col in t.column_names for t, _ in tables.values()):
-                where = ", ".join(f"{w} table: {', '.join(t.column_names)}" for w, (t, _) in tables.items())
-                raise UserError(f"{flag} {col!r} is not a column of any side table ({where or 'none given'})")
-    return tables
-
-
-def table_ids(tables: dict[str, SideTable], what: str) -> np.ndarray | None:
-    """Raw ids (str) of one side table, None without it."""
-    if what not in tables:
-        return None
-    from ncf_ray.data.features import side_ids
-
-    table, opts = tables[what]
-    return side_ids(table, opts.id_col)
-
-
-def encode_side_tables(tables: dict[str, SideTable], b: Built) -> dict[str, Any]:
-    """Encode each side table against the built vocab ("items"/"users" -> features.EncodedFeatures). Bucket
-    edges come from entities with train interactions only."""
-    if not tables:
-        return {}
-    from ncf_ray.data.features import encode_side_table
-
-    s = b.split
-    out = {}
-    for what, vocab, train in (("items", b.item_ids, s.train_items), ("users", b.user_ids, s.train_users)):
-        if what in tables:
-            table, opts = tables[what]
-            mask = np.bincount(train, minlength=vocab.size) > 0
-            out[what] = encode_side_table(table, opts, vocab, mask, what)
-    return out
-
-
-def features_meta(encoded: dict[str, Any], b: Built) -> dict[str, Any]:
-    """meta.json's short account of the side tables (the full specs are features/features.json)."""
-    if not encoded:
-        return {}
-    meta: dict[str, Any] = {"features": {
-        what: {"source": enc.spec.get("source"), "n_ids": enc.n_ids, "slots": enc.spec["slots"],
-               "dense_dim": enc.spec["dense_dim"], "stats": enc.spec.get("stats", {}),
-               "columns": [{"name": c["name"], "kind": c["kind"]} for c in enc.spec["columns"]]}
-        for what, enc in encoded.items()}}
-    if "items" in encoded:
-        counts = np.bincount(b.split.train_items, minlength=b.item_ids.size)
-        meta["cold_items"] = int((counts == 0).sum())
-    return meta
 
 
 # ============================================================================================ writing
@@ -669,6 +545,11 @@ def _check_cfg(cfg: DataConfig) -> None:
                                          ("--user-features", cfg.user_features)) if given]
         if shop:
             raise UserError(f"{shop[0]} does not apply to ncf: sources (the paper's files are kept as given)")
+    named = cfg.source == "synthetic" or cfg.source.startswith("movielens")
+    if named and (cfg.event_col or cfg.context_cols):
+        flag = "--event-col" if cfg.event_col else "--context-cols"
+        raise UserError(f"{flag} does not apply to source {cfg.source!r}: its log has no such columns "
+                        f"(synthetic-shop and files do)")
     clash = {HOUR, DOW} & set(cfg.context_cols) if cfg.with_time_context else set()
     if clash:
         raise UserError(f"--context-cols {sorted(clash)[0]!r} clashes with the time context's own column of that "
@@ -692,7 +573,9 @@ def local_out(out: str | os.PathLike) -> Path:
 def prepare(cfg: DataConfig, out: str | os.PathLike, *, overwrite: bool = False, local_from: str | None = None,
             synthetic: Any = None) -> dict[str, Any]:
     """Run the whole stage; returns the summary (meta.json fields + out, density, rows_read, rows_per_s,
-    timings). `synthetic` is a SyntheticSpec for source 'synthetic'; `local_from` the MovieLens --from path."""
+    timings). `synthetic` is a SyntheticSpec for source 'synthetic' (a shop.ShopSpec for 'synthetic-shop');
+    `local_from` the MovieLens --from path. synthetic-shop needs no other flags: its event column, funnel,
+    device context and side tables come with it (sources.shop_defaults)."""
     from ncf_ray.data.sources import SHOP_SOURCE, NcfSource, open_source, shop_defaults
 
     t0 = time.perf_counter()
@@ -793,32 +676,6 @@ def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _shop_summary(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """format_summary's lines for events, context and side tables, each only when the dataset has it."""
-    rows = []
-    if summary.get("events"):
-        counts = ", ".join(f"{n} {c:,}" for n, c in summary["event_counts"].items())
-        held = summary.get("held_out_purchases", {})
-        rows.append(("events", f"{counts} (purchase = {summary['purchase_event']}+; test purchases "
-                               f"{held.get('test', 0):,})"))
-    if summary.get("dedup"):
-        rows.append(("dedup", summary["dedup"]))
-    if summary.get("context"):
-        cols = ", ".join(f"{c['name']} ({c['size']})" for c in summary["context"]["columns"])
-        rows.append(("context", cols))
-    for what, spec in summary.get("features", {}).items():
-        cols = ", ".join(f"{c['name']}:{c['kind']}" for c in spec.get("columns", []))
-        stats = spec.get("stats", {})
-        rows.append((f"{what} features", f"{cols} (rows {stats.get('rows', 0):,}, unknown ids "
-                                          f"{stats.get('unknown_ids', 0):,}, without a row "
-                                          f"{stats.get('entities_without_row', 0):,})"))
-    if "cold_items" in summary:
-        none = summary.get("items_without_interactions")
-        rows.append(("cold items", f"{summary['cold_items']:,} without train interactions"
-                                   + (f" ({none:,} in the item table only)" if none is not None else "")))
-    return rows
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """The table `ncf-ray prepare` prints."""
     d = summary["dropped"]
@@ -835,7 +692,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("dropped", f"bad {d['bad_rows']:,}, duplicates {d['duplicates']:,}, below min rating "
                     f"{d['below_min_rating']:,}, sparse users {d['sparse_users']:,}"
                     + (f", users without train {d['users_without_train']:,}" if "users_without_train" in d else "")),
-        *_shop_summary(summary),
+        *shop_summary(summary),
         ("rows read", f"{summary['rows_read']:,} ({summary['rows_per_s']:,.0f} rows/s)"),
         ("seconds", f"{summary['seconds']:.1f}"),
         ("out", summary["out"]),

@@ -21,9 +21,10 @@ How the shop is made (vectorised numpy, no per-event Python; one seed → the sa
   predicts the next item. A view's item: category, then brand by the user's brand taste × that brand's item mass in
   the category, then an item by popularity;
 - funnel: each view becomes a cart with mean rate VIEW_TO_CART and each cart a purchase with mean rate
-  CART_TO_PURCHASE (the rates are calibrated exactly in expectation). Carting depends mildly, buying strongly, on
-  the item's price against the user's budget, so "likely to buy" differs from "likely to click". Cart and
-  purchase rows are separate events of the same item, seconds to minutes after the view;
+  CART_TO_PURCHASE (calibrated in expectation, up to rare clipping at 1). Carting depends mildly, buying strongly, on
+  the item's price against the user's budget, and buying also on the category (groceries convert, jewellery is
+  browsed), so "likely to buy" differs from "likely to click". Cart and purchase rows are separate events of the
+  same item, seconds to minutes after the view;
 - new arrivals: `cold_fraction` of the items are released only in the last `cold_days` days and are never viewed
   before release. A user whose final session comes after a release ends it, with probability `new_arrival_rate`,
   with one more view (after all their other events) of a new item chosen by their category/brand tastes and the
@@ -59,6 +60,12 @@ EVENT_NAME_COL = "event"
 DEVICE_COL = "device"
 
 EVENTS = ("view", "cart", "purchase")  # funnel order, weakest first (contract: meta["events"])
+# How prepare should read the side tables and the log's extra columns (what `ncf-ray prepare synthetic-shop`
+# passes as --item-features/--user-features/--text-cols/--context-cols): price is numeric (bucketised), title text.
+ITEM_FEATURE_COLS = ("category", "brand", "price", "title")
+TEXT_COLS = ("title",)
+USER_FEATURE_COLS = ("age_band", "gender", "region")
+CONTEXT_COLS = (DEVICE_COL,)
 DEVICES = ("mobile", "desktop", "app")
 AGE_BANDS = ("18-24", "25-34", "35-44", "45-54", "55+")
 AGE_SHARES = (0.18, 0.30, 0.24, 0.16, 0.12)
@@ -89,7 +96,9 @@ BRAND_NOISE = 1.0  # individual brand taste spread
 CONTEXT_EFFECT = 0.9  # spread of the evening/mobile/weekend category shifts
 CART_PRICE_SLOPE = 0.8  # carting: mild price effect
 CART_BRAND_SLOPE = 0.4  # ... plus liking of the brand
-BUY_PRICE_SLOPE = 3.0  # buying: strong price-vs-budget effect
+BUY_PRICE_SLOPE = 4.0  # buying: strong price-vs-budget effect
+ITEM_PRICE_NOISE = 0.45  # spread of an item's price around its category level × brand premium (log)
+CONVERSION_SPREAD = 1.5  # categories differ in how often a cart is bought (groceries vs. jewellery)
 NEW_FOCUS_BONUS = 1.5  # a new arrival in the session's focus category is this much likelier
 
 # Words for titles: category name and nouns; adjectives; brand syllables.
@@ -134,8 +143,8 @@ class ShopSpec:
         if self.users <= 0 or self.interactions <= 0:
             raise UserError(f"synthetic-shop needs users > 0 and interactions > 0 "
                             f"(got users={self.users}, interactions={self.interactions})")
-        if self.categories < 1 or self.brands < self.categories:
-            raise UserError(f"synthetic-shop needs brands >= categories >= 1 "
+        if self.categories < 3 or self.brands < self.categories:
+            raise UserError(f"synthetic-shop needs brands >= categories >= 3 "
                             f"(got categories={self.categories}, brands={self.brands})")
         if self.items < 3 * self.categories:
             raise UserError(f"synthetic-shop items={self.items} must be at least 3 per category "
@@ -208,6 +217,7 @@ class _Catalogue:
     release: np.ndarray  # [I] int seconds (SHOP_T0 for the catalogue on sale from the start)
     premium: np.ndarray  # [B] brand price premium (log)
     cat_base: np.ndarray  # [C] overall category appeal (log)
+    conversion: np.ndarray  # [C] purchase logit shift of the category
     brand_names: list[str]
     titles: list[str]
 
@@ -253,7 +263,7 @@ def _catalogue(rng: np.random.Generator, spec: ShopSpec) -> _Catalogue:
 
     cat_level = rng.uniform(math.log(8.0), math.log(400.0), size=C)
     premium = rng.normal(0.0, 0.35, size=B)
-    log_price = cat_level[category] + premium[brand] + rng.normal(0.0, 0.35, size=n_items)
+    log_price = cat_level[category] + premium[brand] + rng.normal(0.0, ITEM_PRICE_NOISE, size=n_items)
     price = np.maximum(1.0, np.round(np.exp(log_price))) - 0.01  # shop prices: 19.99
     log_rel_price = np.log(price) - cat_level[category]
 
@@ -279,7 +289,8 @@ def _catalogue(rng: np.random.Generator, spec: ShopSpec) -> _Catalogue:
     noun = rng.integers(0, 3, size=n_items)
     titles = [f"{brand_names[b]} {ADJECTIVES[a]} {nouns[c][k].replace('_', ' ')}"
               for b, a, c, k in zip(brand.tolist(), adj.tolist(), category.tolist(), noun.tolist(), strict=True)]
-    return _Catalogue(category, brand, price, log_rel_price, log_pop, cold, release, premium, cat_base,
+    conversion = rng.normal(0.0, CONVERSION_SPREAD, size=C)
+    return _Catalogue(category, brand, price, log_rel_price, log_pop, cold, release, premium, cat_base, conversion,
                       brand_names, titles)
 
 
@@ -325,6 +336,7 @@ class _Sessions:
     user: np.ndarray  # [S] sorted by user, then start
     start: np.ndarray  # [S] int seconds
     length: np.ndarray  # [S] views
+    view_offset: np.ndarray  # [sum(length)] seconds from its session's start to each view, session by session
     device: np.ndarray  # [S] index into DEVICES
     ctx_shift: np.ndarray  # [S, C] category logit shift from hour/device/weekday
     focus: np.ndarray  # [S] focus category
@@ -345,7 +357,7 @@ def _sessions(rng: np.random.Generator, spec: ShopSpec, users: _Users) -> _Sessi
     hour = rng.choice(24, size=user.size, p=HOUR_WEIGHTS / HOUR_WEIGHTS.sum())
     start = SHOP_T0 + day * DAY + hour * HOUR + rng.integers(0, HOUR, size=user.size)
     order = np.lexsort((start, user))
-    user, start, day, hour = user[order], start[order], day[order], hour[order]
+    user, start = user[order], start[order]
 
     # Split each user's views over their sessions by exponential weights, at least one view each.
     sess_start = _group_start(user, U)
@@ -356,6 +368,19 @@ def _sessions(rng: np.random.Generator, spec: ShopSpec, users: _Users) -> _Sessi
     first = sess_start[:-1]
     length[first] = np.maximum(length[first], 3)
 
+    # Views follow each other by exponential gaps; a session lasts until its last view's purchase could come, and
+    # the next session of the user starts no earlier (so sessions never interleave).
+    v_first = np.concatenate([[0], np.cumsum(length)[:-1]])
+    n_views = int(length.sum())
+    in_session = np.arange(n_views) - np.repeat(v_first, length)
+    gaps = np.where(in_session > 0, rng.exponential(VIEW_GAP_S, size=n_views).astype(np.int64) + 5, 0)
+    cum = np.cumsum(gaps)
+    view_offset = cum - np.repeat(cum[v_first], length)
+    duration = view_offset[v_first + length - 1] + CART_DELAY_S[1] + PURCHASE_DELAY_S[1]
+    start = _without_overlap(user, start, duration)
+
+    day = (start - SHOP_T0) // DAY
+    hour = (start - SHOP_T0) % DAY // HOUR
     weekday = day % 7
     evening = (hour >= EVENING[0]) & (hour <= EVENING[1])
     office = (weekday < 5) & (hour >= OFFICE[0]) & (hour <= OFFICE[1])
@@ -374,7 +399,17 @@ def _sessions(rng: np.random.Generator, spec: ShopSpec, users: _Users) -> _Sessi
     keep = rng.random(user.size) < spec.session_sticky
     keep[first] = False
     source = np.maximum.accumulate(np.where(keep, 0, np.arange(user.size)))
-    return _Sessions(user, start, length, device, ctx_shift, fresh[source])
+    return _Sessions(user, start, length, view_offset, device, ctx_shift, fresh[source])
+
+
+def _without_overlap(user: np.ndarray, start: np.ndarray, duration: np.ndarray) -> np.ndarray:
+    """Session starts (sorted by user, then start) moved later where needed so that each session of a user starts
+    after the previous one ends: start'[s] = max(start[s], start'[s-1] + duration[s-1]). Unrolled, that is
+    D[s] + max over the user's j <= s of (start[j] - D[j]) with D the exclusive cumsum of durations: one
+    maximum.accumulate, kept inside each user by adding user * 2**40 (far more than any time difference)."""
+    shift = user.astype(np.int64) << 40
+    before = np.concatenate([[0], np.cumsum(duration)[:-1]])
+    return np.maximum.accumulate(start - before + shift) - shift + before
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -426,10 +461,7 @@ def _views(rng: np.random.Generator, spec: ShopSpec, cat: _Catalogue, users: _Us
     v_sess = np.repeat(np.arange(sess.user.size), sess.length)
     v_user = sess.user[v_sess]
     offsets = np.concatenate([[0], np.cumsum(sess.length)[:-1]])
-    pos = np.arange(n) - offsets[v_sess]
-    gaps = np.where(pos > 0, rng.exponential(VIEW_GAP_S, size=n).astype(np.int64) + 5, 0)
-    cum = np.cumsum(gaps)
-    ts = sess.start[v_sess] + cum - cum[offsets[v_sess]]
+    ts = sess.start[v_sess] + sess.view_offset
 
     off_focus = rng.random(n) >= spec.session_focus
     category = sess.focus[v_sess].copy()
@@ -487,7 +519,7 @@ def _funnel(rng: np.random.Generator, cat: _Catalogue, users: _Users, user: np.n
     s_cart = scale[0] if scale else VIEW_TO_CART / max(raw_cart.mean(), 1e-12)
     carts = np.flatnonzero(rng.random(user.size) < np.minimum(1.0, s_cart * raw_cart))
     cart_ts = ts[carts] + rng.integers(*CART_DELAY_S, size=carts.size)
-    raw_buy = _sigmoid(BUY_PRICE_SLOPE * fit[carts])
+    raw_buy = _sigmoid(BUY_PRICE_SLOPE * fit[carts] + cat.conversion[cat.category[item[carts]]])
     s_buy = scale[1] if scale else CART_TO_PURCHASE / max(raw_buy.mean(), 1e-12) if raw_buy.size else 1.0
     buys = np.flatnonzero(rng.random(carts.size) < np.minimum(1.0, s_buy * raw_buy))
     buy_ts = cart_ts[buys] + rng.integers(*PURCHASE_DELAY_S, size=buys.size)
@@ -563,6 +595,16 @@ def write_shop(data: ShopData, directory: str | Path) -> dict[str, Path]:
     for name, table in (("log", data.log), ("items", data.items), ("users", data.users)):
         path = directory / f"{name}.csv"
         with replacing(path) as tmp:
-            pacsv.write_csv(table, tmp)
+            # No quotes (pyarrow would quote every string): plain files any CSV reader takes. No generated value
+            # holds a comma, quote or newline; one that did would raise here, a bug of this module.
+            pacsv.write_csv(table, tmp, pacsv.WriteOptions(quoting_style="none", quoting_header="none"))
         paths[name] = path
     return paths
+
+
+def shop_spec(users: int | None = None, items: int | None = None, interactions: int | None = None,
+              seed: int = 0) -> ShopSpec:
+    """A ShopSpec from CLI sizes (`ncf-ray prepare synthetic-shop --users --items --interactions --seed`); None
+    keeps the ML-1M-sized default."""
+    sizes = {"users": users, "items": items, "interactions": interactions}
+    return ShopSpec(seed=seed, **{k: v for k, v in sizes.items() if v is not None})

@@ -1,8 +1,13 @@
 """Resolve `ncf-ray prepare SOURCE` into Ray Datasets of normalised interaction rows.
 
 SOURCE is a file, directory or glob of CSV/TSV/TXT(--sep)/Parquet/JSONL (optionally .gz), local or any pyarrow
-filesystem URI (s3://, gs://, file://), or a named source: `synthetic`, `ncf:PATH_PREFIX` (the NCF paper's files),
-`movielens-100k|1m|20m` (GroupLens download with checksum into ~/.cache/ncf_ray, or `--from LOCAL_ZIP_OR_DIR`).
+filesystem URI (s3://, gs://, file://), or a named source: `synthetic`, `synthetic-shop` (events, device context,
+item and user side tables: data/shop.py), `ncf:PATH_PREFIX` (the NCF paper's files), `movielens-100k|1m|20m`
+(GroupLens download with checksum into ~/.cache/ncf_ray, or `--from LOCAL_ZIP_OR_DIR`; its movie/user files come
+along as side tables unless --no-side-tables).
+
+A log's event column (`--event-col`) becomes `event`, the index of its value in `--events` (a value outside them
+is a bad row, named in `_err`); each `--context-cols` column passes through as text in `ctx_<name>`.
 
 Files are read one Ray task per file (`ray.data.from_items(paths).map_batches(read_file)`), streaming, and every
 batch goes through `normalise_batch`: columns are mapped to user_id/item_id/timestamp, timestamps become int
@@ -152,11 +157,11 @@ def _strip_quotes(arr: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(arr, pattern=r'^"(.*)"$', replacement=r"\1")
 
 
-def _describe(col: str, raw: pa.Array, bad: np.ndarray) -> pa.Array:
-    """`col='value'` for bad rows, null elsewhere (only built when something is bad)."""
+def _describe(col: str, raw: pa.Array, bad: np.ndarray, why: str = "") -> pa.Array:
+    """`col='value'` (then `why`) for bad rows, null elsewhere (only built when something is bad)."""
     text = pc.cast(raw, pa.string()) if not pa.types.is_string(raw.type) else raw
     text = pc.fill_null(text, "<missing>")
-    shown = pc.binary_join_element_wise(f"{col}='", text, "'", "")
+    shown = pc.binary_join_element_wise(f"{col}='", text, "'" + why, "")
     return pc.if_else(pa.array(bad), shown, pa.scalar(None, pa.string()))
 
 
@@ -243,13 +248,13 @@ def _malformed_rows(lines: Sequence[str], spec: ColumnSpec) -> pa.Table:
         USER_COL: pa.array([""] * n, pa.string()),
         ITEM_COL: pa.array([""] * n, pa.string()),
         TIME_COL: pa.array(np.zeros(n, np.int64)),
-        **_shop_columns(spec, n),
+        **_shop_placeholders(spec, n),
         STATUS_COL: pa.array(np.full(n, BAD, np.int8)),
         ERR_COL: pa.array([f"line='{line}'" for line in lines], pa.string()),
     })
 
 
-def _shop_columns(spec: ColumnSpec, n: int) -> dict[str, pa.Array]:
+def _shop_placeholders(spec: ColumnSpec, n: int) -> dict[str, pa.Array]:
     """Placeholder event/context columns of the normalised layout (event 0, context '' = unknown)."""
     out: dict[str, pa.Array] = {}
     if spec.event_col:
@@ -288,7 +293,7 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] 
     ts, bad_t = _times(raw[spec.time_col])
     bad = bad_u | bad_i | bad_t
     bad_e = np.zeros(n, bool)
-    shop = _shop_columns(spec, n)
+    shop = _shop_placeholders(spec, n)
     if spec.event_col:
         events, bad_e = _events(raw[spec.event_col], spec.events)
         shop[EVENT_COL] = pa.array(events)
@@ -307,9 +312,12 @@ def normalise_batch(batch: pa.Table, spec: ColumnSpec, malformed: Sequence[str] 
     if bad.any():
         # Name the first offending field of each bad row, most specific first.
         for col, mask in ((spec.time_col, bad_t), (spec.item_col, bad_i), (spec.user_col, bad_u),
-                          (spec.rating_col, bad_r), (spec.event_col, bad_e)):
+                          (spec.rating_col, bad_r)):
             if col and mask.any():
                 err = pc.coalesce(err, _describe(col, raw[col], mask))
+        if spec.event_col and bad_e.any():
+            why = f" (not one of --events {','.join(spec.events)})"
+            err = pc.coalesce(err, _describe(spec.event_col, raw[spec.event_col], bad_e, why))
     out = pa.table({
         USER_COL: user,
         ITEM_COL: item,
@@ -576,7 +584,7 @@ def _sizes(fs: Any, files: list[str]) -> list[int]:
     return [i.size or 0 for i in (fs or pafs.LocalFileSystem()).get_file_info(files)]
 
 
-def shop_spec(cfg: DataConfig) -> dict[str, Any]:
+def shop_columns(cfg: DataConfig) -> dict[str, Any]:
     """The ColumnSpec fields for a log's event and context columns (empty without them)."""
     if not cfg.event_col and not cfg.context_cols:
         return {}
@@ -604,7 +612,7 @@ def read_files(source: str, cfg: DataConfig) -> LogSource:
     if len(compressions) > 1:
         raise UserError(f"mixed compression in {source}: {', '.join(sorted(map(str, compressions)))}")
     rating_col = cfg.rating_col or (RATING_COL if cfg.min_rating is not None else None)
-    spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating, **shop_spec(cfg))
+    spec = ColumnSpec(cfg.user_col, cfg.item_col, cfg.time_col, rating_col, cfg.min_rating, **shop_columns(cfg))
     if ext in ("csv", "tsv", "txt"):
         sep = cfg.sep or {"csv": ",", "tsv": "\t"}.get(ext)
         if sep is None:
@@ -772,15 +780,14 @@ def movielens_tables(name: str, local: Path) -> dict[str, tuple[Any, Any]]:
 
 # --------------------------------------------------------------------------------------------- synthetic shop
 SHOP_SOURCE = "synthetic-shop"
-SHOP_EVENT_COL, SHOP_CONTEXT_COLS, SHOP_TEXT_COLS = "event", ("device",), ("title",)
 
 
 def shop_defaults(cfg: DataConfig) -> DataConfig:
     """synthetic-shop's log with no other flags: its event column and funnel, device as context, time context."""
-    from ncf_ray.data.shop import EVENTS
+    from ncf_ray.data.shop import CONTEXT_COLS, EVENT_NAME_COL, EVENTS
 
-    return replace(cfg, event_col=cfg.event_col or SHOP_EVENT_COL, events=EVENTS,
-                   context_cols=cfg.context_cols or SHOP_CONTEXT_COLS,
+    return replace(cfg, event_col=cfg.event_col or EVENT_NAME_COL, events=EVENTS,
+                   context_cols=cfg.context_cols or CONTEXT_COLS,
                    time_context=True if cfg.time_context is None else cfg.time_context)
 
 
@@ -789,15 +796,21 @@ def read_shop(cfg: DataConfig, spec: Any = None) -> LogSource:
     log as a Ray Dataset of normalised rows, its catalogue and user profiles as side tables (titles as text)."""
     import ray.data
 
-    from ncf_ray.data.features import SideOptions
     from ncf_ray.data.shop import ShopSpec, generate_shop
 
     data = generate_shop(spec or ShopSpec(seed=cfg.seed))
-    columns = ColumnSpec(**shop_spec(cfg))
+    columns = ColumnSpec(**shop_columns(cfg))
     log = ray.data.from_arrow(data.log)
-    tables = {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=SHOP_TEXT_COLS)),
-              "users": (data.users, SideOptions(id_col=USER_COL))}
-    return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=tables)
+    return LogSource(name=SHOP_SOURCE, dataset=_normalised(log, columns), side_tables=shop_side_tables(data))
+
+
+def shop_side_tables(data: Any) -> dict[str, tuple[Any, Any]]:
+    """A ShopData's catalogue (category, brand, price, title as text) and user profiles, as side tables."""
+    from ncf_ray.data.features import SideOptions
+    from ncf_ray.data.shop import TEXT_COLS
+
+    return {"items": (data.items, SideOptions(id_col=ITEM_COL, text_cols=TEXT_COLS)),
+            "users": (data.users, SideOptions(id_col=USER_COL))}
 
 
 # --------------------------------------------------------------------------------------------- entry point

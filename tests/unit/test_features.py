@@ -31,6 +31,7 @@ from ncf_ray.data.features import (
     describe,
     encode_row_values,
     encode_side_table,
+    extend_features,
     movielens_side_tables,
     read_features,
     read_side_table,
@@ -107,6 +108,8 @@ def test_categorical_vocab_covers_cold_items_and_unseen_values_get_the_reserved_
     ids, _ = encode_row_values(enc.spec, {"category": "socks"})
     lo, _ = col["slots"]
     assert ids[lo] == col["offset"]
+    assert col["train_unseen"] == 0  # "hats" is also on item 5, which has train interactions
+    assert _col(enc, "tags")["train_unseen"] == 1  # "beach" is only on the cold item 4
 
 
 def test_entity_without_a_row_gets_every_reserved_id_and_zero_dense(tmp_path):
@@ -164,6 +167,34 @@ def test_bucket_codes_order_values_and_missing_or_unparsed_is_reserved(tmp_path)
     _one_line_naming(exc, "price", "cheap")
 
 
+def test_dates_are_bucketed_as_time_and_a_new_entity_may_send_an_iso_date(tmp_path):
+    import datetime as dt
+
+    days = [dt.date(2020, 1, 1) + dt.timedelta(days=30 * k) for k in range(10)]
+    pq.write_table(pa.table({"item_id": [str(k) for k in range(10)], "released": days}), tmp_path / "d.parquet")
+    table = read_side_table(tmp_path / "d.parquet", "item_id", "items")
+    enc = encode_side_table(table, SideOptions("item_id", buckets=4), np.array([str(k) for k in range(10)]),
+                            np.ones(10, bool), "items")
+    col = _col(enc, "released")
+    assert col["kind"] == BUCKET and col["time"]
+    late, _ = encode_row_values(enc.spec, {"released": "2030-06-01"})
+    early, _ = encode_row_values(enc.spec, {"released": "2019-06-01T12:00:00Z"})
+    assert late[0] == _slots(enc, "released", 9)[0] and early[0] == _slots(enc, "released", 0)[0]
+    with pytest.raises(UserError) as exc:
+        encode_row_values(enc.spec, {"released": "soon"})
+    _one_line_naming(exc, "released", "soon")
+    stamps = pa.array([dt.datetime(2020, 1, 1, 0, 0, 0, 123000, tzinfo=dt.timezone.utc)] * 2, pa.timestamp("ms", "UTC"))
+    ms = encode_side_table(pa.table({"item_id": ["0", "1"], "t": stamps}), SideOptions("item_id"),
+                           np.array(["0", "1"]), np.ones(2, bool), "items")  # sub-second values: no lossy cast
+    assert _col(ms, "t")["edges"] == [pytest.approx(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc).timestamp() + 0.123)]
+    csv_rows = "".join(f"{k},{d.isoformat()}\n" for k, d in enumerate(days)) + "10,NA\n"
+    text = read_side_table(_csv(tmp_path, "item_id,released\n" + csv_rows), "item_id", "items")
+    enc2 = encode_side_table(text, SideOptions("item_id", buckets=4), np.array([str(k) for k in range(11)]),
+                             np.ones(11, bool), "items")
+    got = _col(enc2, "released")  # ISO dates in a CSV bucket exactly as the Parquet dates; "NA" is missing
+    assert (got["kind"], got["edges"], got["time"], got["missing"]) == (BUCKET, col["edges"], True, 1)
+
+
 # ------------------------------------------------------------------------------------------- bags, text, vectors
 def test_bag_from_separated_text_and_from_parquet_lists_encode_alike(tmp_path):
     enc = _encode(tmp_path)
@@ -202,16 +233,32 @@ def test_text_words_are_lowercased_split_on_punctuation_and_hashed_with_crc32(tm
 
 def test_text_hash_does_not_depend_on_the_process_hash_seed(tmp_path):
     enc = _encode(tmp_path)
-    code = ("import sys, json, numpy as np; from ncf_ray.data.features import encode_row_values as e; "
-            "spec = json.load(open(sys.argv[1])); print(e(spec, {'title': 'Trail Runner X'})[0].tolist())")
+    code = ("import sys, json; from ncf_ray.data.features import encode_row_values as e; "
+            "spec = json.load(open(sys.argv[1])); print(json.dumps(e(spec, {'title': 'Trail Runner X'})[0].tolist()))")
     (tmp_path / "spec.json").write_text(json.dumps(enc.spec))
-    outs = set()
-    for seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=os.pathsep.join(sys.path))
-        outs.add(subprocess.run([sys.executable, "-c", code, str(tmp_path / "spec.json")], env=env, check=True,
-                                capture_output=True, text=True).stdout.strip())
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "spec.json")], env=env, check=True,
+                         capture_output=True, text=True).stdout
     lo, hi = _col(enc, "title")["slots"]
-    assert {str(json.loads(o)[lo:hi]) for o in outs} == {str(_slots(enc, "title", 0))}
+    assert json.loads(out)[lo:hi] == _slots(enc, "title", 0)
+
+
+def test_text_words_of_any_script_are_whole_words(tmp_path):
+    enc = _encode(tmp_path)
+    col = _col(enc, "title")
+    lo = col["slots"][0]
+    one = encode_row_values(enc.spec, {"title": "Señor CAFÉ"})[0][lo:lo + 2].tolist()
+    two = encode_row_values(enc.spec, {"title": "café, señor"})[0][lo:lo + 2].tolist()
+    want = [col["offset"] + 1 + zlib.crc32(w.encode()) % col["hash_buckets"] for w in ("señor", "café")]
+    assert one == want and sorted(two) == sorted(want)
+
+
+def test_row_values_take_the_columns_list_too(tmp_path):
+    enc = _encode(tmp_path)
+    raw = {"category": "hats", "tags": "sun", "emb": [1, 2, 3]}
+    a, da = encode_row_values(enc.spec, raw)
+    b, db = encode_row_values(enc.spec["columns"], raw)
+    assert a.tolist() == b.tolist() and da.tolist() == db.tolist()
 
 
 def test_vectors_from_text_and_lists_fill_dense_and_a_wrong_length_is_named(tmp_path):
@@ -241,6 +288,8 @@ def test_write_read_round_trip_keeps_ids_dense_and_spec(tmp_path):
     write_features(tmp_path / "ds", enc, users)
     files = sorted(p.name for p in (tmp_path / "ds" / S.FEATURES_DIR).iterdir())
     assert files == sorted([S.FEATURES_JSON, *S.FEATURE_FILES.values()])
+    modes = {(p.stat().st_mode & 0o777) for p in (tmp_path / "ds" / S.FEATURES_DIR).iterdir()}
+    assert len(modes) == 1  # the safetensors files are as readable as features.json
     back = read_features(tmp_path / "ds")
     assert set(back) == {"items", "users"}
     assert np.array_equal(back["items"].ids, enc.ids) and np.array_equal(back["items"].dense, enc.dense)
@@ -258,6 +307,28 @@ def test_a_new_entity_encodes_exactly_as_its_table_row(tmp_path):
            "title": "Sun Hat (Beach)", "emb": "4;5;6"}
     ids, dense = encode_row_values(spec, raw)
     assert ids.tolist() == enc.ids[3].tolist() and dense.tolist() == enc.dense[3].tolist()
+
+
+def test_extend_appends_new_entities_against_the_frozen_spec(tmp_path):
+    enc = _encode(tmp_path)
+    new = pa.table({"item_id": ["7", "8"], "category": ["shoes", "socks"], "price": [1e6, 15.0],
+                    "emb": [[1.0, 1.0, 1.0], None], "colour": ["red", "blue"]})  # no tags/title; extra column
+    grown = extend_features(enc, np.array(["7", "8", "9"]), new)
+    assert grown.ids.shape == (VOCAB.size + 3, enc.spec["slots"])
+    assert np.array_equal(grown.ids[:VOCAB.size], enc.ids) and np.array_equal(grown.dense[:VOCAB.size], enc.dense)
+    assert [c["edges"] if c["kind"] == BUCKET else c.get("vocab") for c in grown.spec["columns"]] == [
+        c["edges"] if c["kind"] == BUCKET else c.get("vocab") for c in enc.spec["columns"]]  # nothing refitted
+    for k, raw in enumerate(({"category": "shoes", "price": 1e6, "emb": [1, 1, 1]},
+                             {"category": "socks", "price": 15.0}, {})):
+        ids, dense = encode_row_values(enc.spec, raw)
+        assert grown.ids[VOCAB.size + k].tolist() == ids.tolist()
+        assert grown.dense[VOCAB.size + k].tolist() == dense.tolist()
+    assert grown.spec["stats"]["appended"] == 3 and grown.spec["stats"]["appended_without_row"] == 1
+    assert "appended" not in enc.spec["stats"]  # the original is untouched
+    write_features(tmp_path / "ds", grown, None)
+    assert np.array_equal(read_features(tmp_path / "ds")["items"].ids, grown.ids)
+    reserved = extend_features(enc, np.array(["10"]))
+    assert reserved.ids[-1].tolist() == encode_row_values(enc.spec, {})[0].tolist()
 
 
 def test_damaged_features_dir_is_a_user_error_naming_the_file(tmp_path):
@@ -295,7 +366,7 @@ def test_side_ids_are_written_as_the_log_writes_its_ids(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["items.csv", "items.tsv", "items.dat", "items.parquet", "items.jsonl",
-                                  "items.csv.gz"])
+                                  "items.json", "items.csv.gz"])
 def test_every_format_prepare_reads_gives_the_same_encoding(tmp_path, name):
     rows = [{"item_id": "1", "category": "a", "price": "1.5"}, {"item_id": "2", "category": "b", "price": "3"}]
     f = tmp_path / name
@@ -303,6 +374,8 @@ def test_every_format_prepare_reads_gives_the_same_encoding(tmp_path, name):
         pq.write_table(pa.Table.from_pylist(rows), f)
     elif name.endswith(".jsonl"):
         f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif name.endswith(".json"):
+        f.write_text(json.dumps(rows, indent=1))  # one array of objects
     else:
         sep = {"items.tsv": "\t", "items.dat": "::"}.get(name, ",")
         text = sep.join(rows[0]) + "\n" + "".join(sep.join(r.values()) + "\n" for r in rows)
@@ -314,12 +387,36 @@ def test_every_format_prepare_reads_gives_the_same_encoding(tmp_path, name):
     assert _slots(enc, "category", 1)[0] == _col(enc, "category")["offset"] + 2
 
 
+def test_a_directory_of_parts_and_a_file_uri_read_as_one_table(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "a.csv").write_text("item_id,c\n1,x\n")
+    (tmp_path / "parts" / "b.csv").write_text("c,item_id\ny,2\n")  # same columns, another order
+    (tmp_path / "parts" / "_SUCCESS").write_text("")
+    table = read_side_table(tmp_path / "parts", "item_id", "items")
+    assert sorted(zip(table["item_id"].to_pylist(), table["c"].to_pylist())) == [("1", "x"), ("2", "y")]
+    uri = read_side_table(f"file://{tmp_path / 'parts' / 'a.csv'}", "item_id", "items")
+    assert uri["c"].to_pylist() == ["x"]
+    (tmp_path / "parts" / "c.csv").write_text("item_id,d\n3,z\n")
+    with pytest.raises(UserError) as exc:
+        read_side_table(tmp_path / "parts", "item_id", "items")
+    _one_line_naming(exc, "c.csv", "differ")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("item_id,c\n1,x\n".encode("utf-8-sig"))
+    assert read_side_table(tmp_path / "bom.csv", "item_id", "items").column_names == ["item_id", "c"]
+
+
 def test_quoted_csv_fields_and_rows_with_the_wrong_field_count(tmp_path):
     f = _csv(tmp_path, 'item_id,title\n1,"Hello, world"\n2,a,extra\n3,b\n')
     table = read_side_table(f, "item_id", "items")
     assert table["title"].to_pylist() == ["Hello, world", "b"]
     enc = encode_side_table(table, SideOptions("item_id"), np.array(["1", "3"]), np.ones(2, bool), "items")
     assert enc.spec["stats"]["bad_rows"] == 1
+    f = _csv(tmp_path, "item_id,title\n1;a\n2;b\n3,c\n", "semi.csv")  # mostly ';'-separated: not a few bad lines
+    with pytest.raises(UserError) as exc:
+        read_side_table(f, "item_id", "items")
+    _one_line_naming(exc, "semi.csv", "2 of 3 rows")
 
 
 # ------------------------------------------------------------------------------------------- bad tables
@@ -328,6 +425,7 @@ def test_quoted_csv_fields_and_rows_with_the_wrong_field_count(tmp_path):
     ("item_id,price\n1,\n2,\n", SideOptions("item_id"), ["price", "empty"]),  # a column with no value
     ("item_id,price\n1,cheap\n2,dear\n", SideOptions("item_id", numeric_cols=("price",)), ["price", "cheap"]),
     ("item_id,emb\n1,a b c\n", SideOptions("item_id", vector_cols=("emb",)), ["emb", "a b c"]),
+    ("item_id,emb\n1,1 nan 2\n", SideOptions("item_id", vector_cols=("emb",)), ["emb", "NaN", "'1'"]),
     ("item_id,title\n1,!!!\n", SideOptions("item_id", text_cols=("title",)), ["title", "!!!"]),
     ("item_id,c\n1,x\n", SideOptions("item_id", text_cols=("title",)), ["title", "not in the table"]),
     ("item_id\n1\n", SideOptions("item_id"), ["no feature columns", "item_id"]),
@@ -355,10 +453,23 @@ def test_unreadable_files_and_unknown_features_are_user_errors(tmp_path):
     with pytest.raises(UserError) as exc:
         read_side_table(tmp_path / "missing.csv", "item_id", "items")
     _one_line_naming(exc, "missing.csv")
+    (tmp_path / "items.xlsx").write_bytes(b"PK")
+    with pytest.raises(UserError) as exc:
+        read_side_table(tmp_path / "items.xlsx", "item_id", "items")
+    _one_line_naming(exc, "items.xlsx", "unknown format")
+    (tmp_path / "cut.jsonl").write_text('{"item_id": 1, "c": "x"}\n{"item_id": 2, "c"')
+    with pytest.raises(UserError) as exc:
+        read_side_table(tmp_path / "cut.jsonl", "item_id", "items")
+    _one_line_naming(exc, "cut.jsonl")
     (tmp_path / "empty.csv").write_text("item_id,c\n")
     with pytest.raises(UserError) as exc:
         read_side_table(tmp_path / "empty.csv", "item_id", "items")
     _one_line_naming(exc, "no rows")
+    listed = pa.table({"item_id": ["1"], "c": [["a", "b"]]})
+    with pytest.raises(UserError) as exc:
+        encode_side_table(listed, SideOptions("item_id", categorical_cols=("c",)), np.array(["1"]), np.ones(1, bool),
+                          "items")
+    _one_line_naming(exc, "'c'", "list")
     t = pa.table({"item_id": ["1"], "s": pa.array([{"a": 1}])})
     with pytest.raises(UserError) as exc:
         encode_side_table(t, SideOptions("item_id"), np.array(["1"]), np.ones(1, bool), "items")
@@ -415,6 +526,20 @@ def test_movielens_100k_items_and_users_from_a_zip(tmp_path):
     assert users["occupation"].to_pylist() == ["technician", "other"] and users["zip3"].to_pylist()[1] == "T8H"
     uenc = encode_side_table(users, uopts, np.array(["1", "2"]), np.ones(2, bool), "users")
     assert _col(uenc, "age")["kind"] == BUCKET
+
+
+def test_movielens_20m_movies_csv(tmp_path):
+    (tmp_path / "movies.csv").write_text('movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n'
+                                         '2,Untitled,(no genres listed)\n')
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    items, users, iopts, _ = movielens_side_tables("movielens-20m", tmp_path / "ratings.csv")
+    assert users is None
+    assert items["title"].to_pylist() == ["American President, The", "Untitled"]
+    assert items["year"].to_pylist() == [1995, None]
+    enc = encode_side_table(items, iopts, np.array(["1", "2"]), np.ones(2, bool), "items")
+    assert _col(enc, "genres")["vocab"] == ["Comedy", "Drama"]
+    assert _slots(enc, "genres", 1)[0] == _col(enc, "genres")["offset"]  # no genre -> reserved
+    assert _slots(enc, "year", 1) == [_col(enc, "year")["offset"]]
 
 
 def test_movielens_absent_files_give_none(tmp_path):

@@ -13,15 +13,16 @@ import pytest
 from ncf_ray.config import DataConfig
 from ncf_ray.data import schema as S
 from ncf_ray.data.dataset import load_dataset
-from ncf_ray.data.prepare import (
-    RawLog,
-    build_loo,
+from ncf_ray.data.prepare import RawLog, build_loo, write_dataset
+from ncf_ray.data.prepare import _meta as meta_of
+from ncf_ray.data.shoplog import (
     dedup_events,
     encode_context,
+    encode_side_tables,
     hour_dow,
-    write_dataset,
+    read_side_tables,
+    table_ids,
 )
-from ncf_ray.data.prepare import _meta as meta_of
 from ncf_ray.data.sources import BAD, OK, ColumnSpec, normalise_batch
 from ncf_ray.errors import UserError
 
@@ -164,7 +165,7 @@ def test_normalise_maps_events_and_counts_unknown_values_as_bad():
     out = normalise_batch(batch, spec)
     assert out.column(S.EVENT_COL).to_pylist()[:2] == [VIEW, PURCHASE]
     assert out.column("_status").to_pylist() == [OK, OK, BAD, BAD]
-    assert out.column("_err").to_pylist()[2] == "type='click'"
+    assert out.column("_err").to_pylist()[2] == "type='click' (not one of --events view,cart,purchase)"
     assert out.column(S.CONTEXT_PREFIX + "device").to_pylist() == ["mobile", "", "desktop", "tv"]
 
 
@@ -210,8 +211,6 @@ def _item_table(path: Path, ids: list, **cols) -> str:
 
 
 def _with_tables(tmp_path: Path, log: RawLog, **cfg_kw):
-    from ncf_ray.data.prepare import encode_side_tables, read_side_tables, table_ids
-
     cfg = _cfg(**cfg_kw)
     tables = read_side_tables(cfg, {})
     b = build_loo(log, cfg, table_ids(tables, "items"))
@@ -269,16 +268,15 @@ def _bad_tables(tmp_path: Path) -> dict[str, tuple[dict, str]]:
              "vector_cols": ("emb",)}, "'emb'"),
         "no id of the log": ({"item_features": _item_table(tmp_path / "far.csv", [900 + k for k in range(5)],
                                                            category=["a"] * 5)}, "item_id"),
+        "no id joins the vocab": ({"item_features": str(tmp_path / "far.csv")}, "'900'"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "missing id column", "text column in no table",
-                                  "unparseable vector column", "no id of the log"])
+                                  "unparseable vector column", "no id of the log", "no id joins the vocab"])
 def test_a_bad_side_table_is_one_user_error_line_naming_the_column(tmp_path: Path, case: str):
     cfg_kw, named = _bad_tables(tmp_path)[case]
     if case == "no id of the log":  # ids disjoint from the log's and not joining it: MovieLens' rule
-        from ncf_ray.data.prepare import encode_side_tables, read_side_tables
-
         cfg = _cfg(**cfg_kw)
         tables = read_side_tables(cfg, {})
         with pytest.raises(UserError) as err:
@@ -287,3 +285,79 @@ def test_a_bad_side_table_is_one_user_error_line_naming_the_column(tmp_path: Pat
         with pytest.raises(UserError) as err:
             _with_tables(tmp_path, _shop_log(), **cfg_kw)
     assert "\n" not in str(err.value) and named in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------ synthetic-shop
+def test_synthetic_shop_needs_no_flags_events_device_and_both_side_tables(tmp_path: Path):
+    """What `ncf-ray prepare synthetic-shop` does, minus Ray: its defaults, the normalised log, both tables;
+    the items released late are cold in train and held out in test."""
+    from ncf_ray.data.features import write_features
+    from ncf_ray.data.prepare import collect_batches
+    from ncf_ray.data.shop import ShopSpec, generate_shop
+    from ncf_ray.data.sources import SHOP_SOURCE, shop_columns, shop_defaults, shop_side_tables
+
+    cfg = shop_defaults(DataConfig(source=SHOP_SOURCE, eval_negatives=9))
+    assert (cfg.event_col, cfg.context_cols, cfg.with_time_context) == ("event", ("device",), True)
+    data = generate_shop(ShopSpec(users=300, items=200, interactions=15_000, seed=3))
+    log = collect_batches([normalise_batch(data.log, ColumnSpec(**shop_columns(cfg)))])
+    assert log.bad == 0 and log.events is not None and set(log.context) == {"device"}
+    tables = read_side_tables(cfg, shop_side_tables(data))
+    b = build_loo(log, cfg, table_ids(tables, "items"))
+    enc = encode_side_tables(tables, b)
+    assert b.item_ids.size == 200  # every catalogue item is in the vocab
+    assert {c["kind"] for c in enc["items"].spec["columns"]} >= {"categorical", "bucket", "text"}
+    d = tmp_path / "shop"
+    d.mkdir()
+    write_dataset(b, d, shards=2)
+    write_features(d, enc.get("items"), enc.get("users"))
+    (d / S.META_FILE).write_text(json.dumps(meta_of(cfg, b, SHOP_SOURCE, 0.0)))
+    ds = load_dataset(d)
+    assert set(ds.features) == {"items", "users"} and ds.features["items"].ids.shape[0] == ds.n_items
+    assert [c["name"] for c in ds.meta["context"]["columns"]] == ["hour", "dow", "device"]
+    cold = np.flatnonzero(ds.item_counts == 0)
+    assert np.isin(data.cold_items.astype(str), ds.item_ids[cold]).mean() > 0.5
+    assert np.isin(ds.test_items, cold).sum() > 0  # some users' held-out event is a new item
+
+
+def test_shop_flags_on_sources_without_such_columns_are_refused():
+    from ncf_ray.data.prepare import _check_cfg
+
+    with pytest.raises(UserError, match="--event-col does not apply to source 'movielens-1m'"):
+        _check_cfg(DataConfig(source="movielens-1m", event_col="event"))
+    with pytest.raises(UserError, match="--item-features does not apply to ncf: sources"):
+        _check_cfg(DataConfig(source="ncf:x", item_features="items.csv"))
+    with pytest.raises(UserError, match="--context-cols 'hour' clashes"):
+        _check_cfg(DataConfig(source="log.csv", context_cols=("hour",)))
+
+
+def test_dedup_flags_are_checked():
+    with pytest.raises(UserError, match="--dedup-window=0 must be > 0"):
+        _cfg(dedup_window=0)
+    with pytest.raises(UserError, match="exclude each other"):
+        _cfg(dedup_window=60, keep_all_events=True)
+
+
+def test_summary_prints_event_context_and_feature_lines_only_when_present():
+    from ncf_ray.data.prepare import format_summary
+
+    cfg = _cfg(context_cols=("device",))
+    b = build_loo(_shop_log(), cfg)
+    meta = meta_of(cfg, b, "shop.csv", 1.0)
+    extra = {"out": "x", "density": 0.1, "rows_read": 1, "rows_per_s": 1.0}
+    text = format_summary({**meta, **extra})
+    assert f"view {meta['event_counts']['view']:,}" in text
+    assert "context               hour (24), dow (7), device (3)" in text
+    plain = build_loo(RawLog(users=b.user_ids.astype(np.int64)[b.split.train_users], items=b.split.train_items,
+                             times=b.split.train_times, rows=b.split.train_users.size), DataConfig(eval_negatives=5))
+    text = format_summary({**meta_of(DataConfig(), plain, "log.csv", 1.0), **extra})
+    assert "events" not in text and "context" not in text and "features" not in text
+
+
+def test_feature_id_col_names_both_tables_or_each():
+    from ncf_ray.data.shoplog import feature_id_col
+
+    assert feature_id_col(None, "items", "sku") == "sku"
+    assert feature_id_col("id", "users", "uid") == "id"
+    assert [feature_id_col("items=pid", w, "log") for w in ("items", "users")] == ["pid", "log"]
+    with pytest.raises(UserError, match="expected NAME or items=NAME,users=NAME"):
+        feature_id_col("products=pid", "items", "sku")

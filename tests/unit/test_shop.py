@@ -16,17 +16,24 @@ from ncf_ray.data.prepare import dedup_latest, encode_ids, split_leave_one_out
 from ncf_ray.data.shop import (
     CART_DELAY_S,
     CART_TO_PURCHASE,
+    CONTEXT_COLS,
     DAY,
     DEVICES,
     EVENTS,
     HOUR,
+    ITEM_FEATURE_COLS,
     PURCHASE_DELAY_S,
     SHOP_T0,
+    TEXT_COLS,
+    USER_FEATURE_COLS,
     VIEW_TO_CART,
     ShopSpec,
+    _without_overlap,
     generate_shop,
+    shop_spec,
     write_shop,
 )
+from ncf_ray.data.sources import OK, ColumnSpec, FileFormat, read_file
 from ncf_ray.errors import UserError
 
 SMALL = ShopSpec(seed=3, users=500, items=400, interactions=40_000)
@@ -72,8 +79,9 @@ def test_same_seed_gives_identical_tables_and_another_seed_differs(shop):
 # --------------------------------------------------------------------------------------------- the tables
 def test_tables_have_the_contract_columns_and_sizes(shop, log):
     assert shop.log.column_names == [S.USER_COL, S.ITEM_COL, S.TIME_COL, "event", "device"]
-    assert shop.items.column_names == [S.ITEM_COL, "category", "brand", "price", "title"]
-    assert shop.users.column_names == [S.USER_COL, "age_band", "gender", "region"]
+    assert shop.items.column_names == [S.ITEM_COL, *ITEM_FEATURE_COLS]
+    assert shop.users.column_names == [S.USER_COL, *USER_FEATURE_COLS]
+    assert set(TEXT_COLS) <= set(ITEM_FEATURE_COLS) and set(CONTEXT_COLS) <= set(shop.log.column_names)
     assert shop.items.num_rows == SMALL.items and shop.users.num_rows == SMALL.users
     # ~interactions events in all (views + carts + purchases).
     assert 0.9 * SMALL.interactions <= len(log) <= 1.1 * SMALL.interactions
@@ -130,6 +138,16 @@ def test_purchases_depend_on_price_against_budget(shop, log):
                          on=[S.USER_COL, S.ITEM_COL], how="left", indicator=True)["_merge"].eq("both")
     pricey = rel.loc[carts[S.ITEM_COL]].to_numpy() > 1.0
     assert bought[~pricey].mean() > bought[pricey].mean() + 0.10
+
+
+def test_categories_convert_carts_to_purchases_at_different_rates(shop, log):
+    cats = shop.items.to_pandas().set_index(S.ITEM_COL)["category"]
+    per_cat = log[log["event"] != "view"].assign(cat=lambda d: cats.loc[d[S.ITEM_COL]].to_numpy())
+    counts = per_cat.groupby(["cat", "event"]).size().unstack(fill_value=0)
+    counts = counts[counts["cart"] >= 50]  # enough carts for a rate
+    rate = counts["purchase"] / counts["cart"]
+    assert len(rate) >= 5
+    assert rate.max() > 2 * rate.min()
 
 
 # ------------------------------------------------------------------------------------ leave-one-out structure
@@ -237,11 +255,22 @@ def test_write_shop_writes_three_csvs_that_read_back_to_the_tables(shop, tmp_pat
         assert back.column_names == table.column_names
         assert back.column(0).cast(pa.int64()).equals(table.column(0))
     assert pacsv.read_csv(paths["items"])["title"].equals(shop.items["title"])
+    assert paths["log"].read_text().splitlines()[0] == "user_id,item_id,timestamp,event,device"
+
+
+def test_log_csv_reads_cleanly_through_the_prepare_file_reader(tmp_path):
+    data = generate_shop(ShopSpec(seed=5, users=60, items=90, interactions=2000))
+    path = write_shop(data, tmp_path)["log"]
+    tables = list(read_file(str(path), None, FileFormat("delimited", sep=","), ColumnSpec()))
+    back = pa.concat_tables(tables)
+    assert back.num_rows == data.log.num_rows
+    assert set(back["_status"].to_pylist()) == {OK}
 
 
 @pytest.mark.parametrize("bad", [dict(users=0), dict(interactions=0), dict(brands=5), dict(items=10),
                                  dict(cold_fraction=0.7), dict(cold_days=60), dict(cold_days=0),
-                                 dict(min_views=2), dict(session_focus=1.5)])
+                                 dict(min_views=2), dict(session_focus=1.5),
+                                 dict(categories=2)])
 def test_bad_spec_is_a_user_error_naming_the_value(bad):
     with pytest.raises(UserError) as exc:
         ShopSpec(**bad)
@@ -252,3 +281,17 @@ def test_no_new_items_when_cold_fraction_is_zero():
     data = generate_shop(ShopSpec(seed=2, users=100, items=100, interactions=3000, cold_fraction=0.0))
     assert data.cold_items.size == 0
     assert data.log.num_rows > 0
+
+
+def test_shop_spec_builder_keeps_defaults_for_sizes_not_given():
+    assert shop_spec() == ShopSpec()
+    assert shop_spec(users=10, seed=4) == ShopSpec(users=10, seed=4)
+    with pytest.raises(UserError, match="users=0"):
+        shop_spec(users=0)
+
+
+def test_sessions_of_a_user_are_pushed_apart_but_never_into_another_user():
+    user = np.array([0, 0, 0, 1, 1])
+    start = np.array([0, 5, 100, 3, 4])
+    duration = np.array([10, 10, 10, 2, 2])
+    assert _without_overlap(user, start, duration).tolist() == [0, 10, 100, 3, 5]

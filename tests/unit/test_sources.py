@@ -297,3 +297,28 @@ def test_movielens_from_a_partial_folder_or_the_ratings_file_itself(tmp_path):
     (d / "ml-1m" / "ratings.dat").unlink()
     with pytest.raises(UserError, match="no ratings.dat found"):
         _ratings_file(ml, d, tmp_path)
+
+
+def test_movielens_1m_side_tables_keep_the_papers_item_set(tmp_path):
+    """movies.dat / users.dat beside ratings.dat become side tables; movies nobody rated stay out of the vocab
+    (LogSource.cold_items is False for MovieLens), and a folder with the ratings only brings no tables."""
+    from ncf_ray.data.shoplog import encode_side_tables
+    from ncf_ray.data.sources import movielens_tables
+
+    ml = tmp_path / "ml-1m"
+    ml.mkdir()
+    genres = ["Animation|Comedy", "Action", "Drama", "Comedy", "Drama"]
+    (ml / "movies.dat").write_bytes("".join(f"{m}::Movie {m} (199{m})::{g}\n" for m, g in enumerate(genres, 1))
+                                    .encode("latin-1"))
+    (ml / "users.dat").write_text("".join(f"{u}::{'FM'[u % 2]}::25::{u}::4806{u}\n" for u in range(1, 5)))
+    tables = movielens_tables("movielens-1m", ml)
+    assert set(tables) == {"items", "users"}
+    users = np.repeat(np.arange(1, 5), 3)
+    items = np.array([1, 2, 3, 2, 3, 4, 3, 4, 1, 4, 1, 2])  # 3 of movies 1..4 each; movie 5 is never rated
+    log = RawLog(users=users, items=items, times=np.arange(users.size), rows=users.size)
+    b = build_loo(log, DataConfig(eval_negatives=1), None)
+    enc = encode_side_tables(tables, b)
+    assert b.item_ids.tolist() == ["1", "2", "3", "4"] and enc["items"].spec["stats"]["unknown_ids"] == 1
+    assert enc["users"].ids.shape[0] == 4
+    (tmp_path / "ratings-only").mkdir()
+    assert movielens_tables("movielens-1m", tmp_path / "ratings-only") == {}
