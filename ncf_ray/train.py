@@ -561,6 +561,9 @@ def run_training(
     check_tasks(cfg.model, inputs_from_parts(meta, {}))  # before Ray starts
     if cfg.stream:
         check_streamable(cfg, refit)  # before Ray starts, not after a first run
+        if meta.get("context") and cfg.model.context:
+            raise UserError("--stream reads user and item ids only, not this dataset's context columns; add "
+                            "--no-context or drop --stream")
     out = Path(out_dir).resolve()
     name, storage = resolve_run(out, storage_path, resume)
     with console.session(out / "logs", "train"):  # a no-op under the CLI's or the pipeline's own session
