@@ -173,3 +173,14 @@ def test_heads_learn_purchase_apart_from_click(name, mixture):
     gap = logits["purchase"][bought].mean() - logits["purchase"][~bought].mean()
     click_gap = logits["click"][bought].mean() - logits["click"][~bought].mean()
     assert gap > 1.0 and gap > click_gap + 0.5
+
+
+def test_purchase_is_click_times_conversion():
+    # The purchase head's probability is p(click) * p(purchase | click) (ESMM), so never above p(click).
+    from ncf_ray.model import funnel_logit
+
+    click = torch.tensor([-3.0, 0.0, 2.5, 8.0])
+    conv = torch.tensor([1.0, -2.0, 0.3, 9.0])
+    got = torch.sigmoid(funnel_logit(click, conv))
+    assert torch.allclose(got, torch.sigmoid(click) * torch.sigmoid(conv), atol=1e-6)
+    assert bool((got <= torch.sigmoid(click)).all())
