@@ -39,8 +39,15 @@ import torch
 from torch import nn
 
 from ncf_ray.batch import Histories
-from ncf_ray.config import DataConfig, ModelConfig, TrainConfig, build_train_config, default_train_config, \
-    from_dict, to_dict
+from ncf_ray.config import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    build_train_config,
+    default_train_config,
+    from_dict,
+    to_dict,
+)
 from ncf_ray.errors import UserError
 
 DEFAULT_EPOCHS = 2

@@ -14,8 +14,15 @@ from ncf_ray.batch import Batch, Histories
 from ncf_ray.config import ModelConfig
 from ncf_ray.errors import UserError
 from ncf_ray.model import model_from_config
-from ncf_ray.update import (append_events, build_window, entity_tables, grown_model, guard, holdout_negatives,
-                            replay_sample)
+from ncf_ray.update import (
+    append_events,
+    build_window,
+    entity_tables,
+    grown_model,
+    guard,
+    holdout_negatives,
+    replay_sample,
+)
 
 FAMILIES = {
     "gmf": ModelConfig(name="gmf", factors=8),
