@@ -106,11 +106,13 @@ def _scores(art, users, items):
 
 
 # ------------------------------------------------------------------------------------------------ update
-def test_update_grows_the_vocab_keeps_old_scores_and_skips_forgotten_users(ray_local, parent, tmp_path):
-    from ncf_ray.artifact import load_artifact
+@pytest.fixture(scope="module")
+def update(ray_local, parent, tmp_path_factory):
+    """The parent with user 5 forgotten, and its update on a log of new users (and rows of user 5)."""
     from ncf_ray.privacy import forget_users
     from ncf_ray.update import run_update
 
+    tmp_path = tmp_path_factory.mktemp("update")
     forgot = tmp_path / "forgot"
     forget_users(parent, ["5"], forgot)
     # New users 100..109, each with 3 rows over old items and new items n0..n4; plus rows of forgotten user 5.
@@ -120,13 +122,19 @@ def test_update_grows_the_vocab_keeps_old_scores_and_skips_forgotten_users(ray_l
     log = tmp_path / "new.parquet"
     pq.write_table(pa.table({"user_id": users, "item_id": items, "timestamp": np.arange(32, dtype=np.int64)}), log)
     res = run_update(forgot, str(log), tmp_path / "child", epochs=1, log=lambda *_: None)
+    return forgot, tmp_path / "child", res, users, items
 
-    p, c = load_artifact(forgot), load_artifact(tmp_path / "child")
+
+def test_update_grows_the_vocab_keeps_old_scores_and_skips_forgotten_users(update):
+    from ncf_ray.artifact import load_artifact
+
+    forgot, child, res, users, items = update
+    p, c = load_artifact(forgot), load_artifact(child)
     assert list(c.user_ids[:N_USERS]) == list(p.user_ids) and list(c.item_ids[:N_ITEMS]) == list(p.item_ids)
     assert c.n_users == N_USERS + 10 and sorted(c.user_ids[N_USERS:]) == [str(u) for u in range(100, 110)]
     assert set(c.item_ids[N_ITEMS:]) <= {f"n{k}" for k in range(5)} and c.n_items > N_ITEMS
     assert "5" not in c.user_index and res["lineage"]["data_window"]["forgotten_rows"] == 2
-    lineage = json.loads((tmp_path / "child" / "manifest.json").read_text())["lineage"]
+    lineage = json.loads((child / "manifest.json").read_text())["lineage"]
     assert lineage["parent_version"] == p.model_version and lineage["data_window"]["new_users"] == 10
     # Old users had no new data: their scores on old items barely move.
     old_users, old_items = np.arange(N_USERS), np.arange(N_ITEMS)
@@ -186,8 +194,8 @@ def test_continual_job_killed_between_update_and_promote_resumes_without_reapply
     assert [s["step"] for s in first["steps"]] == ["update"]
     assert first["partitions"]["date=2024-01-01"]["status"] == "updated"
 
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
+    # The re-run (in this process, on the same Ray: what a re-submitted job does, minus the interpreter start).
+    process(watch, state, str(parent), update_args={"epochs": 1}, log=lambda *_: None)
     final = json.loads(state.read_text())
     steps = [(s["partition"], s["step"]) for s in final["steps"]]
     assert steps.count(("date=2024-01-01", "update")) == 1 and ("date=2024-01-01", "reuse") in steps
@@ -210,7 +218,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_guarded_promotion_under_load_and_rollback(ray_local, parent, tmp_path):
+def test_guarded_promotion_under_load_and_rollback(ray_local, parent, update, tmp_path):
     from ray import serve
 
     from ncf_ray.artifact import load_artifact
@@ -219,20 +227,18 @@ def test_guarded_promotion_under_load_and_rollback(ray_local, parent, tmp_path):
     from ncf_ray.serve import APP_NAME, bind_app, promote, rollback
     from ncf_ray.update import run_update
 
-    quiet = {"log": lambda *_: None}
-    good = run_update(parent, str(_old_user_log(tmp_path / "good.parquet", 4, 10_000)), tmp_path / "good",
-                      epochs=1, **quiet)
+    served_first, good_dir = update[0], update[1]  # the good update's parent is the forgetful artifact
     bad = run_update(parent, str(_old_user_log(tmp_path / "bad.parquet", 5, 10_000, random_train=True)),
-                     tmp_path / "bad", epochs=3, lr=0.2, **quiet)
+                     tmp_path / "bad", epochs=3, lr=0.2, log=lambda *_: None)
     hold = bad["holdout"]
     assert hold["child"]["hr@10"] < hold["parent"]["hr@10"] - 0.01, hold  # the regression is real
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(bind_app(build_serve_config(model_dir=str(parent))), name=APP_NAME, route_prefix="/")
+    serve.run(bind_app(build_serve_config(model_dir=str(served_first))), name=APP_NAME, route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     versions = {name: load_artifact(p).model_version for name, p in
-                (("parent", parent), ("good", tmp_path / "good"), ("bad", tmp_path / "bad"))}
+                (("parent", served_first), ("good", good_dir), ("bad", tmp_path / "bad"))}
     try:
         with pytest.raises(UserError, match="not promoted"):
             promote(str(tmp_path / "bad"))
@@ -254,7 +260,7 @@ def test_guarded_promotion_under_load_and_rollback(ray_local, parent, tmp_path):
         t.start()
         try:
             time.sleep(0.3)
-            res = promote(str(tmp_path / "good"))
+            res = promote(str(good_dir))
             assert res["model_version"] == versions["good"] and res["guard_ok"]
             time.sleep(0.3)
             back = rollback()
