@@ -294,30 +294,17 @@ def holdout_metrics(model: nn.Module, users: np.ndarray, pos: np.ndarray, neg: n
 
 
 # ============================================================================================ Ray Train
-def update_loop_per_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker of an update: the child's initial weights and the update's positives come from the
-    object store; each epoch fresh negatives (excluding every known positive of the user), this rank's users
-    (user % world == rank), DDP steps through engine.train_epoch; rank 0 reports a checkpoint each epoch."""
-    import os
-
-    import ray.train
-    import ray.train.torch
-
+def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, device: torch.device,
+                 rank: int = 0, world: int = 1, report: Any = None) -> list[dict[str, Any]]:
+    """cfg.epochs over the update's positives (`inputs`, see `training_inputs`): each epoch fresh negatives
+    (excluding every known positive of the user) for this rank's users (user % world == rank), steps through
+    engine.train_epoch (the same on every rank: the largest shard's count). `model` may be DDP-wrapped;
+    `report(row, raw_model)` is called after each epoch. Pure torch: the Ray worker and tests call it."""
     from ncf_ray import engine
     from ncf_ray.data.sampler import NegativeSampler
-    from ncf_ray.model import model_from_config
-    from ncf_ray.train import _all_reduce, default_threads
+    from ncf_ray.train import _all_reduce
 
-    cfg = from_dict(TrainConfig, config["train"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(cfg.threads_per_worker or default_threads(ctx.get_local_world_size()))
-    torch.manual_seed(cfg.seed)
-    inputs = ray.get(config["inputs"])
-    n_users, n_items = int(inputs["n_users"]), int(inputs["n_items"])
-    model = model_from_config(cfg.model, n_users, n_items)
-    model.load_state_dict(inputs["state"])
+    n_items = int(inputs["n_items"])
     users = torch.from_numpy(inputs["users"]).to(device)
     items = torch.from_numpy(inputs["items"]).to(device)
     sampler = NegativeSampler(torch.from_numpy(inputs["excl_users"]).to(device),
@@ -327,15 +314,13 @@ def update_loop_per_worker(config: dict[str, Any]) -> None:
         hist = Histories(torch.from_numpy(inputs["hist_indptr"]), torch.from_numpy(inputs["hist_items"])).to(device)
     mine = users % world == rank
     pos_users, pos_items = users[mine], items[mine]
-
-    model = ray.train.torch.prepare_model(model)
     raw = unwrap_model(model)
     lr0 = engine.scaled_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size)
     optimizer = engine.build_optimizer(model, lr0, cfg.weight_decay, device)
     amp_dtype, _ = engine.amp_dtype_for(cfg.amp, device)
     per_rank_batch = max(1, cfg.batch_size // world)
     gen = torch.Generator(device=device)
-    history = []
+    history: list[dict[str, Any]] = []
     for epoch in range(cfg.epochs):
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen)
@@ -347,16 +332,56 @@ def update_loop_per_worker(config: dict[str, Any]) -> None:
         with engine.Timer(device) as timer:
             loss = engine.train_epoch(model, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch)
         loss_t = _all_reduce(torch.tensor([loss], device=device)) / world
-        row = {"epoch": epoch + 1, "loss": float(loss_t), "epoch_seconds": timer.seconds,
-               "samples_per_second": steps * rows * examples.per_row * world / max(timer.seconds, 1e-9)}
-        history.append(row)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"model": {k: v.detach().cpu() for k, v in raw.state_dict().items()},
-                            "history": history}, os.path.join(tmp, "update.pt"))
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(row)
+        history.append({"epoch": epoch + 1, "loss": float(loss_t), "epoch_seconds": timer.seconds,
+                        "samples_per_second": steps * rows * examples.per_row * world / max(timer.seconds, 1e-9)})
+        if report is not None:
+            report(history, raw)
+    return history
+
+
+def update_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker of an update: the child's initial weights and the update's positives from the object
+    store, `train_update` under DDP; rank 0 reports a checkpoint ({"model", "history"}) each epoch."""
+    import os
+
+    import ray.train
+    import ray.train.torch
+
+    from ncf_ray.model import model_from_config
+    from ncf_ray.train import default_threads
+
+    cfg = from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.threads_per_worker or default_threads(ctx.get_local_world_size()))
+    torch.manual_seed(cfg.seed)
+    inputs = ray.get(config["inputs"])
+    model = model_from_config(cfg.model, int(inputs["n_users"]), int(inputs["n_items"]))
+    model.load_state_dict(inputs["state"])
+    model = ray.train.torch.prepare_model(model)
+
+    def report(history: list[dict[str, Any]], raw: nn.Module) -> None:
+        if rank != 0:
+            ray.train.report(history[-1])
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, "history": history},
+                       os.path.join(tmp, "update.pt"))
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    train_update(model, inputs, cfg, device, rank, world, report)
+
+
+def plain_runner(cfg: TrainConfig, inputs: dict[str, Any], storage: str | None = None) -> dict[str, Any]:
+    """`fit_update` without Ray (one process, CPU): for tests and experiments."""
+    from ncf_ray.model import model_from_config
+
+    torch.manual_seed(cfg.seed)
+    model = model_from_config(cfg.model, int(inputs["n_users"]), int(inputs["n_items"]))
+    model.load_state_dict(inputs["state"])
+    history = train_update(model, inputs, cfg, torch.device("cpu"))
+    return {"model": model.state_dict(), "history": history}
 
 
 def fit_update(cfg: TrainConfig, inputs: dict[str, Any], storage: str) -> dict[str, Any]:
@@ -449,8 +474,10 @@ def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: 
     return result
 
 
-def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: Path, log: Any) -> dict[str, Any]:
-    """Steps 3-6 of the module docstring for a built window."""
+def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: Path, log: Any = print,
+                runner: Any = None) -> dict[str, Any]:
+    """Steps 3-6 of the module docstring for a built window. `runner(cfg, inputs, storage) -> {"model",
+    "history"}` trains: `fit_update` (Ray Train) by default, `plain_runner` in tests."""
     from ncf_ray.metrics import build_csr
 
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 15]))
@@ -480,7 +507,7 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
     storage = Path(tempfile.mkdtemp(prefix=f".{out.name}.ray-", dir=out.parent if out.parent.exists() else None))
     t0 = time.time()
     try:
-        state = fit_update(cfg, inputs, str(storage))
+        state = (runner or fit_update)(cfg, inputs, str(storage))
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     seconds = time.time() - t0

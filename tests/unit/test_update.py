@@ -195,3 +195,33 @@ def test_forget_removes_the_users_traces_and_raw_id(tmp_path):
     with pytest.raises(UserError, match="not users"):
         forget_users(out, ["nobody"], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ whole update
+@pytest.mark.parametrize("name", ["seq", "neumf"])
+def test_update_without_ray_advances_histories_and_seen_and_scores_the_holdout(tmp_path, name):
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.config import build_train_config
+    from ncf_ray.update import plain_runner, train_child
+
+    src = _artifact(tmp_path, FAMILIES[name])
+    art = load_artifact(src)
+    raw_u = np.asarray(["u1", "u1", "u1", "new", "new"], dtype=object)
+    raw_i = np.asarray(["i7", "i0", "fresh", "i1", "fresh"], dtype=object)
+    window = build_window(raw_u, raw_i, np.asarray([1, 2, 3, 4, 5]), art.user_ids, art.item_ids,
+                          np.diff(art.seen_indptr))
+    cfg = build_train_config(None, model=art.model_cfg, epochs=2, batch_size=64, negatives=2, eval_k=3)
+    res = train_child(art, window, cfg, 0.5, tmp_path / "child", log=lambda *_: None, runner=plain_runner)
+    child = load_artifact(tmp_path / "child")
+    assert (child.n_users, child.n_items) == (7, 9)
+    u1, new, fresh = child.user_index["u1"], child.user_index["new"], child.item_index["fresh"]
+    hist = child.histories
+    assert hist.items[hist.indptr[u1]:hist.indptr[u1 + 1]].tolist()[-3:] == [7, 0, fresh]  # time order
+    assert hist.items[hist.indptr[new]:hist.indptr[new + 1]].tolist() == [1, fresh]
+    assert fresh in child.seen_indices[child.seen_indptr[new]:child.seen_indptr[new + 1]]
+    assert child.popularity[fresh] == 2 and child.popularity[7] == art.popularity[7] + 1
+    hold = res["holdout"]
+    assert hold["users"] == 2 and hold["parent"]["scored"] == 0  # both holdout items are new to the parent
+    assert len(res["history"]) == 2 and all(np.isfinite(h["loss"]) for h in res["history"])
+    assert child.lineage["parent_version"] == art.model_version
+    assert child.metrics["config"]["epochs"] == 2  # the next update starts from this config
