@@ -83,10 +83,12 @@ def process(watch: str | Path, state_path: str | Path, model_dir: str, models: s
     from ncf_ray.update import guard, run_update
 
     state_path = Path(state_path).resolve()
+    todo = partitions(watch)
     state = load_state(state_path, model_dir)
+    load_artifact(state["promoted"])  # the model to start from must load before anything is written
     models_dir = Path(models).resolve() if models else state_path.parent / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
-    for part in partitions(watch):
+    for part in todo:
         name = part.name
         entry = state["partitions"].get(name, {})
         if entry.get("status") in DONE:

@@ -225,3 +225,39 @@ def test_update_without_ray_advances_histories_and_seen_and_scores_the_holdout(t
     assert len(res["history"]) == 2 and all(np.isfinite(h["loss"]) for h in res["history"])
     assert child.lineage["parent_version"] == art.model_version
     assert child.metrics["config"]["epochs"] == 2  # the next update starts from this config
+
+
+def _job(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"job_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("job,argv", [
+    ("update", ["{missing}", "{tmp}/log.csv", "--out", "{tmp}/child"]),
+    ("forget", ["{missing}", "--user", "7"]),
+    ("continual", ["--model-dir", "{missing}", "--watch", "{tmp}/nowhere", "--state", "{tmp}/s.json", "--once"]),
+])
+def test_jobs_refuse_a_missing_artifact_in_one_line_before_ray(tmp_path, capsys, job, argv):
+    from ncf_ray.pipeline import run_job
+
+    args = [a.format(missing=tmp_path / "missing", tmp=tmp_path) for a in argv]
+    rc = run_job(_job(job).main, args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert not (tmp_path / "child").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_forget_cli_prints_counts_never_the_id(tmp_path, capsys):
+    from ncf_ray import cli
+
+    src = _artifact(tmp_path)
+    assert cli.main(["forget", str(src), "--user", "u4"]) == 0
+    out = capsys.readouterr().out
+    assert "forgot 1 user(s)" in out and "u4" not in out
+    assert cli.main(["forget", str(src), "--user", "zz"]) == 2
