@@ -33,6 +33,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--replay", type=float, default=DEFAULT_REPLAY)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--once", action="store_true", help="process the partitions there now, then exit")
     p.add_argument("--poll-s", type=float, default=60.0)
     return p.parse_args(argv)
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
     kwargs = dict(watch=args.watch, state_path=args.state, model_dir=args.model_dir, models=args.models,
                   serve_address=args.serve_address, tolerance=args.tolerance,
                   update_args={"epochs": args.epochs, "replay": args.replay, "lr": args.lr,
-                               "workers": args.workers})
+                               "workers": args.workers, "batch_size": args.batch_size})
     if args.once:
         state = process(**kwargs)
         print(f"promoted model: {state['promoted']}")

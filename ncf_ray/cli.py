@@ -447,6 +447,8 @@ def _add_update(sub: argparse._SubParsersAction) -> None:
                    help="share of the training positives drawn from old interactions")
     p.add_argument("--lr", type=float, default=None, help="default: the parent's training lr")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the parent's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the parent's, smaller for a small window (20 steps an epoch at least)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the update's metrics as JSON on the last line")
     p.set_defaults(func=_cmd_update)
@@ -456,7 +458,7 @@ def _cmd_update(args: argparse.Namespace) -> int:
     from ncf_ray.update import run_update
 
     res = run_update(args.model_dir, args.new_log, args.out, epochs=args.epochs, replay=args.replay, lr=args.lr,
-                     workers=args.workers, seed=args.seed)
+                     workers=args.workers, batch_size=args.batch_size, seed=args.seed)
     if args.json:
         _print_json_last({k: v for k, v in res.items() if k != "history"})
     return 0

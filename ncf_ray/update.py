@@ -52,6 +52,11 @@ from ncf_ray.errors import UserError
 
 DEFAULT_EPOCHS = 2
 DEFAULT_REPLAY = 0.2
+# A window is small: at the parent's batch size an epoch could be a step or two. Without --batch-size the batch
+# shrinks (not below MIN_UPDATE_BATCH) until an epoch has MIN_UPDATE_STEPS steps; the lr follows the batch
+# (engine.scaled_lr), as in any run.
+MIN_UPDATE_STEPS = 20
+MIN_UPDATE_BATCH = 256
 
 
 # ============================================================================================ the window
@@ -305,13 +310,14 @@ def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, dev
     from ncf_ray.train import _all_reduce
 
     n_items = int(inputs["n_items"])
-    users = torch.from_numpy(inputs["users"]).to(device)
-    items = torch.from_numpy(inputs["items"]).to(device)
-    sampler = NegativeSampler(torch.from_numpy(inputs["excl_users"]).to(device),
-                              torch.from_numpy(inputs["excl_items"]).to(device), n_items)
+    def tensor(key: str) -> torch.Tensor:  # a copy: arrays from the object store are read-only
+        return torch.tensor(np.asarray(inputs[key]), device=device)
+
+    users, items = tensor("users"), tensor("items")
+    sampler = NegativeSampler(tensor("excl_users"), tensor("excl_items"), n_items)
     hist = None
     if inputs.get("hist_indptr") is not None:
-        hist = Histories(torch.from_numpy(inputs["hist_indptr"]), torch.from_numpy(inputs["hist_items"])).to(device)
+        hist = Histories(tensor("hist_indptr"), tensor("hist_items"))
     mine = users % world == rank
     pos_users, pos_items = users[mine], items[mine]
     raw = unwrap_model(model)
@@ -445,7 +451,7 @@ def read_log(path: str, data_cfg: DataConfig) -> Any:
 
 def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: int = DEFAULT_EPOCHS,
                replay: float = DEFAULT_REPLAY, lr: float | None = None, workers: int | None = None,
-               seed: int = 0, log: Any = print) -> dict[str, Any]:
+               batch_size: int | None = None, seed: int = 0, log: Any = print) -> dict[str, Any]:
     """The whole update (module docstring); returns the child's metrics.json (its "update" block has the
     holdout figures of child and parent, "lineage" the window)."""
     from ncf_ray.artifact import load_artifact
@@ -461,7 +467,8 @@ def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: 
     if art.model_cfg.name in CLOSED_FORM:
         raise UserError(f"update needs an embedding model; {art.model_cfg.name} is fitted in closed form "
                         f"(re-run ncf-ray train on the whole log)")
-    cfg = update_train_config(art.metrics, art.model_cfg, epochs=epochs, lr=lr, workers=workers, seed=seed)
+    cfg = update_train_config(art.metrics, art.model_cfg, epochs=epochs, lr=lr, workers=workers, seed=seed,
+                              batch_size=batch_size)
     if not 0.0 <= replay < 1.0:
         raise UserError(f"--replay={replay} must be in [0, 1)")
     ensure_ray()
@@ -470,12 +477,18 @@ def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: 
                           np.diff(art.seen_indptr), art.forgotten)
     log(f"update {art.model_version}: {window.stats['rows_used']} new rows, {window.stats['new_users']} new "
         f"users, {window.stats['new_items']} new items, {window.stats['holdout_users']} holdout users")
-    result = train_child(art, window, cfg, replay, out, log)
+    result = train_child(art, window, cfg, replay, out, log, auto_batch=batch_size is None)
     return result
 
 
+def update_batch(cfg: TrainConfig, positives: int) -> int:
+    """The batch of an update without --batch-size (see MIN_UPDATE_STEPS)."""
+    scored = positives * (1 + cfg.negatives)
+    return int(min(cfg.batch_size, max(MIN_UPDATE_BATCH, scored // MIN_UPDATE_STEPS)))
+
+
 def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: Path, log: Any = print,
-                runner: Any = None) -> dict[str, Any]:
+                runner: Any = None, auto_batch: bool = True) -> dict[str, Any]:
     """Steps 3-6 of the module docstring for a built window. `runner(cfg, inputs, storage) -> {"model",
     "history"}` trains: `fit_update` (Ray Train) by default, `plain_runner` in tests."""
     from ncf_ray.metrics import build_csr
@@ -504,6 +517,8 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
               "hist_items": train_hist.items.numpy() if seq else None}
     if len(inputs["users"]) == 0:
         raise UserError("the new log leaves nothing to train on (each user's only row is held out)")
+    if auto_batch:
+        cfg = dataclasses.replace(cfg, batch_size=update_batch(cfg, len(inputs["users"])))
     storage = Path(tempfile.mkdtemp(prefix=f".{out.name}.ray-", dir=out.parent if out.parent.exists() else None))
     t0 = time.time()
     try:
