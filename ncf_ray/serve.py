@@ -531,6 +531,9 @@ def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -
     url = f"http://{cfg.host}:{cfg.port}"
     if blocking:
         print(f"serving {cfg.model_dir} at {url}  (OpenAPI: {url}/docs; Ctrl-C stops)", flush=True)
+        # promote / rollback join this Ray: a local one lives in a private temp dir, so `auto` cannot find it.
+        print(f"swap models: ncf-ray promote NEW_MODEL_DIR --serve-address "
+              f"{ray.get_runtime_context().gcs_address}", flush=True)
         try:
             while True:
                 time.sleep(3600)
