@@ -261,3 +261,22 @@ def test_forget_cli_prints_counts_never_the_id(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "forgot 1 user(s)" in out and "u4" not in out
     assert cli.main(["forget", str(src), "--user", "zz"]) == 2
+
+
+def test_an_update_leaves_the_rows_of_users_it_has_no_data_about_untouched(tmp_path):
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.config import build_train_config, to_dict
+    from ncf_ray.update import plain_runner, train_child, update_train_config
+
+    src = _artifact(tmp_path)
+    art = load_artifact(src)
+    art.metrics = {"config": to_dict(build_train_config(None, model=art.model_cfg, weight_decay=0.1))}
+    cfg = update_train_config(art.metrics, art.model_cfg, epochs=3, batch_size=32, negatives=2)
+    assert cfg.weight_decay == 0.0  # coupled L2 under a fresh Adam would move every row
+    window = build_window(np.asarray(["u1", "u1", "u1"], dtype=object), np.asarray(["i5", "i6", "i7"], dtype=object),
+                         np.asarray([1, 2, 3]), art.user_ids, art.item_ids, np.diff(art.seen_indptr))
+    train_child(art, window, cfg, 0.0, tmp_path / "child", log=lambda *_: None, runner=plain_runner)
+    before, after = art.model.user_emb.weight.detach(), load_artifact(tmp_path / "child").model.user_emb.weight
+    others = [0, 2, 3, 4, 5]
+    assert torch.equal(before[others], after.detach()[others])
+    assert not torch.equal(before[1], after.detach()[1])
