@@ -14,7 +14,8 @@ Steps (`run_update`):
 3. `grown_model`: the parent's weights in a model of the new size; new rows from `init_new_rows`;
 4. train on Ray Train (`update_loop_per_worker`, the engine's examples and steps) for --epochs over the new rows
    minus the holdout plus a replay sample of old interactions (--replay R: R of the training positives are
-   old ones, drawn uniformly from the parent's seen pairs). Optimizer state is not kept in artifacts, so Adam
+   old ones, drawn uniformly from the parent's seen pairs), at a batch small enough for MIN_UPDATE_STEPS steps
+   an epoch unless --batch-size is given. Optimizer state is not kept in artifacts, so Adam
    starts afresh, with no warm-up (the weights are not fresh) and no weight decay (it would move every row);
 5. HR/NDCG@K of the holdout against sampled negatives drawn from the parent's catalogue (so both models rank the
    same candidates), for the child and for the parent (users or items it lacks count as misses);
