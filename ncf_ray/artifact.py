@@ -15,7 +15,11 @@ Layout of an artifact dir (RUN_DIR/model/, written by `ncf-ray train`, read by `
     features/                (optional) the dataset's item/user side tables, copied verbatim (data/features.py);
                              context and event specs travel in dataset_meta.json (ncf_ray/inputs.py reads both)
     metrics.json, dataset_meta.json
-    manifest.json            {"files": {relpath: sha256}, "sizes": {relpath: bytes}, "model_version"}
+    forgotten.json           (optional) {"salt": hex, "users": [sha256(salt + raw id) ...]}: users removed by
+                             `ncf-ray forget`; never a raw id. Every later `update` drops their rows.
+    manifest.json            {"files": {relpath: sha256}, "sizes": {relpath: bytes}, "model_version"
+                              [, "lineage": {"parent_version", "parent_dir", "data_window": {...}}]}
+                             lineage: written by `ncf-ray update` / `forget`, the artifact this one was made from.
 
 Writes go to a temp dir beside the target and are renamed into place. Loading verifies the manifest first (every
 listed file present with its size and sha256, no unlisted file) and refuses anything else with a UserError naming
@@ -33,7 +37,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -64,6 +68,7 @@ METRICS_FILE = "metrics.json"
 DATASET_META_FILE = "dataset_meta.json"
 MANIFEST_FILE = "manifest.json"
 FEATURES_DIR = "features"
+FORGOTTEN_FILE = "forgotten.json"
 REQUIRED_FILES = (
     WEIGHTS_FILE,
     CONFIG_FILE,
@@ -99,7 +104,9 @@ class Artifact:
     model_version: str
     created: str
     path: str
-    inputs: ModelInputs  # the side information the model reads (features, context, events)
+    inputs: ModelInputs = field(default_factory=ModelInputs)  # what the model reads: features, context, events
+    lineage: dict[str, Any] | None = None  # manifest "lineage" (update / forget), None for a trained artifact
+    forgotten: dict[str, Any] | None = None  # forgotten.json: {"salt", "users": [hashes]}, None when none
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -164,14 +171,17 @@ def _check_csr(indptr: np.ndarray, indices: np.ndarray, n_users: int, n_items: i
         raise UserError(f"{what} CSR holds item ids outside 0..{n_items - 1}")
 
 
-def _manifest(root: Path, model_version: str) -> dict[str, Any]:
+def _manifest(root: Path, model_version: str, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     files = [f for f in files if f != MANIFEST_FILE]
-    return {
+    manifest = {
         "files": {f: sha256_file(root / f) for f in files},
         "sizes": {f: (root / f).stat().st_size for f in files},
         "model_version": model_version,
     }
+    if lineage is not None:
+        manifest["lineage"] = lineage
+    return manifest
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -202,10 +212,14 @@ def save_artifact(
     dataset_meta: dict[str, Any],
     histories: Histories | None = None,
     features_dir: str | Path | None = None,
+    lineage: dict[str, Any] | None = None,
+    forgotten: dict[str, Any] | None = None,
 ) -> str:
     """Write the artifact atomically to out_dir (replacing an existing one) and return its model_version.
     users_vocab / items_vocab: pyarrow Table or pandas DataFrame with (user_idx|item_idx, user_id|item_id, count).
-    `features_dir`: a dataset's features/ dir (side tables), copied in when the model reads features."""
+    `features_dir`: a dataset's features/ dir (side tables), copied in when the model reads features.
+    `lineage` goes into the manifest (update / forget: the parent and the data window); `forgotten` is written as
+    forgotten.json (hashed ids only)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -250,7 +264,9 @@ def save_artifact(
             shutil.copytree(features_dir, tmp / FEATURES_DIR)
         _write_json(tmp / METRICS_FILE, metrics)
         _write_json(tmp / DATASET_META_FILE, dataset_meta)
-        _write_json(tmp / MANIFEST_FILE, _manifest(tmp, model_version))
+        if forgotten is not None:
+            _write_json(tmp / FORGOTTEN_FILE, forgotten)
+        _write_json(tmp / MANIFEST_FILE, _manifest(tmp, model_version, lineage))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; an artifact is meant to be shared with serving
         _replace_dir(tmp, out)
     except BaseException:
@@ -372,6 +388,8 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         h_items = _load_npy(root / HISTORY_ITEMS_FILE).astype(np.int64, copy=False)
         _check_csr(h_indptr, h_items, n_users, n_items, "history")
         histories = Histories(torch.from_numpy(h_indptr), torch.from_numpy(h_items))
+    forgotten = _read_json(root / FORGOTTEN_FILE) if (root / FORGOTTEN_FILE).is_file() else None
+    lineage = manifest.get("lineage")
     return Artifact(
         model=model,
         model_cfg=model_cfg,
@@ -391,4 +409,6 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artif
         created=str(config.get("created", "")),
         path=str(root),
         inputs=inputs.for_model(model_cfg),
+        lineage=lineage if isinstance(lineage, dict) else None,
+        forgotten=forgotten if isinstance(forgotten, dict) else None,
     )

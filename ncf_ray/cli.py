@@ -7,6 +7,10 @@
     ncf-ray recommend MODEL_DIR --user RAW_ID     # top-K for one user
     ncf-ray tune DATASET_DIR --out SWEEP_DIR      # Ray Tune sweep (--model auto: every family) -> SWEEP_DIR/best
     ncf-ray serve MODEL_DIR                       # Ray Serve HTTP endpoint
+    ncf-ray update MODEL_DIR NEW_LOG --out NEW    # Ray Train: warm-start the model on a new log (vocab grows)
+    ncf-ray promote NEW_MODEL_DIR                 # swap an update into the running app if its guard holds
+    ncf-ray rollback                              # swap the served model's parent back in
+    ncf-ray forget MODEL_DIR --user RAW_ID        # an artifact without that user (hashed in forgotten.json)
     ncf-ray bench {prepare,train,eval,serve,gpu,all}
 
 A user mistake prints one line `error: ...` and exits 2; nothing half-written is left behind.
@@ -511,6 +515,95 @@ def _cmd_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- continual
+SERVE_ADDRESS_HELP = "Ray address of the cluster running the Serve app (default: RAY_ADDRESS, else auto)"
+
+
+def _add_update(sub: argparse._SubParsersAction) -> None:
+    from ncf_ray.update import DEFAULT_EPOCHS, DEFAULT_REPLAY
+
+    p = sub.add_parser("update", help="warm-start a model artifact on a new log (Ray Train) -> a new artifact",
+                       description="Reads NEW_LOG as the parent's log was read, appends new users/items to the "
+                                   "vocab, trains on the new rows (minus each user's latest, the holdout) plus a "
+                                   "replay of old ones, scores child and parent on the holdout, and writes "
+                                   "NEW_MODEL_DIR atomically with its lineage.")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("new_log", metavar="NEW_LOG", help="file, dir or glob of the new interactions")
+    p.add_argument("--out", required=True, metavar="NEW_MODEL_DIR", help="the child artifact (must not exist)")
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--replay", type=float, default=DEFAULT_REPLAY,
+                   help="share of the training positives drawn from old interactions")
+    p.add_argument("--lr", type=float, default=None, help="default: the parent's training lr")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the parent's)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the parent's, smaller for a small window (20 steps an epoch at least)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the update's metrics as JSON on the last line")
+    p.set_defaults(func=_cmd_update)
+
+
+def _cmd_update(args: argparse.Namespace) -> int:
+    from ncf_ray.update import run_update
+
+    res = run_update(args.model_dir, args.new_log, args.out, epochs=args.epochs, replay=args.replay, lr=args.lr,
+                     workers=args.workers, batch_size=args.batch_size, seed=args.seed)
+    if args.json:
+        _print_json_last({k: v for k, v in res.items() if k != "history"})
+    return 0
+
+
+def _add_promote(sub: argparse._SubParsersAction) -> None:
+    from ncf_ray.serve import DEFAULT_TOLERANCE
+
+    p = sub.add_parser("promote", help="swap an updated artifact into the running Serve app if its guard holds")
+    p.add_argument("model_dir", metavar="NEW_MODEL_DIR")
+    p.add_argument("--serve-address", default=None, help=SERVE_ADDRESS_HELP)
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help="promote when child holdout HR@10 >= parent's - this")
+    p.add_argument("--force", action="store_true", help="promote even when the guard fails")
+    p.set_defaults(func=_cmd_promote)
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from ncf_ray.serve import promote
+
+    res = promote(str(Path(args.model_dir).resolve()), args.serve_address, args.tolerance, args.force)
+    print(f"promoted {res['model_version']} (was {res['previous']['model_version']}): {res['guard']}"
+          + (" [forced]" if res["forced"] else ""))
+    return 0
+
+
+def _add_rollback(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollback", help="swap the served model's parent (from its lineage) back in")
+    p.add_argument("--serve-address", default=None, help=SERVE_ADDRESS_HELP)
+    p.set_defaults(func=_cmd_rollback)
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from ncf_ray.serve import rollback
+
+    res = rollback(args.serve_address)
+    print(f"rolled back to {res['model_version']} (was {res['previous']['model_version']})")
+    return 0
+
+
+def _add_forget(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("forget", help="write an artifact without the given users (embedding rows, history, seen)")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--user", action="append", required=True, metavar="RAW_ID", help="repeat for several users")
+    p.add_argument("--out", default=None, metavar="NEW_MODEL_DIR", help="default: replace MODEL_DIR atomically")
+    p.set_defaults(func=_cmd_forget)
+
+
+def _cmd_forget(args: argparse.Namespace) -> int:
+    from ncf_ray.privacy import forget_users
+
+    res = forget_users(args.model_dir, args.user, args.out)
+    print(f"forgot {res['forgotten_now']} user(s) ({res['already_forgotten']} already forgotten; "
+          f"{res['forgotten_total']} in all) -> {res['out']} ({res['model_version']})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prepare,
@@ -521,6 +614,10 @@ ADDERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
     _add_bench,
     _add_baselines,
+    _add_update,
+    _add_promote,
+    _add_rollback,
+    _add_forget,
 ]
 
 
@@ -550,6 +647,9 @@ def log_dir_for(args: argparse.Namespace) -> Path | None:
         return out.with_name(out.name + ".logs")
     if args.command == "serve":
         return Path(args.model_dir).resolve().parent / "logs"
+    if args.command == "update":  # beside the new artifact, like prepare's (the artifact dir is swapped whole)
+        out = Path(args.out).resolve()
+        return out.with_name(out.name + ".logs")
     return None
 
 

@@ -268,6 +268,7 @@ class NCFServer:
         reuse_large_allocations()  # scoring's multi-MiB temporaries stay in the heap (see ncf_ray/scoring.py)
         self._rec: Recommender | None = None
         self._loaded: tuple[str, str] = ("", "")  # (model_dir, precision) of self._rec
+        self._user_config: dict[str, Any] = {}  # the last one applied: what promote/rollback keep when swapping
         # Bulk requests run one at a time beside the event loop: on a one-CPU replica, concurrent big forwards
         # only thrash caches, and the loop stays free to batch /recommend meanwhile.
         self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ncf-bulk")
@@ -286,6 +287,14 @@ class NCFServer:
         # Load and verify in a thread (requests keep flowing on the old model), then swap one reference.
         rec = await asyncio.to_thread(_load_recommender, model_dir, precision)
         self._rec, self._loaded = rec, (model_dir, precision)
+        self._user_config = dict(user_config)
+
+    async def serving(self) -> dict[str, Any]:
+        """What this replica serves, for `promote` / `rollback` over a deployment handle (never over HTTP: it
+        holds the artifact's full path): the applied user_config and the model version."""
+        rec = self._current()
+        return {"user_config": dict(self._user_config), "model_dir": self._loaded[0],
+                "model_version": rec.model_version}
 
     def _current(self) -> Recommender:
         if self._rec is None:
@@ -395,6 +404,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
             "max_batch_size": cfg.max_batch_size,
             "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
             "precision": cfg.precision,
+            # The whole config, so promote/rollback redeploy with the same settings and only a new model_dir.
+            "serve_config": {**dataclasses.asdict(cfg), "model_dir": os.path.abspath(cfg.model_dir)},
         },
         "graceful_shutdown_timeout_s": 10,
     }
@@ -556,6 +567,9 @@ def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -
     url = f"http://{cfg.host}:{cfg.port}"
     if blocking:
         print(f"serving {cfg.model_dir} at {url}  (OpenAPI: {url}/docs; Ctrl-C stops)", flush=True)
+        # promote / rollback join this Ray: a local one lives in a private temp dir, so `auto` cannot find it.
+        print(f"swap models: ncf-ray promote NEW_MODEL_DIR --serve-address "
+              f"{ray.get_runtime_context().gcs_address}", flush=True)
         try:
             while True:
                 time.sleep(3600)
@@ -566,3 +580,87 @@ def run_server(cfg: ServeConfig, blocking: bool = True, ha_proxy: bool = True) -
             else:
                 serve.delete(APP_NAME)
     return url
+
+
+# ------------------------------------------------------------------------------------------------ promote / rollback
+# `ncf-ray promote NEW_MODEL_DIR` and `ncf-ray rollback` change the model of the running app the way `ncf-ray serve`
+# deploys it: serve.run of the same app with the same settings (read back from a replica) and another model_dir
+# in user_config, so replicas `reconfigure` in place and no request is dropped (tests/integration/test_serve.py).
+DEFAULT_TOLERANCE = 0.01
+SWAP_TIMEOUT_S = 120.0
+
+
+def _connect(address: str | None) -> Any:
+    """The handle of the running app, joining the Ray cluster at `address` unless this process is in one."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
+                     logging_level=logging.ERROR)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--serve-address {address or 'auto'}: cannot join the Ray cluster serving the "
+                            f"model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    try:
+        return serve.get_app_handle(APP_NAME)
+    except Exception as exc:  # noqa: BLE001 - Serve raises several types for "no such app / not started"
+        raise UserError(f"no {APP_NAME!r} Serve app is running on the Ray cluster at {address or 'auto'}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def served(address: str | None = None) -> dict[str, Any]:
+    """What the running app serves now (`NCFServer.serving` of one replica)."""
+    return _connect(address).serving.remote().result(timeout_s=60)
+
+
+def swap_model(model_dir: str, address: str | None = None, timeout_s: float = SWAP_TIMEOUT_S) -> dict[str, Any]:
+    """Redeploy the running app with `model_dir` (verified here first) and wait until a replica serves it.
+    Returns {"previous": served-before, "model_version": the new one}."""
+    from ncf_ray.artifact import load_artifact
+
+    model_dir = os.path.abspath(model_dir)
+    art = load_artifact(model_dir)  # a bad artifact is refused before the deployment is touched
+    before = served(address)
+    fields = dict(before["user_config"].get("serve_config") or {})
+    if not fields:  # deployed before serve_config was recorded: its user_config holds the rest
+        fields = {k: before["user_config"][k] for k in ("max_batch_size", "batch_wait_timeout_s", "precision")
+                  if k in before["user_config"]}
+    cfg = build_serve_config(**{**fields, "model_dir": model_dir})
+    serve.run(bind_app(cfg), name=APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + timeout_s
+    while served(address)["model_dir"] != model_dir:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not serve {model_dir} within {timeout_s:g} s of the redeploy")
+        time.sleep(0.2)
+    return {"previous": {k: before[k] for k in ("model_dir", "model_version")}, "model_version": art.model_version,
+            "model_dir": model_dir}
+
+
+def promote(model_dir: str, address: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
+            force: bool = False) -> dict[str, Any]:
+    """Swap `model_dir` into the running app if its update guard holds (update.guard: child holdout HR@K >=
+    parent's - tolerance), or with `force`; otherwise a UserError and the served model stays."""
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.update import guard
+
+    ok, why = guard(load_artifact(model_dir).metrics, tolerance)
+    if not ok and not force:
+        raise UserError(f"not promoted: {why}; the served model stays (--force promotes anyway)")
+    return {**swap_model(model_dir, address), "guard": why, "guard_ok": ok, "forced": force and not ok}
+
+
+def rollback(address: str | None = None) -> dict[str, Any]:
+    """Swap the served model's parent (its manifest lineage) back in."""
+    from ncf_ray.artifact import load_artifact
+
+    now = served(address)
+    lineage = load_artifact(now["model_dir"]).lineage or {}
+    parent = lineage.get("parent_dir")
+    if not parent:
+        raise UserError(f"the served model {now['model_version']} has no parent in its lineage (it was trained, "
+                        f"not updated): nothing to roll back to")
+    if not Path(parent).is_dir():
+        raise UserError(f"the served model's parent {parent} is gone; promote an artifact explicitly")
+    return swap_model(parent, address)

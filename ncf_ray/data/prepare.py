@@ -60,6 +60,9 @@ from ncf_ray.errors import UserError
 
 PROTOCOL_LOO = "leave-one-out-by-time"
 PROTOCOL_NCF = "ncf-paper"
+# meta.json "data_config": the DataConfig fields that say how a log of this source is read and filtered (what
+# `ncf-ray update` needs to read the next log alike); split and sharding fields are this dataset's own business.
+READ_FIELDS = ("user_col", "item_col", "time_col", "rating_col", "min_rating", "sep", "max_bad_fraction")
 # meta.json "valid_from": how the valid row of each user was chosen.
 VALID_LATEST_TRAIN = "latest train interaction per user (by time)"
 VALID_LAST_LINE = "last train line per user in file order (the files have no timestamps)"
@@ -658,6 +661,8 @@ def _meta(cfg: DataConfig, b: Built, source: str, seconds: float) -> dict[str, A
         "timestamps": b.timestamps,
         "dropped": b.dropped,
         **b.shop,
+        # How the log was read and filtered, so `ncf-ray update` reads later logs of this source the same way.
+        "data_config": {k: getattr(cfg, k) for k in READ_FIELDS},
         "seconds": round(seconds, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
