@@ -538,6 +538,9 @@ def _add_update(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="default: the parent's, smaller for a small window (20 steps an epoch at least)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--item-features", default=None, metavar="FILE",
+                   help="side table of the new items (a feature-aware model scores them from it right away)")
+    p.add_argument("--user-features", default=None, metavar="FILE", help="side table of the new users")
     p.add_argument("--json", action="store_true", help="print the update's metrics as JSON on the last line")
     p.set_defaults(func=_cmd_update)
 
@@ -546,7 +549,8 @@ def _cmd_update(args: argparse.Namespace) -> int:
     from ncf_ray.update import run_update
 
     res = run_update(args.model_dir, args.new_log, args.out, epochs=args.epochs, replay=args.replay, lr=args.lr,
-                     workers=args.workers, batch_size=args.batch_size, seed=args.seed)
+                     workers=args.workers, batch_size=args.batch_size, seed=args.seed,
+                     item_features=args.item_features, user_features=args.user_features)
     if args.json:
         _print_json_last({k: v for k, v in res.items() if k != "history"})
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,14 +128,35 @@ def forget_users(model_dir: str | Path, raw_ids: Sequence[str], out: str | Path 
     user_counts = np.diff(seen_indptr)
     lineage = {"kind": "forget", "parent_version": art.model_version, "parent_dir": str(src),
                "forgotten_users": len(idx)}
-    version = save_artifact(
-        Path(out).resolve() if out else src, art.model, art.model_cfg, art.n_users, art.n_items,
-        vocab_table(user_ids, user_counts, S.USER_IDX, S.USER_COL),
-        vocab_table(art.item_ids, _item_counts(art), S.ITEM_IDX, S.ITEM_COL),
-        seen_indptr, seen_indices, art.popularity, art.metrics, art.dataset_meta, histories=hist,
-        lineage=lineage, forgotten=forgotten)
+    dest = Path(out).resolve() if out else src
+    with tempfile.TemporaryDirectory(prefix=f".{dest.name}.features-", dir=dest.parent) as tmp:
+        version = save_artifact(
+            dest, art.model, art.model_cfg, art.n_users, art.n_items,
+            vocab_table(user_ids, user_counts, S.USER_IDX, S.USER_COL),
+            vocab_table(art.item_ids, _item_counts(art), S.ITEM_IDX, S.ITEM_COL),
+            seen_indptr, seen_indices, art.popularity, art.metrics, art.dataset_meta, histories=hist,
+            lineage=lineage, forgotten=forgotten, features_dir=features_without(art, idx, Path(tmp)))
     return {"model_version": version, "forgotten_now": len(idx), "already_forgotten": n_already,
             "forgotten_total": len(forgotten["users"]), "out": str(Path(out).resolve() if out else src)}
+
+
+def features_without(art: Any, user_idx: Sequence[int], tmp: Path) -> Path | None:
+    """The artifact's features/ rewritten under `tmp` with the users' rows reset to "unknown" for every column
+    (their profile is gone with them); None when the artifact has no features/."""
+    from ncf_ray.data.features import EncodedFeatures, read_features, reserved_row, write_features
+
+    tables = read_features(Path(art.path))
+    if not tables:
+        return None
+    users = tables.get("users")
+    if users is not None and len(user_idx):
+        ids, dense = users.ids.copy(), None if users.dense is None else users.dense.copy()
+        ids[list(user_idx)] = reserved_row(users.spec)
+        if dense is not None:
+            dense[list(user_idx)] = 0.0
+        tables["users"] = EncodedFeatures(ids, dense, users.spec)
+    write_features(tmp, tables.get("items"), tables.get("users"))
+    return tmp / "features"
 
 
 def _item_counts(art: Any) -> np.ndarray:

@@ -50,6 +50,7 @@ from ncf_ray.config import (
     to_dict,
 )
 from ncf_ray.errors import UserError
+from ncf_ray.inputs import ModelInputs, build_model_for, inputs_from_parts
 
 DEFAULT_EPOCHS = 2
 DEFAULT_REPLAY = 0.2
@@ -211,13 +212,50 @@ def init_new_rows(model: nn.Module, parent_state: dict[str, torch.Tensor], old_n
 
 
 def grown_model(parent: nn.Module, cfg: ModelConfig, old_n_users: int, old_n_items: int, n_users: int,
-                n_items: int) -> nn.Module:
-    """A model of `cfg` for n_users x n_items warm-started from `parent` (init_new_rows)."""
-    from ncf_ray.model import model_from_config
-
+                n_items: int, side: ModelInputs | None = None) -> nn.Module:
+    """A model of `cfg` for n_users x n_items warm-started from `parent` (init_new_rows); `side`: the grown
+    feature tables and context of a feature-aware model (grown_features)."""
     state = {k: v.detach().cpu() for k, v in unwrap_model(parent).state_dict().items()}
-    child = model_from_config(cfg, n_users, n_items)
+    child = build_model_for(cfg, n_users, n_items, side)
     return init_new_rows(child, state, old_n_users, old_n_items, n_users, n_items)
+
+
+def grown_features(art: Any, window: Any, item_table: Any = None, user_table: Any = None,
+                   ) -> tuple[ModelInputs, dict[str, Any]]:
+    """The parent's side inputs with a feature row appended for every new item and user of the window, encoded
+    against the parent's frozen feature spec from `item_table` / `user_table` (side tables of the new entities,
+    e.g. today's new products) or all-unknown where none is given; returns (ModelInputs, {"items"/"users":
+    EncodedFeatures}) ({} for a model without features). A new item with a row is scored from its features
+    right after the update, before anyone has bought it."""
+    from ncf_ray.data.features import extend_features, read_features
+
+    if not art.model_cfg.features:
+        return art.inputs, {}
+    encoded = read_features(Path(art.path))
+    grown = {}
+    for what, new_ids, table in (("items", window.new_item_ids, item_table), ("users", window.new_user_ids,
+                                                                               user_table)):
+        if what in encoded:
+            grown[what] = extend_features(encoded[what], new_ids, table, what)
+    return inputs_from_parts(art.dataset_meta, grown).for_model(art.model_cfg), grown
+
+
+def _tables(features: dict[str, Any]) -> dict[str, Any]:
+    """Feature tables as plain arrays for the object store: {"items"/"users": (ids, dense, n_ids)}."""
+    return {what: (enc.ids, enc.dense, int(enc.spec["n_ids"])) for what, enc in features.items()}
+
+
+def model_for_inputs(cfg: TrainConfig, inputs: dict[str, Any]) -> nn.Module:
+    """The child model of an update's `inputs` (train_child): its size, feature tables and context."""
+    from ncf_ray.batch import FeatureTable
+
+    tables = {what: FeatureTable.from_numpy(ids, dense, n) for what, (ids, dense, n) in
+              (inputs.get("features") or {}).items()}
+    side = ModelInputs(item_features=tables.get("items"), user_features=tables.get("users"),
+                       context=inputs.get("context"))
+    model = build_model_for(cfg.model, int(inputs["n_users"]), int(inputs["n_items"]), side)
+    model.load_state_dict(inputs["state"])
+    return model
 
 
 # ============================================================================================ the data
@@ -354,7 +392,6 @@ def update_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from ncf_ray.model import model_from_config
     from ncf_ray.train import default_threads
 
     cfg = from_dict(TrainConfig, config["train"])
@@ -364,9 +401,7 @@ def update_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.threads_per_worker or default_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
     inputs = ray.get(config["inputs"])
-    model = model_from_config(cfg.model, int(inputs["n_users"]), int(inputs["n_items"]))
-    model.load_state_dict(inputs["state"])
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model_for_inputs(cfg, inputs))
 
     def report(history: list[dict[str, Any]], raw: nn.Module) -> None:
         if rank != 0:
@@ -382,11 +417,8 @@ def update_loop_per_worker(config: dict[str, Any]) -> None:
 
 def plain_runner(cfg: TrainConfig, inputs: dict[str, Any], storage: str | None = None) -> dict[str, Any]:
     """`fit_update` without Ray (one process, CPU): for tests and experiments."""
-    from ncf_ray.model import model_from_config
-
     torch.manual_seed(cfg.seed)
-    model = model_from_config(cfg.model, int(inputs["n_users"]), int(inputs["n_items"]))
-    model.load_state_dict(inputs["state"])
+    model = model_for_inputs(cfg, inputs)
     history = train_update(model, inputs, cfg, torch.device("cpu"))
     return {"model": model.state_dict(), "history": history}
 
@@ -456,7 +488,8 @@ def read_log(path: str, data_cfg: DataConfig) -> Any:
 
 def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: int = DEFAULT_EPOCHS,
                replay: float = DEFAULT_REPLAY, lr: float | None = None, workers: int | None = None,
-               batch_size: int | None = None, seed: int = 0, log: Any = print) -> dict[str, Any]:
+               batch_size: int | None = None, seed: int = 0, log: Any = print, item_features: str | None = None,
+               user_features: str | None = None) -> dict[str, Any]:
     """The whole update (module docstring); returns the child's metrics.json (its "update" block has the
     holdout figures of child and parent, "lineage" the window)."""
     from ncf_ray.artifact import load_artifact
@@ -476,14 +509,31 @@ def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: 
                               batch_size=batch_size)
     if not 0.0 <= replay < 1.0:
         raise UserError(f"--replay={replay} must be in [0, 1)")
+    tables = side_tables_for(art, item_features, user_features)  # refused here, before the log is read
     ensure_ray()
     raw = read_log(new_log, data_config_of(art.dataset_meta))
     window = build_window(as_str_ids(raw.users), as_str_ids(raw.items), raw.times, art.user_ids, art.item_ids,
                           np.diff(art.seen_indptr), art.forgotten)
     log(f"update {art.model_version}: {window.stats['rows_used']} new rows, {window.stats['new_users']} new "
         f"users, {window.stats['new_items']} new items, {window.stats['holdout_users']} holdout users")
-    result = train_child(art, window, cfg, replay, out, log, auto_batch=batch_size is None)
+    result = train_child(art, window, cfg, replay, out, log, auto_batch=batch_size is None, **tables)
     return result
+
+
+def side_tables_for(art: Any, item_features: str | None, user_features: str | None) -> dict[str, Any]:
+    """The side tables of new entities given to an update ({"item_table", "user_table"}), read with the id
+    column of the parent's feature spec; refused for a model that reads no such table."""
+    from ncf_ray.data.side_read import read_side_table
+
+    out: dict[str, Any] = {}
+    for what, path in (("items", item_features), ("users", user_features)):
+        if path is None:
+            continue
+        spec = art.inputs.feature_spec.get(what)
+        if spec is None:
+            raise UserError(f"--{what[:-1]}-features {path}: this model reads no {what[:-1]} features")
+        out[f"{what[:-1]}_table"] = read_side_table(path, spec["id_col"], what)
+    return out
 
 
 def update_batch(cfg: TrainConfig, positives: int) -> int:
@@ -493,7 +543,8 @@ def update_batch(cfg: TrainConfig, positives: int) -> int:
 
 
 def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: Path, log: Any = print,
-                runner: Any = None, auto_batch: bool = True) -> dict[str, Any]:
+                runner: Any = None, auto_batch: bool = True, item_table: Any = None,
+                user_table: Any = None) -> dict[str, Any]:
     """Steps 3-6 of the module docstring for a built window. `runner(cfg, inputs, storage) -> {"model",
     "history"}` trains: `fit_update` (Ray Train) by default, `plain_runner` in tests."""
     from ncf_ray.metrics import build_csr
@@ -512,14 +563,16 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
     full_hist = Histories(*map(torch.from_numpy, append_events(
         h_old_ptr, h_old_items, nu, window.users, window.items, window.times)))
 
-    child = grown_model(art.model, art.model_cfg, art.n_users, art.n_items, nu, ni)
+    side, features = grown_features(art, window, item_table, user_table)
+    child = grown_model(art.model, art.model_cfg, art.n_users, art.n_items, nu, ni, side)
     rep_u, rep_i = replay_sample(art.seen_indptr, art.seen_indices, int(tr.sum()), replay, rng)
     seq = int(getattr(child, "history_len", 0)) > 0
     inputs = {"n_users": nu, "n_items": ni, "state": child.state_dict(),
               "users": np.concatenate([window.users[tr], rep_u]), "items": np.concatenate([window.items[tr], rep_i]),
               "excl_users": csr_pairs(seen_indptr, seen_indices)[0], "excl_items": seen_indices,
               "hist_indptr": train_hist.indptr.numpy() if seq else None,
-              "hist_items": train_hist.items.numpy() if seq else None}
+              "hist_items": train_hist.items.numpy() if seq else None,
+              "features": _tables(features) if art.model_cfg.features else {}, "context": side.context}
     if len(inputs["users"]) == 0:
         raise UserError("the new log leaves nothing to train on (each user's only row is held out)")
     if auto_batch:
@@ -539,7 +592,8 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
                    history=state["history"])
     lineage = {"kind": "update", "parent_version": art.model_version, "parent_dir": str(Path(art.path).resolve()),
                "data_window": window.stats}
-    version = write_child(art, window, child, out, seen_indptr, seen_indices, full_hist, cfg, metrics, lineage)
+    version = write_child(art, window, child, out, seen_indptr, seen_indices, full_hist, cfg, metrics, lineage,
+                          features)
     k = cfg.eval_k
     log(f"holdout HR@{k}: child {metrics['holdout']['child'][f'hr@{k}']:.4f}, parent "
         f"{metrics['holdout']['parent'][f'hr@{k}']:.4f} ({metrics['holdout']['users']} users); "
@@ -565,8 +619,8 @@ def score_holdout(art: Any, window: Window, child: nn.Module, train_hist: Histor
 
 def write_child(art: Any, window: Window, child: nn.Module, out: Path, seen_indptr: np.ndarray,
                 seen_indices: np.ndarray, hist: Histories, cfg: TrainConfig, update: dict[str, Any],
-                lineage: dict[str, Any]) -> str:
-    """Step 6: the child artifact, written atomically."""
+                lineage: dict[str, Any], features: dict[str, Any] | None = None) -> str:
+    """Step 6: the child artifact, written atomically (with the grown feature tables of a feature model)."""
     import pyarrow.parquet as pq
 
     from ncf_ray.artifact import ITEMS_VOCAB_FILE, USERS_VOCAB_FILE, save_artifact, vocab_table
@@ -585,12 +639,19 @@ def write_child(art: Any, window: Window, child: nn.Module, out: Path, seen_indp
                "lineage_depth": int(art.metrics.get("lineage_depth", 0)) + 1,
                "dataset": art.metrics.get("dataset")}
     meta = {**art.dataset_meta, "n_users": nu, "n_items": ni}
-    return save_artifact(
-        out, child, cfg.model, nu, ni,
-        vocab_table(np.concatenate([art.user_ids, window.new_user_ids]), user_counts, S.USER_IDX, S.USER_COL),
-        vocab_table(np.concatenate([art.item_ids, window.new_item_ids]), item_counts, S.ITEM_IDX, S.ITEM_COL),
-        seen_indptr, seen_indices, popularity, metrics, meta, histories=hist, lineage=lineage,
-        forgotten=art.forgotten)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.features-", dir=out.parent) as tmp:
+        features_dir = None
+        if features:
+            from ncf_ray.data.features import write_features
+
+            write_features(tmp, features.get("items"), features.get("users"))
+            features_dir = Path(tmp) / "features"
+        return save_artifact(
+            out, child, cfg.model, nu, ni,
+            vocab_table(np.concatenate([art.user_ids, window.new_user_ids]), user_counts, S.USER_IDX, S.USER_COL),
+            vocab_table(np.concatenate([art.item_ids, window.new_item_ids]), item_counts, S.ITEM_IDX, S.ITEM_COL),
+            seen_indptr, seen_indices, popularity, metrics, meta, histories=hist, lineage=lineage,
+            forgotten=art.forgotten, features_dir=features_dir)
 
 
 def guard(metrics: dict[str, Any], tolerance: float) -> tuple[bool, str]:

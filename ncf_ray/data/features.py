@@ -277,6 +277,12 @@ def _dense_column(col: dict[str, Any], arr: pa.Array, row_ids: Sequence[str],
     return out, present
 
 
+def reserved_row(spec: dict[str, Any]) -> np.ndarray:
+    """The ids row [S] of an entity with no known value in any column of a TABLE_SPEC (every column's reserved
+    id): what an entity without a side-table row gets, and what `ncf-ray forget` leaves of a user's profile."""
+    return _reserved_row(spec["columns"], spec["slots"])
+
+
 def _reserved_row(cols: list[dict[str, Any]], slots: int) -> np.ndarray:
     """The ids of an entity without a row: each column's reserved id in its first slot, padding after."""
     row = np.zeros(slots, np.int64)

@@ -280,3 +280,54 @@ def test_an_update_leaves_the_rows_of_users_it_has_no_data_about_untouched(tmp_p
     others = [0, 2, 3, 4, 5]
     assert torch.equal(before[others], after.detach()[others])
     assert not torch.equal(before[1], after.detach()[1])
+
+
+def test_update_of_a_feature_model_gives_new_items_their_features(tmp_path):
+    # A new product that arrives with a side-table row is scored from its features right after the update.
+    import pyarrow as pa
+
+    from ncf_ray.artifact import load_artifact, save_artifact
+    from ncf_ray.config import build_train_config
+    from ncf_ray.data.features import SideOptions, encode_side_table, write_features
+    from ncf_ray.inputs import build_model_for, inputs_from_parts
+    from ncf_ray.metrics import build_csr
+    from ncf_ray.update import plain_runner, train_child
+
+    torch.manual_seed(0)
+    n_u, n_i = 6, 8
+    item_ids = np.asarray([f"i{k}" for k in range(n_i)], dtype=object)
+    table = pa.table({"item_id": list(item_ids), "category": ["c0", "c1"] * 4})
+    enc = encode_side_table(table, SideOptions(id_col="item_id"), item_ids.astype(str), np.ones(n_i, bool), "items")
+    write_features(tmp_path / "ds", enc, None)
+    users = np.repeat(np.arange(n_u), 3)
+    items = (users + np.tile(np.arange(3), n_u)) % n_i
+    cfg = ModelConfig(name="mf", factors=8)
+    model = build_model_for(cfg, n_u, n_i, inputs_from_parts({}, {"items": enc}))
+    indptr, indices = build_csr(users, items, n_u)
+    vu = pd.DataFrame({"user_idx": np.arange(n_u, dtype=np.int32), "user_id": [f"u{k}" for k in range(n_u)],
+                       "count": np.diff(indptr)})
+    vi = pd.DataFrame({"item_idx": np.arange(n_i, dtype=np.int32), "item_id": list(item_ids),
+                       "count": np.bincount(items, minlength=n_i)})
+    save_artifact(tmp_path / "model", model, cfg, n_u, n_i, vu, vi, indptr, indices,
+                  np.bincount(items, minlength=n_i) + 0.0, {}, {"source": "test"},
+                  histories=Histories.from_arrays(users, items, np.arange(len(users)), n_u),
+                  features_dir=tmp_path / "ds" / "features")
+    art = load_artifact(tmp_path / "model")
+    window = build_window(np.asarray(["u1", "u1", "u2"], dtype=object), np.asarray(["i7", "fresh", "i0"], dtype=object),
+                          np.asarray([1, 2, 3]), art.user_ids, art.item_ids, np.diff(art.seen_indptr))
+    tcfg = build_train_config(None, model=cfg, epochs=1, batch_size=64, negatives=2, eval_k=3)
+    new_items = pa.table({"item_id": ["fresh"], "category": ["c1"]})
+    train_child(art, window, tcfg, 0.5, tmp_path / "child", log=lambda *_: None, runner=plain_runner,
+                item_table=new_items)
+    child = load_artifact(tmp_path / "child")
+    fresh = child.item_index["fresh"]
+    feats = child.inputs.item_features.ids
+    assert feats.shape[0] == child.n_items == 9
+    assert feats[fresh].tolist() == feats[child.item_index["i1"]].tolist()  # category c1, like item i1
+    with torch.no_grad():
+        reps = child.model.item_repr(torch.tensor([fresh]))
+    assert torch.isfinite(reps).all() and float(reps.abs().sum()) > 0  # its features, not an empty row
+    from ncf_ray.privacy import forget_users
+
+    forget_users(tmp_path / "child", ["u1"], tmp_path / "forgot")  # a feature model keeps its tables
+    assert load_artifact(tmp_path / "forgot").inputs.item_features.ids.shape[0] == 9
