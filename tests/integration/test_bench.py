@@ -2,8 +2,8 @@
 
 Each test reads that one run: every bench wrote its JSON (figures present, positive and finite; each ratio the
 quotient of the two figures measured beside it, never a speed asserted) and RESULTS.md carries each bench's
-section, rows and the command line that produced them. Serve's bench beside a running app is exercised by
-tests/integration/test_serve.py.
+section, rows and the command line that produced them. The serve bench runs here too (its own apps beside a
+no-op floor), so tests/integration/test_serve.py does not run it a second time.
 """
 
 from __future__ import annotations

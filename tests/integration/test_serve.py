@@ -427,21 +427,3 @@ def test_build_app_args_and_emitted_config_are_valid(server, tmp_path):
     schema = ServeDeploySchema.model_validate(doc)
     assert schema.http_options.host == "127.0.0.1" and schema.http_options.port == 8123
     assert schema.applications[0].import_path == "ncf_ray.serve:build_app"
-
-
-def test_bench_serve_quick_returns_positive_figures(server):
-    from ncf_ray.bench.serve import bench_serve
-
-    out = bench_serve(None, quick=True)
-    for key in ("recommend", "recommend_batch", "noop_floor"):
-        assert out[key]["rps"] > 0 and out[key]["p50_ms"] > 0 and out[key]["p99_ms"] >= out[key]["p50_ms"]
-    assert out["recommend_batch"]["users_per_s"] > 0 and out["ratio_to_floor"] > 0
-    assert out["recommend_batch_small"]["users_per_s"] > 0 and out["recommend_batch_small"]["errors"] == 0
-    assert "untrained" in out["note"]
-    # The fp32 baseline ran on the same deployment after an in-place reconfigure.
-    base = out["fp32_baseline"]
-    assert base["recommend"]["rps"] > 0 and base["recommend_batch"]["users_per_s"] > 0
-    assert base["recommend"]["errors"] == base["recommend_batch"]["errors"] == 0
-    assert out["scoring"]["precision"] in ("bf16", "fp32")
-    url, *_ = server
-    assert _post(url, "/recommend", {"user_id": "u1"}).status_code == 200  # the module's app is untouched
