@@ -49,7 +49,8 @@ SEQ_SPACE: dict[str, Any] = {
     "dropout": {"uniform": [0.1, 0.4]},
     "lr": {"loguniform": [3e-4, 3e-3]},
 }
-SPACE_KEYS = {"factors", "depth", "lr", "negatives", "weight_decay", "batch_size", "dropout", "history_len", "blocks"}
+SPACE_KEYS = {"factors", "depth", "lr", "negatives", "weight_decay", "batch_size", "dropout", "history_len", "blocks",
+              "id_dropout"}
 # The ModelConfig fields a model-shaped space key changes; a model that reads none of them ignores the key.
 # factors sets the tower's width too (tower(factors, depth)), so it matters to mlp.
 SPACE_KEY_FIELDS = {"factors": {"factors", "layers"}, "depth": {"layers"}, "dropout": {"dropout"},
