@@ -44,7 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "users": 3000, "items": 2000, "interactions": 300_000, "search": "grid", "num_samples": 1,
              "sweep_epochs": 5, "epochs": 8, "batch_size": None,
              # id_dropout: the feature path learns to score items alone, so the shop's new items rank.
-             "spaces": {"mf": {"factors": [64], "id_dropout": [0.5]},
+             "spaces": {"mf": {"factors": [64], "id_dropout": [0.5], "batch_size": [2048], "lr": [3e-3]},
                         "neumf": {"factors": [32], "depth": [1], "id_dropout": [0.5]},
                         "seq": {"history_len": [50], "blocks": [1], "factors": [32], "batch_size": [8192]}}},
     "full": {"users": None, "items": None, "interactions": None, "search": "random", "num_samples": 16,
