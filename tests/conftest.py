@@ -20,3 +20,40 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_on_loopback():
+    """Local Ray (2 CPUs) with Serve on a free loopback port behind HAProxy, as `ncf-ray serve` runs it; yields
+    the base URL. The environment Ray's processes inherit is set here: HAProxy on, and a 1 s deregistration
+    window (30 s by default) so app deletion and shutdown stay quick. Restored afterwards."""
+    import ray
+    from ray import serve
+
+    from ncf_ray.serve import HA_PROXY_ENV
+
+    env = {HA_PROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    old_env = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,6 @@ import pytest
 pytestmark = pytest.mark.integration
 
 N_USERS, N_ITEMS = 40, 30
-DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 def _train_artifact(out_dir: str, seed: int, steps: int = 40, seq: bool = False) -> str:
@@ -70,46 +68,22 @@ def _train_artifact(out_dir: str, seed: int, steps: int = 40, seq: bool = False)
                          histories=hist)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, serve_on_loopback):
     """Two trained artifacts and Serve running the first one. Yields (base_url, v1 dir, v2 dir)."""
-    import ray
     from ray import serve
 
-    from ncf_ray.serve import APP_NAME, HA_PROXY_ENV, build_app
+    from ncf_ray.serve import APP_NAME, build_app
 
     root = tmp_path_factory.mktemp("serve")
     v1, v2, v3 = str(root / "v1"), str(root / "v2"), str(root / "seq")
     _train_artifact(v1, seed=1)
     _train_artifact(v2, seed=2)
     _train_artifact(v3, seed=3, seq=True)
-    # Set in the environment Ray's processes inherit. A replica behind HAProxy stays reachable for a
-    # deregistration window (30 s by default) when it stops; 1 s keeps app deletion and shutdown quick here.
-    env = {HA_PROXY_ENV: "1", DRAIN_ENV: "1"}
-    old_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model_dir": v1}), name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        _wait_ok(url)
-        yield url, v1, v2, v3
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    url = serve_on_loopback
+    serve.run(build_app({"model_dir": v1}), name=APP_NAME, route_prefix="/")
+    _wait_ok(url)
+    yield url, v1, v2, v3
 
 
 def _wait_ok(url: str, timeout_s: float = 60.0) -> None:

@@ -7,8 +7,6 @@ One local Ray (2 CPUs, HAProxy ingress) and one Serve instance for the module; t
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -17,55 +15,32 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory):
+def shop(tmp_path_factory, serve_on_loopback):
     """(base_url, run dir, dataset dir) of a served multi-task, feature-aware model of a tiny synthetic shop."""
-    import ray
     from ray import serve
 
     from ncf_ray.config import DataConfig, build_train_config, default_train_config
     from ncf_ray.data.prepare import prepare
     from ncf_ray.data.shop import ShopSpec
-    from ncf_ray.serve import APP_NAME, HA_PROXY_ENV, build_app
+    from ncf_ray.serve import APP_NAME, build_app
     from ncf_ray.train import run_training
 
     root = tmp_path_factory.mktemp("shop")
-    env = {HA_PROXY_ENV: "1", DRAIN_ENV: "1"}
-    old_env = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        data_dir = root / "data"
-        prepare(DataConfig(source="synthetic-shop", shards=1), data_dir,
-                synthetic=ShopSpec(users=150, items=120, interactions=9_000, seed=3, cold_fraction=0.1))
-        cfg = build_train_config(default_train_config("mf"), factors=16, epochs=2, batch_size=2048,
-                                 tasks="click,purchase", id_dropout=0.3)
-        run_training(str(data_dir), str(root / "run"), cfg, baselines=False)
-        port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model_dir": str(root / "run" / "model")}), name=APP_NAME, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/healthz", timeout=5).status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        yield url, root / "run", data_dir
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    data_dir = root / "data"
+    prepare(DataConfig(source="synthetic-shop", shards=1), data_dir,
+            synthetic=ShopSpec(users=150, items=120, interactions=9_000, seed=3, cold_fraction=0.1))
+    cfg = build_train_config(default_train_config("mf"), factors=16, epochs=2, batch_size=2048,
+                             tasks="click,purchase", id_dropout=0.3)
+    url = serve_on_loopback
+    run_training(str(data_dir), str(root / "run"), cfg, baselines=False)
+    serve.run(build_app({"model_dir": str(root / "run" / "model")}), name=APP_NAME, route_prefix="/")
+    deadline = time.monotonic() + 60
+    while httpx.get(url + "/healthz", timeout=5).status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    yield url, root / "run", data_dir
 
 
 def _post(url: str, path: str, body: dict) -> httpx.Response:
