@@ -346,8 +346,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset_dir")
     p.add_argument("--out", required=True, help="sweep dir: results.csv, plot.png, best/, TensorBoard logs")
     p.add_argument("--model", choices=(*(m for m in MODEL_NAMES if m not in ("ease", "pop")), "auto"),
-                   default=d.model, help="a family, or auto: sweep mf, neumf and seq, fit EASE, export the best "
-                                         "by valid")
+                   default="auto", help="a family, or auto (the default): sweep mf, neumf and seq, fit EASE, "
+                                        "export the best by valid")
     p.add_argument("--num-samples", type=int, default=d.num_samples,
                    help="trials (default 8); with --search grid: runs of each grid point (default 1)")
     p.add_argument("--max-epochs", type=int, default=d.max_epochs)
@@ -379,7 +379,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     overrides.update({key: getattr(args, key) for key in SIDE_FLAG_KEYS if getattr(args, key) is not None})
     if args.model == "auto":
         if args.space:
-            raise UserError("--space applies to one family; --model auto uses each family's default space")
+            raise UserError("--space applies to one family: add --model FAMILY (--model auto, the default, uses each "
+                            "family's default space)")
         summary = run_auto_sweep(args.dataset_dir, args.out, tcfg, overrides, resume=args.resume)
         print(format_auto(summary))
     else:

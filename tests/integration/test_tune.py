@@ -35,13 +35,20 @@ def dataset(tmp_path_factory) -> str:
 def test_invalid_space_is_refused_before_any_trial(dataset, tmp_path, capsys):
     bad = tmp_path / "space.yaml"
     bad.write_text("factors: [0, 8]\ndepth: [1]\n")
-    assert main(["tune", dataset, "--out", str(tmp_path / "sweep"), "--space", str(bad)]) == 2
+    sweep = ["tune", dataset, "--out", str(tmp_path / "sweep"), "--model", "neumf", "--space", str(bad)]
+    assert main(sweep) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "factors=0" in err[0]
     assert not (tmp_path / "sweep").exists()
     bad.write_text("factors: [8]\nembedding_size: [8]\n")
-    assert main(["tune", dataset, "--out", str(tmp_path / "sweep"), "--space", str(bad)]) == 2
+    assert main(sweep) == 2
     assert "embedding_size" in capsys.readouterr().err
+    # The default sweep (--model auto) searches every family's own space: a space file needs a family named.
+    bad.write_text("factors: [8]\n")
+    assert main(["tune", dataset, "--out", str(tmp_path / "sweep"), "--space", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model FAMILY" in err[0]
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_asha_stops_a_hopeless_trial(dataset, tmp_path):
@@ -51,7 +58,8 @@ def test_asha_stops_a_hopeless_trial(dataset, tmp_path):
     space.write_text("factors: [8]\ndepth: [1]\nlr: [0.05, 1.0e-7, 0.02]\nnegatives: 4\n")
     out = tmp_path / "sweep"
     run = subprocess.run(
-        [sys.executable, "-m", "ncf_ray.cli", "tune", dataset, "--out", str(out), "--space", str(space),
+        [sys.executable, "-m", "ncf_ray.cli", "tune", dataset, "--out", str(out), "--model", "neumf",
+         "--space", str(space),
          "--search", "grid", "--max-epochs", "3", "--grace-period", "1", "--reduction-factor", "2",
          "--batch-size", "256", "--json"], capture_output=True, text=True, timeout=540)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -66,7 +74,8 @@ def test_asha_stops_a_hopeless_trial(dataset, tmp_path):
 
 
 def _tune_cmd(dataset: str, out: Path, space: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ncf_ray.cli", "tune", dataset, "--out", str(out), "--space", str(space),
+    return [sys.executable, "-m", "ncf_ray.cli", "tune", dataset, "--out", str(out), "--model", "neumf",
+            "--space", str(space),
             "--search", "grid", "--num-samples", "1", "--max-epochs", "1", "--grace-period", "1",
             "--batch-size", "1024", "--json", *extra]
 
