@@ -12,6 +12,8 @@ For each partition not yet done, in name (= date) order:
    --serve-address (or `serve=True`) the running app swaps to it (serve.swap_model, no dropped requests);
 3. the partition is marked done ("promoted" or "rejected") only now. A rejected child is kept on disk for
    inspection; the next partition updates from the last promoted model.
+Every update of a pass (and of a polling job's whole life) trains on one standing Ray Train worker group
+(ncf_ray/standing.py), so the group's start is paid once, not per partition.
 The state file is rewritten atomically after every step, so a kill at any point leaves a readable log, and no
 partition is trained twice or applied twice. `--once` processes what is there and exits; otherwise the job polls
 --watch every --poll-s seconds.
@@ -77,10 +79,11 @@ def _reusable(artifact: Path, parent_version: str) -> bool:
 
 def process(watch: str | Path, state_path: str | Path, model_dir: str, models: str | Path | None = None,
             serve_address: str | None = None, serve: bool = False, tolerance: float = 0.01,
-            update_args: dict[str, Any] | None = None, log: Any = print) -> dict[str, Any]:
-    """One pass over the partitions not yet done (module docstring). Returns the state."""
+            update_args: dict[str, Any] | None = None, log: Any = print, runner: Any = None) -> dict[str, Any]:
+    """One pass over the partitions not yet done (module docstring). Returns the state. `runner`: the standing
+    worker group to train on (default: one for this pass, closed at its end)."""
     from ncf_ray.artifact import load_artifact
-    from ncf_ray.update import guard, run_update
+    from ncf_ray.standing import StandingTrainer
 
     state_path = Path(state_path).resolve()
     todo = partitions(watch)
@@ -88,48 +91,65 @@ def process(watch: str | Path, state_path: str | Path, model_dir: str, models: s
     load_artifact(state["promoted"])  # the model to start from must load before anything is written
     models_dir = Path(models).resolve() if models else state_path.parent / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
+    if runner is None:
+        with StandingTrainer() as own:  # one worker group for every partition of this pass, started when needed
+            for part in todo:
+                _apply(part, state, state_path, models_dir, serve_address, serve, tolerance, update_args, log, own)
+        return state
     for part in todo:
-        name = part.name
-        entry = state["partitions"].get(name, {})
-        if entry.get("status") in DONE:
-            continue
-        parent = load_artifact(state["promoted"])
-        artifact = models_dir / name
-        if _reusable(artifact, parent.model_version):
-            if entry.get("status") != "updated":
-                entry = {"status": "updated", "artifact": str(artifact)}
-            _step(state, state_path, name, "reuse", artifact=str(artifact))
-        else:
-            if artifact.exists():
-                raise UserError(f"{artifact} exists but was not made from the promoted model "
-                                f"{parent.model_version}; move it aside")
-            res = run_update(parent.path, str(part), artifact, log=log, **(update_args or {}))
-            entry = {"status": "updated", "artifact": str(artifact), "model_version": res["model_version"]}
-            state["partitions"][name] = entry
-            _step(state, state_path, name, "update", model_version=res["model_version"],
-                  parent_version=parent.model_version, window=res["lineage"]["data_window"])
-            if os.environ.get(KILL_AFTER_UPDATE_ENV):
-                os.kill(os.getpid(), signal.SIGKILL)
-        child = load_artifact(artifact)
-        ok, why = guard(child.metrics, tolerance)
-        entry = {**entry, "model_version": child.model_version, "guard": why}
-        if ok:
-            if serve or serve_address:
-                from ncf_ray.serve import swap_model
-
-                swap_model(str(artifact), serve_address)
-            state["promoted"] = str(artifact)
-            entry["status"] = "promoted"
-        else:
-            entry["status"] = "rejected"
-        state["partitions"][name] = entry
-        _step(state, state_path, name, entry["status"], model_version=child.model_version, guard=why)
-        log(f"{name}: {entry['status']} {child.model_version} ({why})")
+        _apply(part, state, state_path, models_dir, serve_address, serve, tolerance, update_args, log, runner)
     return state
 
 
+def _apply(part: Path, state: dict[str, Any], state_path: Path, models_dir: Path, serve_address: str | None,
+           serve: bool, tolerance: float, update_args: dict[str, Any] | None, log: Any, runner: Any) -> None:
+    """One partition: update from the promoted model (or reuse the artifact a crashed run left), guard, promote."""
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.update import guard, run_update
+
+    name = part.name
+    entry = state["partitions"].get(name, {})
+    if entry.get("status") in DONE:
+        return
+    parent = load_artifact(state["promoted"])
+    artifact = models_dir / name
+    if _reusable(artifact, parent.model_version):
+        if entry.get("status") != "updated":
+            entry = {"status": "updated", "artifact": str(artifact)}
+        _step(state, state_path, name, "reuse", artifact=str(artifact))
+    else:
+        if artifact.exists():
+            raise UserError(f"{artifact} exists but was not made from the promoted model "
+                            f"{parent.model_version}; move it aside")
+        res = run_update(parent.path, str(part), artifact, log=log, runner=runner, **(update_args or {}))
+        entry = {"status": "updated", "artifact": str(artifact), "model_version": res["model_version"]}
+        state["partitions"][name] = entry
+        _step(state, state_path, name, "update", model_version=res["model_version"],
+              parent_version=parent.model_version, window=res["lineage"]["data_window"])
+        if os.environ.get(KILL_AFTER_UPDATE_ENV):
+            os.kill(os.getpid(), signal.SIGKILL)
+    child = load_artifact(artifact)
+    ok, why = guard(child.metrics, tolerance)
+    entry = {**entry, "model_version": child.model_version, "guard": why}
+    if ok:
+        if serve or serve_address:
+            from ncf_ray.serve import swap_model
+
+            swap_model(str(artifact), serve_address)
+        state["promoted"] = str(artifact)
+        entry["status"] = "promoted"
+    else:
+        entry["status"] = "rejected"
+    state["partitions"][name] = entry
+    _step(state, state_path, name, entry["status"], model_version=child.model_version, guard=why)
+    log(f"{name}: {entry['status']} {child.model_version} ({why})")
+
+
 def watch_forever(poll_s: float, **kwargs: Any) -> None:
-    """`process` every `poll_s` seconds until interrupted."""
-    while True:
-        process(**kwargs)
-        time.sleep(poll_s)
+    """`process` every `poll_s` seconds until interrupted, on one standing worker group throughout."""
+    from ncf_ray.standing import StandingTrainer
+
+    with StandingTrainer() as runner:
+        while True:
+            process(**kwargs, runner=runner)
+            time.sleep(poll_s)

@@ -489,9 +489,10 @@ def read_log(path: str, data_cfg: DataConfig) -> Any:
 def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: int = DEFAULT_EPOCHS,
                replay: float = DEFAULT_REPLAY, lr: float | None = None, workers: int | None = None,
                batch_size: int | None = None, seed: int = 0, log: Any = print, item_features: str | None = None,
-               user_features: str | None = None) -> dict[str, Any]:
+               user_features: str | None = None, runner: Any = None) -> dict[str, Any]:
     """The whole update (module docstring); returns the child's metrics.json (its "update" block has the
-    holdout figures of child and parent, "lineage" the window)."""
+    holdout figures of child and parent, "lineage" the window). `runner`: see `train_child` (a
+    `standing.StandingTrainer` for a stream of updates)."""
     from ncf_ray.artifact import load_artifact
     from ncf_ray.model import CLOSED_FORM
     from ncf_ray.runtime import ensure_ray
@@ -516,7 +517,7 @@ def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: 
                           np.diff(art.seen_indptr), art.forgotten)
     log(f"update {art.model_version}: {window.stats['rows_used']} new rows, {window.stats['new_users']} new "
         f"users, {window.stats['new_items']} new items, {window.stats['holdout_users']} holdout users")
-    result = train_child(art, window, cfg, replay, out, log, auto_batch=batch_size is None, **tables)
+    result = train_child(art, window, cfg, replay, out, log, runner=runner, auto_batch=batch_size is None, **tables)
     return result
 
 
@@ -546,7 +547,8 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
                 runner: Any = None, auto_batch: bool = True, item_table: Any = None,
                 user_table: Any = None) -> dict[str, Any]:
     """Steps 3-6 of the module docstring for a built window. `runner(cfg, inputs, storage) -> {"model",
-    "history"}` trains: `fit_update` (Ray Train) by default, `plain_runner` in tests."""
+    "history"}` trains: `fit_update` (a fresh Ray Train run) by default, a `standing.StandingTrainer` (one worker
+    group for many updates) in jobs/continual.py, `plain_runner` in tests."""
     from ncf_ray.metrics import build_csr
 
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 15]))

@@ -7,10 +7,11 @@ The log (ML-1M's ratings.dat, users up to --max-user, every rating a positive; o
 file, a small generated log) loses each user's latest interaction: that is the final holdout, never trained on.
 The rest is split by time into a base (the first 90%) and 9 equal increments.
 - full retrain: prepare + `ncf-ray train` (family defaults) on base + all increments;
-- continual: prepare + train on the base, then `ncf-ray update` with each increment in order (default flags).
+- continual: prepare + train on the base, then `ncf-ray update` with each increment in order (default flags), all
+  on one standing Ray Train worker group as jobs/continual.py runs them (ncf_ray/standing.py).
 Both end models rank each holdout item among the same 99 negatives (items both models know, none a positive of
 the user). Reported: HR@10 / NDCG@10 of each, and the training seconds of the 9 updates vs the full retrain's
-(Ray Train start-up included on both sides). Goal (issue 15): HR@10 within 0.01 at <= 25% of the seconds.
+(Ray Train start-up included on both sides: the full retrain's one run, the standing group's one start). Goal (issue 15): HR@10 within 0.01 at <= 25% of the seconds.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def measure(quick: bool, ratings: str | None = None, max_user: int = 1500, model
     from ncf_ray.config import DataConfig, default_train_config
     from ncf_ray.data.prepare import prepare
     from ncf_ray.runtime import ensure_ray
+    from ncf_ray.standing import StandingTrainer
     from ncf_ray.train import run_training
     from ncf_ray.update import run_update
 
@@ -124,15 +126,17 @@ def measure(quick: bool, ratings: str | None = None, max_user: int = 1500, model
         base_m = run_training(str(root / "base_ds"), str(root / "base_run"), cfg, baselines=False)
         parent = str(root / "base_run" / "model")
         update_seconds, steps = 0.0, []
+        runner = StandingTrainer()  # as jobs/continual.py: one worker group for every increment (its start counts)
         for j, log in enumerate(inc_logs):
             t0 = time.time()
-            res = run_update(parent, log, root / f"upd{j}", log=lambda *_: None)
+            res = run_update(parent, log, root / f"upd{j}", log=lambda *_: None, runner=runner)
             update_seconds += res["train_seconds"]
             steps.append({"increment": j + 1, "train_seconds": res["train_seconds"], "wall": time.time() - t0,
                           "epoch_seconds": sum(h["epoch_seconds"] for h in res["history"]),
                           "holdout_child_hr@10": res["holdout"]["child"]["hr@10"],
                           "holdout_parent_hr@10": res["holdout"]["parent"]["hr@10"]})
             parent = str(root / f"upd{j}")
+        runner.close()
         from ncf_ray.artifact import load_artifact
 
         a, b = load_artifact(root / "full_run" / "model"), load_artifact(parent)

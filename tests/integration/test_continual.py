@@ -179,6 +179,7 @@ def test_bad_new_logs_exit_2_with_one_line_and_write_nothing(ray_local, parent, 
 def test_continual_job_killed_between_update_and_promote_resumes_without_reapplying(ray_local, parent, tmp_path):
     from ncf_ray.artifact import load_artifact
     from ncf_ray.continual import KILL_AFTER_UPDATE_ENV, process
+    from ncf_ray.standing import StandingTrainer
 
     watch = tmp_path / "logs"
     _old_user_log(watch / "date=2024-01-01" / "part.parquet", seed=1, t0=10_000)
@@ -194,8 +195,10 @@ def test_continual_job_killed_between_update_and_promote_resumes_without_reapply
     assert [s["step"] for s in first["steps"]] == ["update"]
     assert first["partitions"]["date=2024-01-01"]["status"] == "updated"
 
-    # The re-run (in this process, on the same Ray: what a re-submitted job does, minus the interpreter start).
-    process(watch, state, str(parent), update_args={"epochs": 1}, log=lambda *_: None)
+    # The re-run (in this process, on the same Ray: what a re-submitted job does, minus the interpreter start), on
+    # a standing worker group that a later pass reuses.
+    runner = StandingTrainer()
+    process(watch, state, str(parent), update_args={"epochs": 1}, log=lambda *_: None, runner=runner)
     final = json.loads(state.read_text())
     steps = [(s["partition"], s["step"]) for s in final["steps"]]
     assert steps.count(("date=2024-01-01", "update")) == 1 and ("date=2024-01-01", "reuse") in steps
@@ -209,6 +212,16 @@ def test_continual_job_killed_between_update_and_promote_resumes_without_reapply
     assert second.lineage["parent_version"] == expected_parent
     # A third pass finds nothing to do and changes nothing.
     assert process(watch, state, str(parent))["steps"] == final["steps"]
+    # A new partition trains on the same workers: the group started once for both updates.
+    _old_user_log(watch / "date=2024-01-03" / "part.parquet", seed=3, t0=30_000)
+    try:
+        done = process(watch, state, str(parent), update_args={"epochs": 1}, log=lambda *_: None, runner=runner)
+    finally:
+        runner.close()
+    assert runner.starts == 1
+    assert done["partitions"]["date=2024-01-03"]["status"] in ("promoted", "rejected")
+    third = load_artifact(state.parent / "models" / "date=2024-01-03")
+    assert third.lineage["parent_version"] == load_artifact(final["promoted"]).model_version
 
 
 # ------------------------------------------------------------------------------------------------ promote
