@@ -25,7 +25,7 @@ How a past item h supports a recommended item r:
   up. Padding gets no weight (no real query attends to it).
 
 The attention is recomputed here from each block's public parts (`norm1`, `qkv`, `heads`): forward pre-hooks
-capture every block's input and mask during one `user_repr`, and the weights that the fused
+capture every block's input and mask during one full causal pass (`states`), and the weights that the fused
 `scaled_dot_product_attention` never materialises are rebuilt from the same q and k (a test checks them against
 the block's own output). Nothing here runs unless an explanation is asked for. Pure torch, no Ray.
 """
@@ -40,8 +40,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from ncf_ray.model import user_batch
 
 MAX_BECAUSE = 3
 # Users per attention-rollout pass (64 x L 200 x L 200 floats: 10 MiB per head).
@@ -64,7 +62,8 @@ def block_attention(block: nn.Module, x: Tensor, allowed: Tensor) -> Tensor:
 
 
 def block_inputs(model: nn.Module, users: Tensor, history: Tensor) -> list[tuple[nn.Module, Tensor, Tensor]]:
-    """(block, input x, mask) of every attention block of a sequence model during one user_repr pass."""
+    """(block, input x, mask) of every attention block of a sequence model during one full causal pass over
+    `history` (every position: scoring's last-position shortcut would leave the blocks other widths)."""
     seen: list[tuple[nn.Module, Tensor, Tensor]] = []
 
     def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -74,7 +73,7 @@ def block_inputs(model: nn.Module, users: Tensor, history: Tensor) -> list[tuple
 
     hooks = [block.register_forward_pre_hook(capture, with_kwargs=True) for block in model.blocks]
     try:
-        model.user_repr(user_batch(users, history))
+        model.states(history, users)
     finally:
         for hook in hooks:
             hook.remove()

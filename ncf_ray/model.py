@@ -841,11 +841,15 @@ class CausalBlock(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
+        """[B, n, D] -> [B, n, D]; `last_only`: only the last position's output [B, 1, D] (its query reads every
+        key as before; no other position's query, output or FFN is computed)."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, allowed, x = q[:, :, -1:], allowed[..., -1:, :], x[:, -1:]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, n, d)))
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, q.shape[2], d)))
         return x + self.drop(self.ff(self.norm2(x)))
 
 
@@ -913,8 +917,14 @@ class SeqNCF(RecModel):
         self._init_side(side, factors if head == "dot" else factors + self.layers[-1])
 
     # -- user side
-    def states(self, history: Tensor, users: Tensor | None = None) -> Tensor:
-        """[B, L, D] state after each history position (causal)."""
+    def states(self, history: Tensor, users: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """[B, L, D] state after each history position (causal); `last_only`: [B, 1, D], the state after the
+        latest item alone (what scoring reads), with the leading columns that are padding in every row cut off
+        first (positions count from the end and padding is never read, so the state is the same) and the last
+        block run for the last position only."""
+        if last_only:
+            pad = int((history > 0).any(0).long().argmax()) if bool((history > 0).any()) else history.shape[1] - 1
+            history = history[:, pad:]
         b, n = history.shape
         real = history > 0
         # Position embeddings count from the end: the latest item is position 0 whatever the padding.
@@ -925,8 +935,9 @@ class SeqNCF(RecModel):
         causal = torch.ones(n, n, dtype=torch.bool, device=history.device).tril()
         allowed = (causal & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=history.device)
         allowed = allowed[:, None]  # [B, 1, L, L]: one mask for every head
-        for block in self.blocks:
-            x = block(x, allowed) * real[..., None]
+        for j, block in enumerate(self.blocks):
+            last = last_only and j == len(self.blocks) - 1
+            x = block(x, allowed, last) * (real[:, -1:, None] if last else real[..., None])
         x = self.norm(x)
         if self.user_emb is not None and users is not None:
             known = users >= 0
@@ -943,8 +954,9 @@ class SeqNCF(RecModel):
         if batch.history is None:
             raise ValueError(f"SeqNCF reads each user's last {self.history_len} items: the batch has no history")
         history = batch.history[:, -self.history_len :]
-        states = self.states(history, batch.user)
-        state = states if batch.mask is not None else states[:, -1]  # every position in sequence training
+        every = batch.mask is not None  # sequence training: the state at every position is a prediction
+        states = self.states(history, batch.user, last_only=not every)
+        state = states if every else states[:, -1]
         if self.context_pool is not None and batch.context is not None:
             ctx = self.context_pool(batch.context)  # [B, D], or [B, L, D] with a context per target
             state = state + (ctx[:, None, :] if ctx.dim() < state.dim() else ctx)

@@ -81,3 +81,22 @@ def test_sequence_batches_train_every_position_and_refuse_bad_shapes():
         build_model("seq", N_USERS, N_ITEMS, factors=16, head="cosine")
     with pytest.raises(UserError, match="2 \\* factors = 32"):
         SeqNCF(N_USERS, N_ITEMS, factors=16, head="neumf", layers=(16, 8))
+
+
+@pytest.mark.parametrize("head", ["dot", "neumf"])
+def test_scoring_state_is_the_last_position_of_the_full_pass(head):
+    """Scoring runs the last block for the latest position only, after cutting padding columns every row shares:
+    the state equals the last row of the full causal pass."""
+    model = _model(head, history_len=8, use_user_id=True)
+    users = torch.tensor([0, 3, -1])
+    history = torch.tensor([[0, 0, 0, 0, 3, 4, 5, 6], [0, 0, 0, 1, 2, 3, 4, 5], [0, 0, 0, 0, 0, 0, 7, 8]])
+    with torch.no_grad():
+        full = model.states(history, users)[:, -1]
+        fast = model.states(history, users, last_only=True)[:, -1]
+        reps = model.user_repr(user_batch(users, history))
+    assert fast.shape == full.shape
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reps[:, :16], full, rtol=1e-5, atol=1e-6)
+    empty = torch.zeros((2, 8), dtype=torch.int64)  # no history at all: still one position, finite
+    with torch.no_grad():
+        assert torch.isfinite(model.states(empty, torch.tensor([0, -1]), last_only=True)).all()
