@@ -34,14 +34,15 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def serve_on_loopback():
     """Local Ray (2 CPUs) with Serve on a free loopback port behind HAProxy, as `ncf-ray serve` runs it; yields
-    the base URL. The environment Ray's processes inherit is set here: HAProxy on, and a 1 s deregistration
+    the base URL. The environment Ray's processes inherit is set here: HAProxy and Serve's throughput mode on
+    (as `ncf_ray.serve.start_ray` sets them), and a 1 s deregistration
     window (30 s by default) so app deletion and shutdown stay quick. Restored afterwards."""
     import ray
     from ray import serve
 
-    from ncf_ray.serve import HA_PROXY_ENV
+    from ncf_ray.serve import HA_PROXY_ENV, THROUGHPUT_ENV
 
-    env = {HA_PROXY_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    env = {HA_PROXY_ENV: "1", THROUGHPUT_ENV: "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     old_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -311,6 +311,7 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
         "seq": seq,
         "scoring": scoring,
         "settings": {"ingress": "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "default proxy",
+                     "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1",
                      "replicas": replicas, "max_batch_size": cfg.max_batch_size,
                      "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
                      "max_ongoing_requests": cfg.max_ongoing_requests, "torch_threads_per_replica": 1,
