@@ -167,10 +167,77 @@ def measure(quick: bool) -> dict[str, Any]:
             ray.shutdown()
 
 
+def seq_compare(data: Any, ds: str, tmp: str, base: Any, size: dict[str, Any], threads: int,
+                ) -> tuple[list[float], list[dict]]:
+    """The sequence model through the same comparison (its examples are history windows, not pairs):
+    plain-loop epochs before and after one Ray Train worker's run, same model, batch and threads."""
+    import dataclasses
+
+    from ncf_ray.config import ModelConfig
+
+    seq_cfg = ModelConfig(name="seq", layers=(), **size["seq"])
+    seq_base = dataclasses.replace(base, model=seq_cfg, batch_size=size["seq_batch"],
+                                   base_batch_size=size["seq_batch"], workers=1, threads_per_worker=threads)
+    plain = plain_epochs(data, seq_cfg, size["seq_batch"], threads, size["plain_epochs"])[1:]
+    one, _ = _ray_history(ds, tmp, "seq1", seq_base)
+    plain += plain_epochs(data, seq_cfg, size["seq_batch"], threads, size["plain_epochs"])[1:]
+    return plain, one
+
+
+def seq_row(size: dict[str, Any], plain: list[float], one: list[dict]) -> dict[str, Any]:
+    return row(f"Ray Train per-worker samples/s, seq (L {size['seq']['history_len']}, {size['seq']['blocks']} "
+               f"block(s), batch {size['seq_batch']})", _steady(one, "samples_per_second_per_worker"), "samples/s",
+               "plain torch loop, same seq model", median(plain), goal=">= 0.9")
+
+
+def measure_seq(quick: bool = False) -> dict[str, Any]:
+    """Only the seq row of `measure` (issue 13's goal), at the same sizes: `python -m ncf_ray.bench.train --seq`."""
+    from ncf_ray.config import TrainConfig
+    from ncf_ray.data.dataset import load_dataset
+    from ncf_ray.runtime import ensure_ray
+    from ncf_ray.train import default_threads
+
+    size, threads = TRAIN_SIZES[quick], default_threads(1)
+    owns_ray = ensure_ray(log_to_driver=False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="ncf-bench-train-seq-") as tmp:
+            ds = _dataset(tmp, size["users"], size["items"], size["interactions"])
+            base = TrainConfig(epochs=size["ray_epochs"], lr=1e-3, warmup_epochs=0.0, patience=size["ray_epochs"] + 1)
+            plain, one = seq_compare(load_dataset(ds), ds, tmp, base, size, threads)
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    r = seq_row(size, plain, one)
+    return {"rows": [r], "ratio": r["ratio"], "threads": threads, "plain_epochs_samples_per_s": plain,
+            "ray1_history": one, "settings": size["seq"] | {"batch": size["seq_batch"]},
+            "dataset": {k: size[k] for k in ("users", "items", "interactions")}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ncf_ray import console
+    from ncf_ray.atomic import write_json
+
+    p = argparse.ArgumentParser(description="the seq row of `ncf-ray bench train` alone")
+    p.add_argument("--seq", action="store_true", required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="bench/results")
+    a = p.parse_args(argv)
+    with console.session(Path(a.out) / "logs", "bench-train-seq"):  # Ray's output to a file, not the console
+        res = measure_seq(a.quick)
+    write_json(Path(a.out) / "train_seq.json", res)
+    print(json.dumps(res["rows"][0]))
+
+
 def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) -> dict[str, Any]:
     import dataclasses
 
-    from ncf_ray.config import ModelConfig, TrainConfig
+    from ncf_ray.config import TrainConfig
     from ncf_ray.data.dataset import load_dataset
 
     all_cores = os.cpu_count() or 1
@@ -188,12 +255,7 @@ def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) ->
             return plain, hist
 
         plain, one = compare(threads, "ray1")
-        # The sequence model through the same comparison: its examples are history windows, not pairs.
-        seq_cfg = ModelConfig(name="seq", layers=(), **size["seq"])
-        seq_base = dataclasses.replace(base, model=seq_cfg, batch_size=size["seq_batch"],
-                                       base_batch_size=size["seq_batch"], workers=1, threads_per_worker=threads)
-        seq_plain = plain_epochs(data, seq_cfg, size["seq_batch"], threads, size["plain_epochs"])[1:]
-        seq_one, _ = _ray_history(ds, tmp, "seq1", seq_base)
+        seq_plain, seq_one = seq_compare(data, ds, tmp, base, size, threads)
         # Every core in one OpenMP team (the old default): shows why train.py leaves a core to Ray.
         plain_all, one_all = compare(all_cores, "ray1_all") if all_cores > threads and not quick else ([], [])
         two, two_metrics = _ray_history(ds, tmp, "ray2", dataclasses.replace(base, workers=2,
@@ -218,9 +280,7 @@ def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) ->
             "samples/s", f"plain torch loop ({threads} thread(s))", plain_sps, goal=">= 0.9"),
         row(f"Ray Train 2 workers, total samples/s (batch {size['batch']} per worker)", ray2, "samples/s",
             "Ray Train 1 worker", ray1),
-        row(f"Ray Train per-worker samples/s, seq (L {size['seq']['history_len']}, {size['seq']['blocks']} "
-            f"block(s), batch {size['seq_batch']})", _steady(seq_one, "samples_per_second_per_worker"), "samples/s",
-            "plain torch loop, same seq model", median(seq_plain), goal=">= 0.9"),
+        seq_row(size, seq_plain, seq_one),
     ]
     extra: dict[str, Any] = {}
     if one_all:
@@ -258,3 +318,5 @@ def _measure(quick: bool, size: dict[str, Any], threads: int, model_cfg: Any) ->
     }
 
 
+if __name__ == "__main__":
+    main()
