@@ -50,7 +50,7 @@ from ncf_ray.config import (
     to_dict,
 )
 from ncf_ray.errors import UserError
-from ncf_ray.inputs import ModelInputs, build_model_for, inputs_from_parts
+from ncf_ray.inputs import PURCHASE, ModelInputs, build_model_for, inputs_from_parts
 
 DEFAULT_EPOCHS = 2
 DEFAULT_REPLAY = 0.2
@@ -76,6 +76,8 @@ class Window:
     new_user_ids: np.ndarray  # raw ids of users appended at n_users_old.., in index order
     new_item_ids: np.ndarray
     stats: dict[str, Any] = field(default_factory=dict)
+    events: np.ndarray | None = None  # int64 funnel index per row, when the log has an event column
+    context: np.ndarray | None = None  # int64 [rows, K] context ids (the parent's spec), for a context model
 
     @property
     def train(self) -> np.ndarray:
@@ -106,10 +108,14 @@ def as_str_ids(ids: Any) -> np.ndarray:
 
 def build_window(raw_users: np.ndarray, raw_items: np.ndarray, times: np.ndarray, user_ids: np.ndarray,
                  item_ids: np.ndarray, old_user_rows: np.ndarray, forgotten: dict[str, Any] | None = None,
-                 ) -> Window:
+                 events: np.ndarray | None = None, context: np.ndarray | None = None,
+                 dedup_window: int | None = None, keep_all: bool = False) -> Window:
     """The new log (str ids, int seconds) mapped into the child's index space (see the module docstring, step 2).
-    `old_user_rows[u]`: the parent's interactions of user u (its seen-set row length)."""
+    `old_user_rows[u]`: the parent's interactions of user u (its seen-set row length). `events` (funnel index
+    per row) and `context` ([rows, K] ids) ride along; with events, dedup keeps the strongest event per (user,
+    item[, dedup_window]) as prepare does (`keep_all`: every row)."""
     from ncf_ray.data.prepare import dedup_latest
+    from ncf_ray.data.shoplog import dedup_events
     from ncf_ray.privacy import forgotten_mask
 
     raw_users, raw_items = np.asarray(raw_users, dtype=object), np.asarray(raw_items, dtype=object)
@@ -117,16 +123,22 @@ def build_window(raw_users: np.ndarray, raw_items: np.ndarray, times: np.ndarray
     gone = forgotten_mask(raw_users, forgotten)
     stats: dict[str, Any] = {"rows_read": int(raw_users.size), "forgotten_rows": int(gone.sum())}
     raw_users, raw_items, times = raw_users[~gone], raw_items[~gone], times[~gone]
+    events = None if events is None else np.asarray(events, dtype=np.int64)[~gone]
+    context = None if context is None else np.asarray(context, dtype=np.int64)[~gone]
     if raw_users.size == 0:
         why = " (every row belongs to a forgotten user)" if stats["forgotten_rows"] else ""
         raise UserError(f"the new log has no usable rows{why}; nothing to update")
     users, new_users = _append_vocab(user_ids, raw_users)
     items, new_items = _append_vocab(item_ids, raw_items)
-    keep = dedup_latest(users, items, times)
+    if events is None and dedup_window is None and not keep_all:
+        keep = dedup_latest(users, items, times)
+    else:
+        keep = dedup_events(users, items, times, events, dedup_window, keep_all)
     stats["duplicates"] = int(users.size - keep.size)
-    users, items, times = users[keep], items[keep], times[keep]
-    order = np.lexsort((items, times, users))
+    order = keep[np.lexsort((items[keep], times[keep], users[keep]))]
     users, items, times = users[order], items[order], times[order]
+    events = None if events is None else events[order]
+    context = None if context is None else context[order]
     n_users, n_items = len(user_ids) + len(new_users), len(item_ids) + len(new_items)
 
     counts = np.bincount(users, minlength=n_users)
@@ -139,7 +151,9 @@ def build_window(raw_users: np.ndarray, raw_items: np.ndarray, times: np.ndarray
     stats.update(rows_used=int(users.size), min_timestamp=int(times.min()), max_timestamp=int(times.max()),
                  users=int((counts > 0).sum()), new_users=int(len(new_users)), new_items=int(len(new_items)),
                  holdout_users=int(holdout.sum()))
-    return Window(users, items, times, holdout, n_users, n_items, new_users, new_items, stats)
+    if events is not None:
+        stats["events"] = np.bincount(events, minlength=int(events.max(initial=0)) + 1).tolist()
+    return Window(users, items, times, holdout, n_users, n_items, new_users, new_items, stats, events, context)
 
 
 # ============================================================================================ the model
@@ -320,9 +334,10 @@ def holdout_negatives(seen_indptr: np.ndarray, seen_indices: np.ndarray, users: 
 
 
 def holdout_metrics(model: nn.Module, users: np.ndarray, pos: np.ndarray, neg: np.ndarray, k: int,
-                    hist: Histories | None, known: np.ndarray | None = None) -> dict[str, Any]:
-    """HR/NDCG@k of pos[j] among neg[j] for users[j]; rows with known[j] False (a user or item the model lacks)
-    count as misses. NaN when there is no holdout."""
+                    hist: Histories | None, known: np.ndarray | None = None,
+                    context: np.ndarray | None = None) -> dict[str, Any]:
+    """HR/NDCG@k of pos[j] among neg[j] for users[j] (with its context[j] for a context model); rows with
+    known[j] False (a user or item the model lacks) count as misses. NaN when there is no holdout."""
     from ncf_ray.metrics import evaluate_sampled
 
     n = len(users)
@@ -330,7 +345,8 @@ def holdout_metrics(model: nn.Module, users: np.ndarray, pos: np.ndarray, neg: n
         return {f"hr@{k}": float("nan"), f"ndcg@{k}": float("nan"), "n": 0}
     mask = np.ones(n, bool) if known is None else known
     if mask.any():
-        sums = evaluate_sampled(model, users[mask], pos[mask], neg[mask], k=k, reduce=False, histories=hist)
+        sums = evaluate_sampled(model, users[mask], pos[mask], neg[mask], k=k, reduce=False, histories=hist,
+                                context=None if context is None else context[mask])
     else:
         sums = {"hit_sum": 0.0, "ndcg_sum": 0.0}
     return {f"hr@{k}": float(sums["hit_sum"]) / n, f"ndcg@{k}": float(sums["ndcg_sum"]) / n, "n": int(n),
@@ -352,13 +368,20 @@ def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, dev
     def tensor(key: str) -> torch.Tensor:  # a copy: arrays from the object store are read-only
         return torch.tensor(np.asarray(inputs[key]), device=device)
 
+    def optional(key: str) -> torch.Tensor | None:
+        return None if inputs.get(key) is None else tensor(key)
+
     users, items = tensor("users"), tensor("items")
     sampler = NegativeSampler(tensor("excl_users"), tensor("excl_items"), n_items)
     hist = None
     if inputs.get("hist_indptr") is not None:
-        hist = Histories(tensor("hist_indptr"), tensor("hist_items"))
+        hist = Histories(tensor("hist_indptr"), tensor("hist_items"), optional("hist_events"),
+                         optional("hist_context"))
     mine = users % world == rank
     pos_users, pos_items = users[mine], items[mine]
+    events, context = optional("events"), optional("row_context")
+    events = None if events is None else events[mine]
+    context = None if context is None else context[mine]
     raw = unwrap_model(model)
     lr0 = engine.scaled_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size)
     optimizer = engine.build_optimizer(model, lr0, cfg.weight_decay, device)
@@ -368,7 +391,8 @@ def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, dev
     history: list[dict[str, Any]] = []
     for epoch in range(cfg.epochs):
         gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
-        examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen)
+        examples = engine.make_examples(raw, pos_users, pos_items, hist, sampler, cfg.negatives, gen, events,
+                                        context, inputs.get("purchase_from"))
         if len(examples) == 0:
             raise UserError(f"update worker {rank} of {world} has no training examples: use fewer --workers")
         rows = engine.rows_per_step(per_rank_batch, examples)
@@ -512,9 +536,16 @@ def run_update(model_dir: str | Path, new_log: str, out: str | Path, *, epochs: 
         raise UserError(f"--replay={replay} must be in [0, 1)")
     tables = side_tables_for(art, item_features, user_features)  # refused here, before the log is read
     ensure_ray()
-    raw = read_log(new_log, data_config_of(art.dataset_meta))
+    data_cfg = data_config_of(art.dataset_meta)
+    raw = read_log(new_log, data_cfg)
+    context = None
+    if art.model_cfg.context and art.inputs.context:
+        from ncf_ray.data.shoplog import context_ids_for
+
+        context = context_ids_for(art.inputs.context, raw.times, raw.context)
     window = build_window(as_str_ids(raw.users), as_str_ids(raw.items), raw.times, art.user_ids, art.item_ids,
-                          np.diff(art.seen_indptr), art.forgotten)
+                          np.diff(art.seen_indptr), art.forgotten, events=raw.events, context=context,
+                          dedup_window=data_cfg.dedup_window, keep_all=data_cfg.keep_all_events)
     log(f"update {art.model_version}: {window.stats['rows_used']} new rows, {window.stats['new_users']} new "
         f"users, {window.stats['new_items']} new items, {window.stats['holdout_users']} holdout users")
     result = train_child(art, window, cfg, replay, out, log, runner=runner, auto_batch=batch_size is None, **tables)
@@ -535,6 +566,45 @@ def side_tables_for(art: Any, item_features: str | None, user_features: str | No
             raise UserError(f"--{what[:-1]}-features {path}: this model reads no {what[:-1]} features")
         out[f"{what[:-1]}_table"] = read_side_table(path, spec["id_col"], what)
     return out
+
+
+def row_side_inputs(art: Any, window: Window, train: np.ndarray, n_replay: int,
+                    hist: Histories | None) -> dict[str, Any]:
+    """What each training positive carries beside (user, item): its event (labels of a purchase task) and its
+    context ids (a context model), new rows first, then the replayed ones; for a sequence model the same per
+    position of the training histories. The artifact keeps no events or context of old interactions, so replayed
+    pairs and old history positions count as the weakest event (a click, never a purchase) with unknown context."""
+    out: dict[str, Any] = {"purchase_from": art.inputs.purchase_from, "events": None, "row_context": None,
+                           "hist_events": None, "hist_context": None}
+    if PURCHASE in art.model_cfg.tasks:
+        if window.events is None:
+            raise UserError("this model has a purchase head: the new log needs the event column it was prepared "
+                            f"with ({art.dataset_meta.get('data_config', {}).get('event_col')!r})")
+        out["events"] = np.concatenate([window.events[train], np.zeros(n_replay, np.int64)])
+    if window.context is not None:
+        k = window.context.shape[1]
+        out["row_context"] = np.concatenate([window.context[train], np.zeros((n_replay, k), np.int64)])
+    if hist is not None:
+        new_pos = new_positions(hist, window, train)
+        if out["events"] is not None:
+            events = np.zeros(hist.items.numel(), np.int64)
+            events[new_pos] = window.events[train]
+            out["hist_events"] = events
+        if out["row_context"] is not None:
+            ctx = np.zeros((hist.items.numel(), window.context.shape[1]), np.int64)
+            ctx[new_pos] = window.context[train]
+            out["hist_context"] = ctx
+    return out
+
+
+def new_positions(hist: Histories, window: Window, train: np.ndarray) -> np.ndarray:
+    """Where the window's training rows sit in `hist` (append_events: each user's new rows follow the old ones in
+    time order, the order they have in the window)."""
+    users = window.users[train]  # sorted by user (then time): the window's order
+    counts = np.bincount(users, minlength=hist.n_users)
+    first_new = hist.indptr.numpy()[1:] - counts  # each user's new rows are its last `counts` positions
+    rank = np.arange(users.size) - (np.cumsum(counts) - counts)[users]
+    return first_new[users] + rank
 
 
 def update_batch(cfg: TrainConfig, positives: int) -> int:
@@ -574,7 +644,8 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
               "excl_users": csr_pairs(seen_indptr, seen_indices)[0], "excl_items": seen_indices,
               "hist_indptr": train_hist.indptr.numpy() if seq else None,
               "hist_items": train_hist.items.numpy() if seq else None,
-              "features": _tables(features) if art.model_cfg.features else {}, "context": side.context}
+              "features": _tables(features) if art.model_cfg.features else {}, "context": side.context,
+              **row_side_inputs(art, window, tr, len(rep_u), train_hist if seq else None)}
     if len(inputs["users"]) == 0:
         raise UserError("the new log leaves nothing to train on (each user's only row is held out)")
     if auto_batch:
@@ -610,10 +681,11 @@ def score_holdout(art: Any, window: Window, child: nn.Module, train_hist: Histor
     users, pos = window.users[h], window.items[h]
     n_neg = int(art.dataset_meta.get("eval_negatives", 99) or 99)
     neg = holdout_negatives(seen_indptr, seen_indices, users, art.n_items, n_neg, rng)
-    child_m = holdout_metrics(child, users, pos, neg, k, train_hist)
+    ctx = None if window.context is None else window.context[h]
+    child_m = holdout_metrics(child, users, pos, neg, k, train_hist, context=ctx)
     known = (users < art.n_users) & (pos < art.n_items)
     parent_hist = restrict(train_hist, art.n_users, art.n_items)
-    parent_m = holdout_metrics(art.model, users, pos, neg, k, parent_hist, known)
+    parent_m = holdout_metrics(art.model, users, pos, neg, k, parent_hist, known, context=ctx)
     return {"holdout": {"users": int(len(users)), "negatives": int(neg.shape[1]) if len(users) else 0,
                         "child": child_m, "parent": parent_m, "k": k},
             "parent_version": art.model_version}

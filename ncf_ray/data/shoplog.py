@@ -111,6 +111,28 @@ def encode_context(times: np.ndarray | None, categorical: dict[str, tuple[np.nda
     return ids, {"n_ids": offset, "columns": specs}
 
 
+def context_ids_for(spec: dict[str, Any] | None, times: np.ndarray, raw: dict[str, Any]) -> np.ndarray:
+    """[n, K] global context ids of new rows against an existing spec (a trained model's meta["context"]): hour
+    and dow from `times` (UTC), categorical columns' raw values (`raw[name]`, text) through the spec's vocab;
+    a value the spec never saw, or a column the new log lacks, is 0 (unknown), as in training."""
+    times = np.asarray(times, dtype=np.int64)
+    if not spec:
+        return np.zeros((times.size, 0), np.int64)
+    out = np.zeros((times.size, len(spec["columns"])), np.int64)
+    hour, dow = hour_dow(times) if times.size else (times, times)
+    for j, col in enumerate(spec["columns"]):
+        offset = int(col["offset"])
+        if col["kind"] in (HOUR, DOW):
+            out[:, j] = offset + (hour if col["kind"] == HOUR else dow)
+        elif col["name"] in raw:
+            values = raw[col["name"]]
+            text = np.asarray(values.to_numpy(zero_copy_only=False) if hasattr(values, "to_numpy") else values,
+                              dtype=object)
+            index = {v: offset + k for k, v in enumerate(col.get("vocab") or [])}
+            out[:, j] = [index.get(v, 0) if isinstance(v, str) else 0 for v in text]
+    return out
+
+
 # ============================================================================================ side tables
 SideTable = tuple[pa.Table, Any]  # (raw table, features.SideOptions)
 

@@ -331,3 +331,84 @@ def test_update_of_a_feature_model_gives_new_items_their_features(tmp_path):
 
     forget_users(tmp_path / "child", ["u1"], tmp_path / "forgot")  # a feature model keeps its tables
     assert load_artifact(tmp_path / "forgot").inputs.item_features.ids.shape[0] == 9
+
+
+# ------------------------------------------------------------------------------------------------ shop logs
+def test_context_ids_for_new_rows_follow_the_parents_spec():
+    from ncf_ray.data.shoplog import context_ids_for, encode_context
+
+    times = np.asarray([0, 3600 * 5, 86400 + 3600 * 23])
+    codes, vocab = np.asarray([0, 1, 0]), np.asarray(["mobile", "web"], dtype=object)
+    ids, spec = encode_context(times, {"device": (codes, vocab)}, np.asarray([0, 1, 2]))
+    again = context_ids_for(spec, times, {"device": ["mobile", "web", "mobile"]})
+    assert again.tolist() == ids.tolist()  # the same rows encode the same way
+    fresh = context_ids_for(spec, np.asarray([3600 * 5]), {"device": ["tv"]})  # a device training never saw
+    assert fresh[0, 0] == ids[1, 0] and fresh[0, 2] == 0
+    assert context_ids_for(spec, times, {})[:, 2].tolist() == [0, 0, 0]  # a log without the column: unknown
+
+
+def _shop_artifact(tmp_path, name: str):
+    """A click + purchase model reading hour/dow/device context, saved with its dataset's event and context spec."""
+    from ncf_ray.artifact import save_artifact
+    from ncf_ray.data.shoplog import encode_context
+    from ncf_ray.inputs import build_model_for, inputs_from_parts
+    from ncf_ray.metrics import build_csr
+
+    torch.manual_seed(0)
+    n_u, n_i = 6, 8
+    users = np.repeat(np.arange(n_u), 3)
+    items = (users + np.tile(np.arange(3), n_u)) % n_i
+    times = np.arange(len(users)) * 3600
+    codes = np.arange(len(users)) % 2
+    _, spec = encode_context(times, {"device": (codes, np.asarray(["mobile", "web"], dtype=object))},
+                             np.arange(len(users)))
+    meta = {"source": "test", "events": ["view", "cart", "purchase"], "purchase_event": "purchase",
+            "context": spec, "data_config": {"event_col": "type"}}
+    base = FAMILIES[name]
+    cfg = ModelConfig(**{**base.__dict__, "tasks": ("click", "purchase")})
+    model = build_model_for(cfg, n_u, n_i, inputs_from_parts(meta, {}))
+    indptr, indices = build_csr(users, items, n_u)
+    vu = pd.DataFrame({"user_idx": np.arange(n_u, dtype=np.int32), "user_id": [f"u{k}" for k in range(n_u)],
+                       "count": np.diff(indptr)})
+    vi = pd.DataFrame({"item_idx": np.arange(n_i, dtype=np.int32), "item_id": [f"i{k}" for k in range(n_i)],
+                       "count": np.bincount(items, minlength=n_i)})
+    save_artifact(tmp_path / "model", model, cfg, n_u, n_i, vu, vi, indptr, indices,
+                  np.bincount(items, minlength=n_i) + 0.0, {}, meta,
+                  histories=Histories.from_arrays(users, items, times, n_u))
+    return tmp_path / "model"
+
+
+@pytest.mark.parametrize("name", ["mf", "seq"])
+def test_update_of_a_purchase_and_context_model_reads_events_and_context(tmp_path, name):
+    from ncf_ray.artifact import load_artifact
+    from ncf_ray.config import build_train_config
+    from ncf_ray.data.shoplog import context_ids_for
+    from ncf_ray.update import plain_runner, row_side_inputs, train_child
+
+    art = load_artifact(_shop_artifact(tmp_path, name))
+    assert art.inputs.purchase_from == 2 and art.inputs.context
+    raw_u = np.asarray(["u1", "u1", "u1", "u2", "new", "new"], dtype=object)
+    raw_i = np.asarray(["i7", "i7", "fresh", "i0", "i1", "fresh"], dtype=object)
+    times = np.asarray([100, 200, 300, 400, 500, 600])
+    events = np.asarray([0, 2, 1, 2, 0, 2])  # u1 viewed then bought i7: one row, the purchase
+    ctx = context_ids_for(art.inputs.context, times, {"device": ["web", "mobile", "tv", "web", "web", "mobile"]})
+    window = build_window(raw_u, raw_i, times, art.user_ids, art.item_ids, np.diff(art.seen_indptr),
+                          events=events, context=ctx)
+    u1, i7 = art.user_index["u1"], art.item_index["i7"]
+    row = np.flatnonzero((window.users == u1) & (window.items == i7))
+    assert row.size == 1 and window.events[row[0]] == 2 and window.stats["duplicates"] == 1
+    assert window.context[row[0]].tolist() == ctx[1].tolist()  # the kept row's own context
+    tr = window.train
+    side = row_side_inputs(art, window, tr, 3, None)
+    assert side["events"].tolist() == [*window.events[tr].tolist(), 0, 0, 0]  # replayed pairs: weakest event
+    assert side["row_context"].shape == (int(tr.sum()) + 3, ctx.shape[1]) and side["purchase_from"] == 2
+    cfg = build_train_config(None, model=art.model_cfg, epochs=2, batch_size=64, negatives=2, eval_k=3)
+    res = train_child(art, window, cfg, 0.3, tmp_path / "child", log=lambda *_: None, runner=plain_runner)
+    assert all(np.isfinite(h["loss"]) for h in res["history"]) and res["holdout"]["users"] == 3
+    child = load_artifact(tmp_path / "child")
+    assert child.model_cfg.tasks == ("click", "purchase") and child.inputs.context == art.inputs.context
+    # Without the event column a purchase model cannot learn purchases from the new log: one line, nothing written.
+    plain = build_window(raw_u, raw_i, times, art.user_ids, art.item_ids, np.diff(art.seen_indptr))
+    with pytest.raises(UserError, match="event column"):
+        train_child(art, plain, cfg, 0.3, tmp_path / "child2", log=lambda *_: None, runner=plain_runner)
+    assert not (tmp_path / "child2").exists()
