@@ -484,7 +484,8 @@ def data_config_of(dataset_meta: dict[str, Any]) -> DataConfig:
     """How the parent's log was read (prepare's meta "data_config"); DataConfig defaults when not recorded."""
     recorded = dataset_meta.get("data_config") or {}
     known = {f.name for f in dataclasses.fields(DataConfig)}
-    return dataclasses.replace(DataConfig(), **{k: v for k, v in recorded.items() if k in known})
+    return dataclasses.replace(DataConfig(), **{k: tuple(v) if isinstance(v, list) else v
+                                                for k, v in recorded.items() if k in known})
 
 
 def update_train_config(metrics: dict[str, Any], model_cfg: ModelConfig, **overrides: Any) -> TrainConfig:

@@ -62,7 +62,9 @@ PROTOCOL_LOO = "leave-one-out-by-time"
 PROTOCOL_NCF = "ncf-paper"
 # meta.json "data_config": the DataConfig fields that say how a log of this source is read and filtered (what
 # `ncf-ray update` needs to read the next log alike); split and sharding fields are this dataset's own business.
-READ_FIELDS = ("user_col", "item_col", "time_col", "rating_col", "min_rating", "sep", "max_bad_fraction")
+READ_FIELDS = ("user_col", "item_col", "time_col", "rating_col", "min_rating", "sep", "max_bad_fraction",
+               "event_col", "events", "purchase_event", "dedup_window", "keep_all_events", "context_cols",
+               "time_context")
 # meta.json "valid_from": how the valid row of each user was chosen.
 VALID_LATEST_TRAIN = "latest train interaction per user (by time)"
 VALID_LAST_LINE = "last train line per user in file order (the files have no timestamps)"
