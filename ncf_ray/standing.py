@@ -118,6 +118,10 @@ def standing_loop(config: dict[str, Any]) -> None:
         if job is None:
             return
         done, cfg_dict, (ref,) = job
+        if cfg_dict is None:  # start()'s ping: the group is up
+            if rank == 0:
+                ray.get(broker.finish.remote(done, {}))
+            continue
         cfg = from_dict(TrainConfig, cfg_dict)
         torch.set_num_threads(cfg.threads_per_worker or default_threads(ctx.get_local_world_size()))
         torch.manual_seed(cfg.seed)
@@ -182,15 +186,23 @@ class StandingTrainer:
         self.shape = (workers, gpu)
         self.starts += 1
 
-    def __call__(self, cfg: TrainConfig, inputs: dict[str, Any], storage: str | None = None) -> dict[str, Any]:
+    def start(self, workers: int = 1, gpu: bool = False) -> float:
+        """Start the group now and wait until it takes jobs (a no-op job); returns the seconds that took. A later update with this shape reuses it (one with another shape restarts it)."""
+        import time
+
+        t0 = time.perf_counter()
+        if self.shape != (workers, gpu):
+            self.close()
+            self._start(workers, gpu)
+        self._run(None, None)
+        return time.perf_counter() - t0
+
+    def _run(self, cfg: dict[str, Any] | None, inputs: dict[str, Any] | None) -> dict[str, Any]:
         import ray
 
         from ncf_ray.train import raise_user_error_from
 
-        if self.shape != (cfg.workers, cfg.gpu):
-            self.close()
-            self._start(cfg.workers, cfg.gpu)
-        job = ray.get(self.broker.submit.remote(to_dict(cfg), [ray.put(inputs)]))
+        job = ray.get(self.broker.submit.remote(cfg, [None if inputs is None else ray.put(inputs)]))
         result, error = ray.get(self.broker.result.remote(job))
         if result is not None and "error" in result:
             raise UserError(result["error"])
@@ -200,6 +212,11 @@ class StandingTrainer:
             raise RuntimeError(f"update training failed: {error}")
         return result
 
+    def __call__(self, cfg: TrainConfig, inputs: dict[str, Any], storage: str | None = None) -> dict[str, Any]:
+        if self.shape != (cfg.workers, cfg.gpu):
+            self.close()
+            self._start(cfg.workers, cfg.gpu)
+        return self._run(to_dict(cfg), inputs)
     def close(self) -> None:
         """End the workers' loop and wait for the run to finish (a no-op when nothing started)."""
         import ray
