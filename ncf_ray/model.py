@@ -290,11 +290,16 @@ class FeaturedEmbedding(nn.Embedding):
         if self.features is None and self.context is None:
             return super().forward(idx)
         keep_rows = self.keep_rows() if keep_rows is None else keep_rows
-        weight = self.weight if keep_rows is None else self.weight * keep_rows[:, None].to(self.weight.dtype)
+        keep = None if keep_rows is None else keep_rows[:, None].to(self.weight.dtype)
         if self.features is not None and self.features.pools_all(idx.numel()):
-            pooled = F.pad(self.features.pooled_all(), (0, 0, self.shift, 0))  # rows below shift: no features
-            out = F.embedding(idx, weight + pooled, self.padding_idx)
+            pooled = self.features.pooled_all()
+            if self.shift:
+                pooled = F.pad(pooled, (0, 0, self.shift, 0))  # rows below shift: no features
+            # One pass over the table: pooled + weight (* keep), then one gather.
+            table = pooled + self.weight if keep is None else torch.addcmul(pooled, self.weight, keep)
+            out = F.embedding(idx, table, self.padding_idx)
         else:
+            weight = self.weight if keep is None else self.weight * keep
             out = F.embedding(idx, weight, self.padding_idx)
             if self.features is not None:
                 out = out + self.features(idx - self.shift, may_be_negative=self.shift > 0)
