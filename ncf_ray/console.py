@@ -30,8 +30,27 @@ from typing import Any
 
 EPOCH_HEADER = f"{'epoch':>5} {'loss':>8} {'valid_hr':>9} {'valid_ndcg':>10} {'samples/s':>12} {'sec':>7}"
 EPOCH_ROW = "{epoch:>5} {loss:>8.4f} {hr:>9.4f} {ndcg:>10.4f} {sps:>12,.0f} {secs:>7.1f}"
-TRIAL_HEADER = (f"{'trial':<12} {'factors':>7} {'depth':>5} {'lr':>9} {'neg':>4} {'valid_hr':>9} {'ndcg':>7} "
-                f"{'ep':>3} status")
+# The sampled parameters a trial row shows: (config key, header, width, number format or "" for as-is); the
+# sequence family searches other keys than the ID families.
+TRIAL_COLUMNS = {
+    "default": (("factors", "factors", 7, ""), ("depth", "depth", 5, ""), ("lr", "lr", 9, "9.2e"),
+                ("negatives", "neg", 4, "")),
+    "seq": (("factors", "factors", 7, ""), ("history_len", "L", 4, ""), ("blocks", "blk", 3, ""),
+            ("dropout", "drop", 5, "5.2f"), ("lr", "lr", 9, "9.2e")),
+}
+
+
+def _trial_columns(family: str) -> tuple[tuple[str, str, int, str], ...]:
+    return TRIAL_COLUMNS.get(family, TRIAL_COLUMNS["default"])
+
+
+def trial_header(family: str = "") -> str:
+    """The header of `format_trial_row`'s rows for a sweep of `family`."""
+    cols = " ".join(f"{head:>{width}}" for _, head, width, _ in _trial_columns(family))
+    return f"{'trial':<12} {cols} {'valid_hr':>9} {'ndcg':>7} {'ep':>3} status"
+
+
+TRIAL_HEADER = trial_header()
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_LOGGER = "ncf_ray.ray_output"  # lines Ray forwards from workers and actors, written to the log file
 _ROUTED = ("ray", "py.warnings", WORKER_LOGGER)  # plus every "ray.*" logger that has handlers of its own
@@ -320,17 +339,21 @@ def epoch_feed(table: EpochTable, poll_s: float = 0.25) -> Iterator[Any]:
 
 # ------------------------------------------------------------------------------------------- tune
 def format_trial_row(trial_id: str, config: dict[str, Any], result: dict[str, Any], max_epochs: int,
-                     error: bool = False) -> str:
-    """One finished trial: its sampled parameters, best valid HR/NDCG, epochs run and how it ended."""
-    def num(x: Any, fmt: str) -> str:
-        return format(float(x), fmt) if isinstance(x, (int, float)) else "-"
+                     error: bool = False, family: str = "") -> str:
+    """One finished trial: its sampled parameters (the columns of `trial_header(family)`), best valid HR/NDCG,
+    epochs run and how it ended."""
+    def num(x: Any, fmt: str) -> str:  # a missing value keeps the column's width
+        return format(float(x), fmt) if isinstance(x, (int, float)) else f"{'-':>{int(fmt.split('.')[0])}}"
+
+    def cell(key: str, width: int, fmt: str) -> str:
+        value = config.get(key)
+        return num(value, fmt) if fmt else f"{str('-' if value is None else value):>{width}}"
 
     epochs = int(result.get("epoch", 0) or 0)
     status = "error" if error else ("done" if epochs >= max_epochs else "stopped early (ASHA)")
-    return (f"{trial_id:<12} {str(config.get('factors', '-')):>7} {str(config.get('depth', '-')):>5} "
-            f"{num(config.get('lr'), '9.2e')} {str(config.get('negatives', '-')):>4} "
-            f"{num(result.get('best_valid_hr'), '9.4f')} {num(result.get('best_valid_ndcg'), '7.4f')} "
-            f"{epochs:>3} {status}")
+    cols = " ".join(cell(key, width, fmt) for key, _, width, fmt in _trial_columns(family))
+    return (f"{trial_id:<12} {cols} {num(result.get('best_valid_hr'), '9.4f')} "
+            f"{num(result.get('best_valid_ndcg'), '7.4f')} {epochs:>3} {status}")
 
 
 def trial_printer(total: int | None, max_epochs: int, write: Callable[[str], None] = _write,
@@ -346,9 +369,10 @@ def trial_printer(total: int | None, max_epochs: int, write: Callable[[str], Non
 
         def _row(self, trial: Any, error: bool) -> None:
             if self.rows == 0:
-                write(f"{TRIAL_HEADER}  ({label} trials)" if label else TRIAL_HEADER)
+                write(f"{trial_header(label)}  ({label} trials)" if label else TRIAL_HEADER)
             self.rows += 1
-            write(format_trial_row(trial.trial_id, trial.config or {}, trial.last_result or {}, max_epochs, error))
+            write(format_trial_row(trial.trial_id, trial.config or {}, trial.last_result or {}, max_epochs, error,
+                                   label))
             if self.bar is not None:
                 self.bar.update(1)
 

@@ -56,6 +56,12 @@ def test_trial_rows():
     assert row.split()[:3] == ["a1b2c3", "8", "1"] and "0.5000" in row and row.endswith("stopped early (ASHA)")
     assert console.format_trial_row("x", {}, {"epoch": 3}, 3).endswith(" done")
     assert console.format_trial_row("x", {}, {}, 3, error=True).endswith(" error")
+    # A sequence sweep shows what it searches: history length, blocks, dropout, under its own header.
+    seq = console.format_trial_row("s1", {"factors": 64, "history_len": 200, "blocks": 2, "dropout": 0.25,
+                                          "lr": 1e-3}, {"epoch": 3, "best_valid_hr": 0.8}, 3, family="seq")
+    assert seq.split()[:5] == ["s1", "64", "200", "2", "0.25"] and seq.endswith(" done")
+    assert console.trial_header("seq").split()[:5] == ["trial", "factors", "L", "blk", "drop"]
+    assert len(console.trial_header("seq")) == len(seq) - len(" done") + len(" status")
 
 
 def test_session_routes_ray_loggers_and_warnings_to_the_file_and_restores_them(tmp_path, capsys):
