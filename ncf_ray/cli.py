@@ -643,8 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
 def log_dir_for(args: argparse.Namespace) -> Path | None:
     """Where a command's log file goes: beside what it writes. train/tune: OUT/logs; prepare: DATASET_DIR.logs/
     beside the dataset dir (the dataset dir itself is replaced atomically, and a plain logs/ there could be a
-    folder of the log being prepared); serve: logs/ beside the artifact (RUN_DIR/logs for RUN_DIR/model). None for
-    commands that do not start Ray."""
+    folder of the log being prepared); serve: logs/ beside the artifact (RUN_DIR/logs for RUN_DIR/model); bench:
+    RESULTS_DIR/logs. None for commands that do not start Ray."""
     if args.command in ("train", "tune"):
         return Path(args.out) / "logs"
     if args.command == "prepare":
@@ -652,6 +652,10 @@ def log_dir_for(args: argparse.Namespace) -> Path | None:
         return out.with_name(out.name + ".logs")
     if args.command == "serve":
         return Path(args.model_dir).resolve().parent / "logs"
+    if args.command == "bench":  # Ray's and Serve's output of the benches that start them, beside the results
+        from ncf_ray.bench import DEFAULT_OUT, QUICK_OUT
+
+        return Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)) / "logs"
     if args.command == "update":  # beside the new artifact, like prepare's (the artifact dir is swapped whole)
         out = Path(args.out).resolve()
         return out.with_name(out.name + ".logs")

@@ -251,9 +251,12 @@ def bench_serve(model_dir: str | None, quick: bool, replicas: int = 2, connectio
     art = load_artifact(model_dir)
     user_ids = [str(u) for u in art.user_ids[: min(art.n_users, 8192)]]
 
+    from ncf_ray import console
+
     owns_ray = start_ray(ha_proxy)
     if owns_ray:
         serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+        console.reroute()  # Serve's driver-side logger gets its console handler at start (as in run_server)
     from ray.serve.context import _get_global_client
 
     http = _get_global_client().http_config
