@@ -5,10 +5,11 @@ scored for the child and its parent, and the new artifact with its lineage.
 
 Steps (`run_update`):
 1. read NEW_LOG with the column mapping and filters the parent's dataset was prepared with (dataset_meta.json
-   "data_config"; defaults for artifacts from before it was recorded); a log whose columns do not match is one
-   line, exit 2, and nothing is written;
+   "data_config", event funnel, dedup rule and context columns included; defaults for artifacts from before it
+   was recorded); a log whose columns do not match is one line, exit 2, and nothing is written; a context model's
+   rows get context ids through the parent's spec (`row_side_inputs`);
 2. `build_window`: drop rows of forgotten users (forgotten.json), keep the latest row per (user, item) as prepare
-   does, map ids through the parent vocab and append unseen users and items at the end (old indices unchanged;
+   does (the strongest event, latest among those, when the log has events), map ids through the parent vocab and append unseen users and items at the end (old indices unchanged;
    every user with a row is admitted, however few rows: getting known early is the point of an update);
    each user's latest new row is the holdout when the user has another interaction (old or new) to learn from;
 3. `grown_model`: the parent's weights in a model of the new size; new rows from `init_new_rows`;
