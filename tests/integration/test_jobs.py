@@ -84,7 +84,8 @@ def head():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=60)
+                # A graceful stop waits out Serve's drain (~30 s); what is left is killed below, by marker.
+                proc.wait(timeout=8)
             except subprocess.TimeoutExpired:
                 proc.kill()
         log.close()
