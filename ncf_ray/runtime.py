@@ -17,6 +17,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), and each step of
+# a run (workers up, a report, the end) waits for the next poll. 0.25 s takes ~5 s off every TorchTrainer run,
+# every Tune trial's included (an empty 1-worker fit: 16.3 s -> 11.7 s on the 2-core VM); a missed poll is not a
+# failure (Ray marks a worker dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). Set in the
+# environment a local Ray starts with, where a value already there wins; a cluster sets it where `ray start` runs.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = "0.25"
+
 
 def ensure_ray(log_to_driver: bool = True) -> bool:
     """Join RAY_ADDRESS or start a local Ray, with Ray Data's progress output off. Returns True when this call
@@ -31,6 +39,7 @@ def ensure_ray(log_to_driver: bool = True) -> bool:
 
     # Read by every Ray Data context, trial actors' included (a local Ray's workers inherit this environment).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     routed = console.active() is not None and console.can_route_worker_logs()
     if routed:
         log_to_driver = True

@@ -9,6 +9,8 @@ import pytest
 # Keep Ray quiet and small in tests; the dashboard and usage stats are not needed here.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# What ensure_ray gives a local Ray (ncf_ray/runtime.py): the tests' own ray.init gets it too.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="module")

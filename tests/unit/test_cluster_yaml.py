@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ncf_ray.runtime import TRAIN_POLL_ENV, TRAIN_POLL_S
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,6 +48,7 @@ def test_cluster_yaml_installs_the_project_and_keeps_auth_on(cluster_cfg):
     for cmds in (cluster_cfg["head_start_ray_commands"], cluster_cfg["worker_start_ray_commands"]):
         start = next(c for c in cmds if "ray start" in c)
         assert "RAY_AUTH_MODE=token" in start
+        assert f"{TRAIN_POLL_ENV}={TRAIN_POLL_S}" in start  # the poll a local Ray gets (ncf_ray/runtime.py)
     head_start = next(c for c in cluster_cfg["head_start_ray_commands"] if "ray start" in c)
     assert "--dashboard-host=127.0.0.1" in head_start
 
