@@ -158,7 +158,8 @@ def render_report(out: Path) -> str:
 
 def _ttq_lines(res: dict[str, Any]) -> list[str]:
     ttq = res["time_to_quality"]
-    lines = [f"Time to quality (2 workers; converged valid HR@10 {ttq['converged_hr@10']:.4f}, target "
+    workers = ttq["runs"][0].get("config", {}).get("workers", 2) if ttq["runs"] else 2
+    lines = [f"Time to quality ({workers} worker(s); converged valid HR@10 {ttq['converged_hr@10']:.4f}, target "
              f"{ttq['target_hr@10']:.4f}):", "", "| run | epoch | seconds | valid HR@10 |", "|---|---:|---:|---:|"]
     for run in ttq["runs"]:
         for p in run["curve"]:
@@ -193,7 +194,7 @@ def plot(out: Path) -> list[str]:
         ax.plot([p["seconds"] for p in run["curve"]], [p["valid_hr@10"] for p in run["curve"]], "o-",
                 label=run["label"])
     ax.axhline(res["time_to_quality"]["target_hr@10"], ls="--", c="gray", label="converged - 0.01")
-    ax.set(xlabel="seconds of training (2 Ray Train workers)", ylabel="valid HR@10", title="Time to quality")
+    ax.set(xlabel="seconds of Ray Train training", ylabel="valid HR@10", title="Time to quality")
     ax.legend()
     written.append(_save(fig, out / "time_to_quality.png"))
     plt.close("all")

@@ -74,14 +74,16 @@ def test_results_md_carries_every_section_row_and_the_command_line(quick_all):
 
 def test_train_compares_ray_with_the_plain_loop_it_measured(quick_all):
     res = quick_all["printed"]["train"]
-    plain, ray1, ray2 = res["plain_samples_per_s"], res["ray_samples_per_s_per_worker"], res["ray2_samples_per_s"]
-    assert all(_positive(x) for x in (plain, ray1, ray2))
-    assert res["ratio"] == pytest.approx(ray1 / plain) and res["scaling_1_to_2"] == pytest.approx(ray2 / ray1)
+    plain, ray1 = res["plain_samples_per_s"], res["ray_samples_per_s_per_worker"]
+    assert all(_positive(x) for x in (plain, ray1))
+    assert res["ratio"] == pytest.approx(ray1 / plain)
+    # --quick runs no 2-worker scaling run (test_train.py trains 2 workers): no figure rather than a made-up one.
+    assert res["ray2_samples_per_s"] is None and res["scaling_1_to_2"] is None and res["ray2_history"] == []
     first = res["rows"][0]
     assert (first["value"], first["baseline_value"]) == (ray1, plain)
     # Plain-loop epochs before and after the Ray run, the warm-up epoch of each dropped.
     assert len(res["plain_epochs_samples_per_s"]) == 2 * (TRAIN_SIZES[True]["plain_epochs"] - 1)
-    assert len(res["ray1_history"]) == len(res["ray2_history"]) == TRAIN_SIZES[True]["ray_epochs"]
+    assert len(res["ray1_history"]) == len(res["seq"]["ray1_history"]) == TRAIN_SIZES[True]["ray_epochs"]
     assert [p["batch_size"] for p in res["batch_sweep"]] == list(TRAIN_SIZES[True]["sweep"])
     assert all(_positive(p["samples_per_s"]) for p in res["batch_sweep"])
     ttq = res["time_to_quality"]

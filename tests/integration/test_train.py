@@ -102,13 +102,22 @@ def test_resume_continues_from_the_saved_epoch(dataset, tmp_path, capsys):
     assert second["history"][0] == first["history"][0]  # epoch 1 came from the checkpoint, not re-run
 
 
-def test_stream_path_matches_fast_path(dataset, tmp_path):
-    # A higher rate than the default: 300 users give only ~40 steps an epoch.
-    fast = _train(dataset, tmp_path / "fast", "--epochs", "3", "--seed", "5", "--lr", "0.01")
+def test_stream_path_matches_fast_path_and_refit_exports_weights_trained_on_every_interaction(dataset, tmp_path):
+    # A higher rate than the default: 300 users give only ~40 steps an epoch. The fast run also refits (--stream
+    # cannot), which changes the exported weights only, not the valid figures compared here.
+    fast = _train(dataset, tmp_path / "fast", "--epochs", "3", "--seed", "5", "--lr", "0.01", "--refit")
     stream = _train(dataset, tmp_path / "stream", "--epochs", "3", "--seed", "5", "--lr", "0.01", "--stream")
     pop = fast["popularity"]["valid"]["hr@10"]
     assert fast["valid"]["hr@10"] > pop and stream["valid"]["hr@10"] > pop
     assert abs(fast["valid"]["hr@10"] - stream["valid"]["hr@10"]) < 0.08  # 300 users: one user is 0.0033
+
+    assert fast["exported"]["weights"] == "refit" and fast["exported"]["epochs"] == fast["best_epoch"]
+    assert stream["exported"]["weights"] != "refit"
+    # metrics.json keeps the valid-selected model's figures and says which weights the artifact holds.
+    from ncf_ray.artifact import load_artifact
+
+    art = load_artifact(tmp_path / "fast" / "model")
+    assert art.metrics["exported"]["weights"] == "refit" and art.metrics["valid"] == fast["valid"]
 
 
 @pytest.fixture(scope="module")
@@ -193,14 +202,3 @@ def test_a_diverging_run_stops_in_one_line_and_exports_nothing(dataset, tmp_path
     assert rc == 2 and len(err) == 1, err
     assert "training loss became" in err[0] and "epoch 1" in err[0] and "lr" in err[0]
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
-
-
-def test_refit_exports_weights_trained_on_every_interaction(dataset, tmp_path):
-    out = tmp_path / "refit"
-    m = _train(dataset, out, "--epochs", "2", "--lr", "0.01", "--refit", "--no-baselines")
-    assert m["exported"]["weights"] == "refit" and m["exported"]["epochs"] == m["best_epoch"]
-    # metrics.json keeps the valid-selected model's figures and says which weights the artifact holds.
-    from ncf_ray.artifact import load_artifact
-
-    art = load_artifact(out / "model")
-    assert art.metrics["exported"]["weights"] == "refit" and art.metrics["valid"] == m["valid"]

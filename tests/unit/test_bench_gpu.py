@@ -31,9 +31,23 @@ def test_hold_out_one_takes_one_positive_per_eligible_user():
     assert list(zip(split["train_users"].tolist(), split["train_items"].tolist())) == [(0, 5), (0, 7), (1, 1), (2, 4)]
 
 
-def test_bench_gpu_runs_on_cpu_and_reports_positive_figures(capsys):
-    assert bench_gpu.main([*TINY, "--json"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_bench_gpu_amp_and_text_output(capsys):
+    assert bench_gpu.main([*TINY, "--epochs", "1", "--amp", "--model", "gmf", "--factors", "8"]) == 0
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_bench_gpu_runs_on_cpu_reports_positive_figures_and_never_imports_ray():
+    # The lent GPU machine has no Ray: the entry and everything it imports must stay Ray-free. Run it in a fresh
+    # process (not just import it): serving() imports ncf_ray.scoring lazily, and this process may have Ray loaded.
+    code = ("import json, sys, ncf_ray.bench.gpu as b; "
+            f"assert b.main({[*TINY, '--json']!r}) == 0; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'pandas')); "
+            "print(json.dumps(bad)); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    *_, printed, bad = proc.stdout.strip().splitlines()
+    assert json.loads(bad) == []
+    out = json.loads(printed)
     assert out["device"] == "cpu"
     for key in ("train_samples_per_s", "epoch_samples_per_s", "seconds_per_epoch", "eval_sampled_users_per_s",
                 "eval_full_users_per_s", "samples_per_epoch", "n_train_positives", "serve_top10_users_per_s_fp32",
@@ -43,22 +57,6 @@ def test_bench_gpu_runs_on_cpu_and_reports_positive_figures(capsys):
     assert all(e["loss"] > 0 for e in out["epochs"])
     assert 0.0 <= out["valid_hr@10"] <= 1.0
     assert out["serve_precision_fp32"] == "fp32" and out["serve_precision_auto"] in ("bf16", "fp32")
-
-
-def test_bench_gpu_amp_and_text_output(capsys):
-    assert bench_gpu.main([*TINY, "--epochs", "1", "--amp", "--model", "gmf", "--factors", "8"]) == 0
-    assert "samples/s" in capsys.readouterr().out
-
-
-def test_bench_gpu_never_imports_ray():
-    # The lent GPU machine has no Ray: the entry and everything it imports must stay Ray-free.
-    # Run it (not just import it): serving() imports ncf_ray.scoring lazily, and this process has Ray loaded.
-    code = ("import sys, ncf_ray.bench.gpu as b; "
-            f"assert b.main({[*TINY, '--json']!r}) == 0; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pyarrow', 'pandas')); "
-            "print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_bench_package_loads_no_ray_and_every_bench_has_a_measure_entry():
