@@ -15,6 +15,9 @@ Layout of an artifact dir (RUN_DIR/model/, written by `ncf-ray train`, read by `
     features/                (optional) the dataset's item/user side tables, copied verbatim (data/features.py);
                              context and event specs travel in dataset_meta.json (ncf_ray/inputs.py reads both)
     metrics.json, dataset_meta.json
+    optimizer.safetensors    (optional) Adam's moments and step count per parameter at the end of training
+                             ("<param>.exp_avg" / ".exp_avg_sq" / ".step"): `ncf-ray update` resumes them, so a
+                             row the new log barely touches moves as little as its gradients say. `forget` drops it.
     forgotten.json           (optional) {"salt": hex, "users": [sha256(salt + raw id) ...]}: users removed by
                              `ncf-ray forget`; never a raw id. Every later `update` drops their rows.
     manifest.json            {"files": {relpath: sha256}, "sizes": {relpath: bytes}, "model_version"
@@ -56,6 +59,7 @@ from ncf_ray.model import unwrap
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
 CONFIG_FILE = "config.json"
 USERS_VOCAB_FILE = "vocab/users.parquet"
 ITEMS_VOCAB_FILE = "vocab/items.parquet"
@@ -214,12 +218,13 @@ def save_artifact(
     features_dir: str | Path | None = None,
     lineage: dict[str, Any] | None = None,
     forgotten: dict[str, Any] | None = None,
+    optimizer_state: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Write the artifact atomically to out_dir (replacing an existing one) and return its model_version.
     users_vocab / items_vocab: pyarrow Table or pandas DataFrame with (user_idx|item_idx, user_id|item_id, count).
     `features_dir`: a dataset's features/ dir (side tables), copied in when the model reads features.
     `lineage` goes into the manifest (update / forget: the parent and the data window); `forgotten` is written as
-    forgotten.json (hashed ids only)."""
+    forgotten.json (hashed ids only); `optimizer_state` (engine.adam_state_by_name) as optimizer.safetensors."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -238,6 +243,9 @@ def save_artifact(
         state = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         model_version = sha256_file(tmp / WEIGHTS_FILE)[:12]
+        if optimizer_state:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in optimizer_state.items()},
+                      str(tmp / OPTIMIZER_FILE), metadata={"format": "pt"})
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         config = {
             "format_version": FORMAT_VERSION,
@@ -346,6 +354,20 @@ def _read_vocab(path: Path, idx_col: str, id_col: str, n: int) -> np.ndarray:
     if len(idx) != n or not np.array_equal(idx, np.arange(n)):
         raise UserError(f"{path} must hold {idx_col} 0..{n - 1} in order")
     return np.asarray(table[id_col].to_pylist(), dtype=object)
+
+
+def load_optimizer_state(art: Artifact) -> dict[str, torch.Tensor]:
+    """The artifact's optimizer.safetensors ({} when it has none); its checksum was verified by load_artifact."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(art.path) / OPTIMIZER_FILE
+    if not path.exists():
+        return {}
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
 
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu") -> Artifact:

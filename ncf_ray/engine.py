@@ -69,6 +69,53 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, device: to
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, **extra)
 
 
+ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def adam_state_by_name(model: nn.Module, optimizer_state: dict | None) -> dict[str, Tensor]:
+    """Adam's per-parameter state (an `optimizer.state_dict()` over `model.parameters()`) keyed by parameter name,
+    "<name>.exp_avg" / ".exp_avg_sq" / ".step", on the CPU: what an artifact keeps so that an update resumes the
+    moments instead of starting Adam afresh ({} without state)."""
+    if not optimizer_state or not optimizer_state.get("state"):
+        return {}
+    ids = [i for group in optimizer_state["param_groups"] for i in group["params"]]
+    out: dict[str, Tensor] = {}
+    for pid, (name, _) in zip(ids, unwrap(model).named_parameters()):
+        st = optimizer_state["state"].get(pid)
+        if st and all(k in st for k in ADAM_KEYS):
+            for k in ADAM_KEYS:
+                out[f"{name}.{k}"] = torch.as_tensor(st[k]).detach().cpu().contiguous()
+    return out
+
+
+def load_adam_state(optimizer: torch.optim.Optimizer, model: nn.Module, named: dict[str, Tensor]) -> int:
+    """Put `adam_state_by_name` entries into a fresh Adam over `model`; returns how many parameters got them.
+
+    A parameter whose saved moments have fewer rows (a vocab grown by an update) keeps them for its old rows; its
+    new rows start with zero first moments and the column mean of the old rows' second moments, so they step like
+    an average row (with the saved step count, zero second moments would skip Adam's bias correction and give a
+    new row steps several times the lr). A parameter without saved state, or with another shape, starts fresh."""
+    if not named:
+        return 0
+    sd = optimizer.state_dict()
+    ids = [i for group in sd["param_groups"] for i in group["params"]]
+    state: dict[int, dict[str, Tensor]] = {}
+    for pid, (name, p) in zip(ids, unwrap(model).named_parameters()):
+        m, v, step = (named.get(f"{name}.{k}") for k in ADAM_KEYS)
+        if m is None or v is None or step is None or m.shape != v.shape:
+            continue
+        if m.shape != p.shape:
+            if m.dim() == 0 or m.shape[1:] != p.shape[1:] or m.shape[0] > p.shape[0]:
+                continue
+            extra = p.shape[0] - m.shape[0]
+            m = torch.cat([m, m.new_zeros((extra, *m.shape[1:]))])
+            v = torch.cat([v, v.mean(0, keepdim=True).expand(extra, *v.shape[1:])])
+        state[pid] = {"step": step.clone(), "exp_avg": m.clone(), "exp_avg_sq": v.clone()}
+    sd["state"] = state
+    optimizer.load_state_dict(sd)  # moves and casts the moments to each parameter's device and dtype
+    return len(state)
+
+
 def amp_dtype_for(amp: bool, device: torch.device) -> tuple[torch.dtype | None, str]:
     """bf16 autocast where it pays: on CUDA, and on CPUs with bf16 matmul units; else None with the reason."""
     if not amp:

@@ -12,8 +12,8 @@ update, so it starts one `StandingTrainer` and hands each update to it:
 The driver and the workers meet at a `_Broker` actor. `submit` queues a job (the update's TrainConfig and an
 object ref of its inputs); every worker blocks in `take` until a job newer than its last one is there, builds the
 child model from the inputs, wraps it for DDP (`prepare_model`, the group's process group), runs
-`update.train_update` (the same epochs and steps as `fit_update`), and rank 0 hands back {"model", "history"}
-with `finish`. A worker that dies mid-job is restarted by Ray Train (FailureConfig) and takes the unfinished job
+`update.train_update` (the same epochs and steps as `fit_update`), and rank 0 hands back {"model", "history",
+"optimizer"} with `finish`. A worker that dies mid-job is restarted by Ray Train (FailureConfig) and takes the unfinished job
 again; a UserError in a job (nothing to train on) is that job's one-line answer, and the group restarts for the
 next; a run that ends in an error fails the waiting job with that error. A job whose workers or GPU setting
 differ from the group's restarts the group with the new shape.
@@ -128,7 +128,7 @@ def standing_loop(config: dict[str, Any]) -> None:
         inputs = ray.get(ref)
         model = ray.train.torch.prepare_model(model_for_inputs(cfg, inputs))
         try:
-            history = train_update(model, inputs, cfg, device, rank, world)
+            history, optimizer = train_update(model, inputs, cfg, device, rank, world)
         except UserError as exc:
             # The job's answer is this one line; the group then restarts (another rank may be in a collective).
             ray.get(broker.finish.remote(done, {"error": str(exc)}))
@@ -137,7 +137,7 @@ def standing_loop(config: dict[str, Any]) -> None:
             from ncf_ray.update import unwrap_model
 
             state = {k: v.detach().cpu() for k, v in unwrap_model(model).state_dict().items()}
-            ray.get(broker.finish.remote(done, {"model": state, "history": history}))
+            ray.get(broker.finish.remote(done, {"model": state, "history": history, "optimizer": optimizer}))
         del model, inputs
 
 

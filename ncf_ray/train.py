@@ -515,7 +515,8 @@ def finalize(
     }
     result["popularity"] = result["baselines"]["popularity"]  # the earlier key, kept for readers of metrics.json
     result["exported"] = {"weights": "best-by-valid", "epochs": state["best_epoch"]}
-    result["model_version"] = export_artifact(model_dir, model, cfg, data, result)
+    result["model_version"] = export_artifact(model_dir, model, cfg, data, result,
+                                              engine.adam_state_by_name(model, state.get("optimizer")))
     write_json(metrics_path, result)
     return result
 
@@ -528,9 +529,10 @@ def baseline_block(data: Dataset, k: int, ease: bool = True) -> dict[str, Any]:
 
 
 def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, data: Dataset,
-                    metrics: dict[str, Any]) -> str:
+                    metrics: dict[str, Any], optimizer_state: dict[str, torch.Tensor] | None = None) -> str:
     """Write the artifact for serving: the seen set holds train, valid and test items (so /recommend never
-    returns what the user already did) and the stored histories end with them too."""
+    returns what the user already did) and the stored histories end with them too. `optimizer_state`: Adam's
+    moments at the end of the run (engine.adam_state_by_name), which `ncf-ray update` resumes."""
     from ncf_ray.artifact import FEATURES_DIR, save_artifact, vocab_table
 
     all_users, all_items, hist = training_positives(data, refit=True)
@@ -541,6 +543,7 @@ def export_artifact(model_dir: Path, model: torch.nn.Module, cfg: TrainConfig, d
         vocab_table(data.item_ids, data.item_counts, S.ITEM_IDX, S.ITEM_COL),
         seen_indptr, seen_indices, data.item_counts.astype(np.float64), metrics, data.meta,
         histories=hist, features_dir=Path(data.path) / FEATURES_DIR if cfg.model.features else None,
+        optimizer_state=optimizer_state,
     )
 
 
@@ -627,7 +630,8 @@ def refit_and_export(dataset_dir: str, out: Path, cfg: TrainConfig, metrics: dic
     metrics["exported"] = {"weights": "refit", "epochs": epochs, "train_seconds": time.time() - t0,
                            "note": "refit on train + valid + test; valid/test figures are the valid-selected "
                                    "model's, measured before the refit"}
-    metrics["model_version"] = export_artifact(out / "model", model.eval(), cfg, data, metrics)
+    metrics["model_version"] = export_artifact(out / "model", model.eval(), cfg, data, metrics,
+                                               engine.adam_state_by_name(model, state.get("optimizer")))
     write_json(out / "metrics.json", metrics)
     return metrics
 

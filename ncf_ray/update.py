@@ -16,8 +16,11 @@ Steps (`run_update`):
 4. train on Ray Train (`update_loop_per_worker`, the engine's examples and steps) for --epochs over the new rows
    minus the holdout plus a replay sample of old interactions (--replay R: R of the training positives are
    old ones, drawn uniformly from the parent's seen pairs), at a batch small enough for MIN_UPDATE_STEPS steps
-   an epoch unless --batch-size is given. Optimizer state is not kept in artifacts, so Adam
-   starts afresh, with no warm-up (the weights are not fresh) and no weight decay (it would move every row);
+   an epoch unless --batch-size is given. Adam resumes the parent's moments (optimizer.safetensors; new rows
+   as an average row, engine.load_adam_state), else starts afresh; no warm-up (the weights are not fresh) and no
+   weight decay (it would move every row). A fresh Adam moves every row a batch touches by ~lr per step however
+   small its gradient, so the rows of items and replayed users the window barely mentions drift; resumed second
+   moments scale those steps by what the row's gradients were in training;
 5. HR/NDCG@K of the holdout against sampled negatives drawn from the parent's catalogue (so both models rank the
    same candidates), for the child and for the parent (users or items it lacks count as misses);
 6. the artifact: seen sets, histories (time order) and popularity advanced by every new row, lineage in the
@@ -356,11 +359,13 @@ def holdout_metrics(model: nn.Module, users: np.ndarray, pos: np.ndarray, neg: n
 
 # ============================================================================================ Ray Train
 def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, device: torch.device,
-                 rank: int = 0, world: int = 1, report: Any = None) -> list[dict[str, Any]]:
-    """cfg.epochs over the update's positives (`inputs`, see `training_inputs`): each epoch fresh negatives
+                 rank: int = 0, world: int = 1, report: Any = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """cfg.epochs over the update's positives (`inputs`, see `train_child`): each epoch fresh negatives
     (excluding every known positive of the user) for this rank's users (user % world == rank), steps through
-    engine.train_epoch (the same on every rank: the largest shard's count). `model` may be DDP-wrapped;
-    `report(row, raw_model)` is called after each epoch. Pure torch: the Ray worker and tests call it."""
+    engine.train_epoch (the same on every rank: the largest shard's count). Adam resumes the parent's moments
+    (`inputs["optimizer"]`, engine.load_adam_state) when the parent kept them. `model` may be DDP-wrapped;
+    `report(history, raw_model, optimizer_state)` is called after each epoch. Returns (history, Adam's state by
+    parameter name). Pure torch: the Ray worker and tests call it."""
     from ncf_ray import engine
     from ncf_ray.data.sampler import NegativeSampler
     from ncf_ray.train import _all_reduce
@@ -386,6 +391,7 @@ def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, dev
     raw = unwrap_model(model)
     lr0 = engine.scaled_lr(cfg.lr, cfg.batch_size, cfg.base_batch_size)
     optimizer = engine.build_optimizer(model, lr0, cfg.weight_decay, device)
+    resumed = engine.load_adam_state(optimizer, raw, inputs.get("optimizer") or {})
     amp_dtype, _ = engine.amp_dtype_for(cfg.amp, device)
     per_rank_batch = max(1, cfg.batch_size // world)
     gen = torch.Generator(device=device)
@@ -403,15 +409,17 @@ def train_update(model: nn.Module, inputs: dict[str, Any], cfg: TrainConfig, dev
             loss = engine.train_epoch(model, optimizer, examples, rows, steps, lr_for_step, amp_dtype, epoch)
         loss_t = _all_reduce(torch.tensor([loss], device=device)) / world
         history.append({"epoch": epoch + 1, "loss": float(loss_t), "epoch_seconds": timer.seconds,
-                        "samples_per_second": steps * rows * examples.per_row * world / max(timer.seconds, 1e-9)})
+                        "samples_per_second": steps * rows * examples.per_row * world / max(timer.seconds, 1e-9),
+                        "optimizer_params_resumed": resumed})
         if report is not None:
-            report(history, raw)
-    return history
+            report(history, raw, engine.adam_state_by_name(raw, optimizer.state_dict()))
+    return history, engine.adam_state_by_name(raw, optimizer.state_dict())
 
 
 def update_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker of an update: the child's initial weights and the update's positives from the object
-    store, `train_update` under DDP; rank 0 reports a checkpoint ({"model", "history"}) each epoch."""
+    store, `train_update` under DDP; rank 0 reports a checkpoint ({"model", "history", "optimizer"}) each
+    epoch."""
     import os
 
     import ray.train
@@ -428,13 +436,13 @@ def update_loop_per_worker(config: dict[str, Any]) -> None:
     inputs = ray.get(config["inputs"])
     model = ray.train.torch.prepare_model(model_for_inputs(cfg, inputs))
 
-    def report(history: list[dict[str, Any]], raw: nn.Module) -> None:
+    def report(history: list[dict[str, Any]], raw: nn.Module, optimizer: dict[str, torch.Tensor]) -> None:
         if rank != 0:
             ray.train.report(history[-1])
             return
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, "history": history},
-                       os.path.join(tmp, "update.pt"))
+            torch.save({"model": {k: v.detach().cpu() for k, v in raw.state_dict().items()}, "history": history,
+                        "optimizer": optimizer}, os.path.join(tmp, "update.pt"))
             ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     train_update(model, inputs, cfg, device, rank, world, report)
@@ -444,12 +452,13 @@ def plain_runner(cfg: TrainConfig, inputs: dict[str, Any], storage: str | None =
     """`fit_update` without Ray (one process, CPU): for tests and experiments."""
     torch.manual_seed(cfg.seed)
     model = model_for_inputs(cfg, inputs)
-    history = train_update(model, inputs, cfg, torch.device("cpu"))
-    return {"model": model.state_dict(), "history": history}
+    history, optimizer = train_update(model, inputs, cfg, torch.device("cpu"))
+    return {"model": model.state_dict(), "history": history, "optimizer": optimizer}
 
 
 def fit_update(cfg: TrainConfig, inputs: dict[str, Any], storage: str) -> dict[str, Any]:
-    """Run update_loop_per_worker on a TorchTrainer; returns the last checkpoint's {"model", "history"}."""
+    """Run update_loop_per_worker on a TorchTrainer; returns the last checkpoint's {"model", "history",
+    "optimizer"}."""
     import os
 
     import ray
@@ -621,6 +630,7 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
     """Steps 3-6 of the module docstring for a built window. `runner(cfg, inputs, storage) -> {"model",
     "history"}` trains: `fit_update` (a fresh Ray Train run) by default, a `standing.StandingTrainer` (one worker
     group for many updates) in jobs/continual.py, `plain_runner` in tests."""
+    from ncf_ray.artifact import load_optimizer_state
     from ncf_ray.metrics import build_csr
 
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 15]))
@@ -647,6 +657,7 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
               "hist_indptr": train_hist.indptr.numpy() if seq else None,
               "hist_items": train_hist.items.numpy() if seq else None,
               "features": _tables(features) if art.model_cfg.features else {}, "context": side.context,
+              "optimizer": load_optimizer_state(art),
               **row_side_inputs(art, window, tr, len(rep_u), train_hist if seq else None)}
     if len(inputs["users"]) == 0:
         raise UserError("the new log leaves nothing to train on (each user's only row is held out)")
@@ -664,11 +675,11 @@ def train_child(art: Any, window: Window, cfg: TrainConfig, replay: float, out: 
 
     metrics = score_holdout(art, window, child, train_hist, seen_indptr, seen_indices, cfg.eval_k, rng)
     metrics.update(train_seconds=seconds, epochs=cfg.epochs, train_rows=int(tr.sum()), replay_rows=len(rep_u),
-                   history=state["history"])
+                   history=state["history"], optimizer="resumed from the parent" if inputs["optimizer"] else "fresh")
     lineage = {"kind": "update", "parent_version": art.model_version, "parent_dir": str(Path(art.path).resolve()),
                "data_window": window.stats}
     version = write_child(art, window, child, out, seen_indptr, seen_indices, full_hist, cfg, metrics, lineage,
-                          features)
+                          features, state.get("optimizer"))
     k = cfg.eval_k
     log(f"holdout HR@{k}: child {metrics['holdout']['child'][f'hr@{k}']:.4f}, parent "
         f"{metrics['holdout']['parent'][f'hr@{k}']:.4f} ({metrics['holdout']['users']} users); "
@@ -695,8 +706,10 @@ def score_holdout(art: Any, window: Window, child: nn.Module, train_hist: Histor
 
 def write_child(art: Any, window: Window, child: nn.Module, out: Path, seen_indptr: np.ndarray,
                 seen_indices: np.ndarray, hist: Histories, cfg: TrainConfig, update: dict[str, Any],
-                lineage: dict[str, Any], features: dict[str, Any] | None = None) -> str:
-    """Step 6: the child artifact, written atomically (with the grown feature tables of a feature model)."""
+                lineage: dict[str, Any], features: dict[str, Any] | None = None,
+                optimizer: dict[str, torch.Tensor] | None = None) -> str:
+    """Step 6: the child artifact, written atomically (with the grown feature tables of a feature model and
+    Adam's state at the end of the update, for the next one)."""
     import pyarrow.parquet as pq
 
     from ncf_ray.artifact import ITEMS_VOCAB_FILE, USERS_VOCAB_FILE, save_artifact, vocab_table
@@ -727,7 +740,7 @@ def write_child(art: Any, window: Window, child: nn.Module, out: Path, seen_indp
             vocab_table(np.concatenate([art.user_ids, window.new_user_ids]), user_counts, S.USER_IDX, S.USER_COL),
             vocab_table(np.concatenate([art.item_ids, window.new_item_ids]), item_counts, S.ITEM_IDX, S.ITEM_COL),
             seen_indptr, seen_indices, popularity, metrics, meta, histories=hist, lineage=lineage,
-            forgotten=art.forgotten, features_dir=features_dir)
+            forgotten=art.forgotten, features_dir=features_dir, optimizer_state=optimizer)
 
 
 def guard(metrics: dict[str, Any], tolerance: float) -> tuple[bool, str]:

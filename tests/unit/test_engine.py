@@ -203,3 +203,42 @@ def test_fit_plain_learns_the_two_taste_groups():
     low = scores[:, : n_items // 2].mean(1)
     high = scores[:, n_items // 2 :].mean(1)
     assert bool(((low > high) == (torch.arange(n_users) % 2 == 0)).float().mean() > 0.9)
+
+
+def test_adam_state_round_trips_by_name_and_grown_rows_start_as_an_average_row():
+    """An artifact keeps Adam's moments by parameter name; a grown model (an update's new users and items) gets
+    them for its old rows, zero first moments and the old rows' mean second moments for the new ones, and then
+    steps its old rows exactly as the original optimizer would have."""
+    torch.manual_seed(0)
+    small = build_model("gmf", 5, 4, factors=3)
+    opt = engine.build_optimizer(small, 0.01, 0.0, torch.device("cpu"))
+    batch = Batch(user=torch.tensor([0, 1, 3]), item=torch.tensor([[1, 2], [0, 3], [2, 1]]))
+    for _ in range(3):
+        opt.zero_grad()
+        small(batch).square().sum().backward()
+        opt.step()
+    named = engine.adam_state_by_name(small, opt.state_dict())
+    assert set(named) == {f"{n}.{k}" for n, _ in small.named_parameters() for k in engine.ADAM_KEYS}
+    assert engine.adam_state_by_name(small, None) == {}
+
+    big = build_model("gmf", 7, 4, factors=3)  # two new users, same items
+    with torch.no_grad():
+        for name, p in big.named_parameters():
+            p[: dict(small.named_parameters())[name].shape[0]] = dict(small.named_parameters())[name]
+    big_opt = engine.build_optimizer(big, 0.01, 0.0, torch.device("cpu"))
+    assert engine.load_adam_state(big_opt, big, named) == len(list(big.parameters()))
+    state = big_opt.state[big.user_emb.weight]
+    torch.testing.assert_close(state["exp_avg"][:5], named["user_emb.weight.exp_avg"])
+    assert torch.equal(state["exp_avg"][5:], torch.zeros(2, 3))
+    torch.testing.assert_close(state["exp_avg_sq"][5:], named["user_emb.weight.exp_avg_sq"].mean(0).expand(2, 3))
+    # One more step on the same batch: the old rows move exactly as under the optimizer that was saved.
+    for model, optimizer in ((small, opt), (big, big_opt)):
+        optimizer.zero_grad()
+        model(batch).square().sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(big.user_emb.weight[:5], small.user_emb.weight)
+    torch.testing.assert_close(big.item_emb.weight, small.item_emb.weight)
+    # Saved moments of another shape are not forced on a parameter: it starts fresh.
+    other = build_model("gmf", 5, 4, factors=6)
+    other_opt = engine.build_optimizer(other, 0.01, 0.0, torch.device("cpu"))
+    assert engine.load_adam_state(other_opt, other, named) == 1  # predict.bias (shape [1]) alone matches

@@ -145,7 +145,9 @@ def test_guard():
 
 
 # ------------------------------------------------------------------------------------------------ forget
-def _artifact(tmp_path, cfg=FAMILIES["gmf"]):
+def _artifact(tmp_path, cfg=FAMILIES["gmf"], optimizer: bool = False):
+    """A tiny trained-looking artifact; `optimizer`: with Adam's state after a few steps on its pairs."""
+    from ncf_ray import engine
     from ncf_ray.artifact import save_artifact
     from ncf_ray.metrics import build_csr
 
@@ -160,10 +162,51 @@ def _artifact(tmp_path, cfg=FAMILIES["gmf"]):
                        "count": np.diff(indptr)})
     vi = pd.DataFrame({"item_idx": np.arange(n_i, dtype=np.int32), "item_id": [f"i{k}" for k in range(n_i)],
                        "count": np.bincount(items, minlength=n_i)})
+    state = None
+    if optimizer:
+        opt = engine.build_optimizer(model, 1e-3, 0.0, torch.device("cpu"))
+        batch = Batch(user=torch.as_tensor(users), item=torch.as_tensor(items)[:, None])
+        for _ in range(3):
+            opt.zero_grad()
+            model(batch).sum().backward()
+            opt.step()
+        state = engine.adam_state_by_name(model, opt.state_dict())
     out = tmp_path / "model"
     save_artifact(out, model, cfg, n_u, n_i, vu, vi, indptr, indices, np.bincount(items, minlength=n_i) + 0.0,
-                  {}, {"source": "test"}, histories=hist)
+                  {}, {"source": "test"}, histories=hist, optimizer_state=state)
     return out
+
+
+def test_an_update_resumes_the_parents_adam_state_and_keeps_its_own_for_the_next(tmp_path):
+    from safetensors.torch import load_file
+
+    from ncf_ray.artifact import OPTIMIZER_FILE, load_artifact, load_optimizer_state
+    from ncf_ray.config import build_train_config
+    from ncf_ray.privacy import forget_users
+    from ncf_ray.update import plain_runner, train_child
+
+    src = _artifact(tmp_path, optimizer=True)
+    art = load_artifact(src)
+    parent = load_optimizer_state(art)
+    assert parent["user_emb.weight.exp_avg_sq"].shape == (6, 8) and float(parent["user_emb.weight.step"]) == 3
+    window = build_window(np.asarray(["u1", "u1", "new"], dtype=object), np.asarray(["i5", "fresh", "i1"], dtype=object),
+                          np.asarray([1, 2, 3]), art.user_ids, art.item_ids, np.diff(art.seen_indptr))
+    cfg = build_train_config(None, model=art.model_cfg, epochs=2, batch_size=32, negatives=2, eval_k=3)
+    res = train_child(art, window, cfg, 0.0, tmp_path / "child", log=lambda *_: None, runner=plain_runner)
+    assert res["optimizer"] == "resumed from the parent"
+    assert all(h["optimizer_params_resumed"] == 4 for h in res["history"])  # both tables, the head weight and bias
+    child = load_optimizer_state(load_artifact(tmp_path / "child"))
+    assert child["user_emb.weight.exp_avg"].shape == (7, 8) and child["item_emb.weight.exp_avg"].shape == (9, 8)
+    assert float(child["user_emb.weight.step"]) > 3  # the step count carried on
+    # A parent without the file: Adam starts afresh, as before artifacts kept it.
+    bare = _artifact(tmp_path / "bare")
+    res = train_child(load_artifact(bare), window, cfg, 0.0, tmp_path / "child2", log=lambda *_: None,
+                      runner=plain_runner)
+    assert res["optimizer"] == "fresh" and res["history"][0]["optimizer_params_resumed"] == 0
+    # Forgetting drops the moments (gradient statistics of every user, the forgotten one's included).
+    forget_users(tmp_path / "child", ["u1"], tmp_path / "forgot")
+    assert not (tmp_path / "forgot" / OPTIMIZER_FILE).exists() and (tmp_path / "child" / OPTIMIZER_FILE).exists()
+    assert load_file(str(tmp_path / "child" / OPTIMIZER_FILE))  # plain safetensors, no pickle
 
 
 def test_forget_removes_the_users_traces_and_raw_id(tmp_path):
