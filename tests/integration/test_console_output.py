@@ -47,8 +47,25 @@ def _assert_clean(text: str) -> None:
 def dataset(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("console") / "ds"
     text = _cli("prepare", "synthetic", "--out", str(out), "--users", "120", "--items", "60",
-                "--interactions", "2400", "--seed", "5")
+                "--interactions", "2400", "--seed", "5", "--eval-negatives", "20", "--json")
     return out, text
+
+
+def test_prepare_json_summary_matches_the_dataset_it_wrote(dataset):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from ncf_ray.data import schema as S
+
+    out, text = dataset
+    summary = json.loads(text.strip().splitlines()[-1])
+    assert "users" in text and summary["n_users"] == 120
+    meta = json.loads((out / S.META_FILE).read_text())
+    assert meta["n_train"] + meta["n_valid"] + meta["n_test"] == meta["n_interactions"]
+    users = pq.read_table(out / S.USERS_FILE)
+    assert users.schema.field(S.USER_COL).type == "string" and users.num_rows == 120
+    assert len(pq.read_table(out / S.VALID_NEG_FILE)[S.NEGATIVES_COL].to_pylist()[0]) == 20
 
 
 def test_prepare_prints_its_summary_and_the_log_path(dataset):
@@ -56,7 +73,7 @@ def test_prepare_prints_its_summary_and_the_log_path(dataset):
     _assert_clean(text)
     log = _log_path(text)
     assert log.parent == out.parent / f"{out.name}.logs" and log.is_file() and log.stat().st_size > 0
-    assert "interactions" in text and len(text.splitlines()) <= 20
+    assert "interactions" in text and len(text.splitlines()) <= 21  # the summary, the log path, --json's line
 
 
 def test_train_prints_one_row_per_epoch_and_ray_goes_to_the_log(dataset, tmp_path):

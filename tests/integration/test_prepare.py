@@ -206,24 +206,6 @@ def test_movielens_download_offline_is_a_clear_error(tmp_path, capsys, ray_local
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_subprocess_on_synthetic(tmp_path):
-    out = tmp_path / "syn"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "ncf_ray.cli", "prepare", "synthetic", "--out", str(out), "--users", "200",
-         "--items", "100", "--interactions", "5000", "--eval-negatives", "20", "--json"],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "users" in proc.stdout and summary["n_users"] == 200
-    meta = json.loads((out / S.META_FILE).read_text())
-    assert meta["n_train"] + meta["n_valid"] + meta["n_test"] == meta["n_interactions"]
-    users = pq.read_table(out / S.USERS_FILE)
-    assert users.schema.field(S.USER_COL).type == "string" and users.num_rows == 200
-    assert pq.read_table(out / S.VALID_NEG_FILE)[S.NEGATIVES_COL].to_pylist()[0].__len__() == 20
-
-
 # ------------------------------------------------------------------------------------------- review defects
 def test_quoted_csv_and_a_directory_whose_files_have_their_own_headers(tmp_path, capsys, ray_local):
     d = tmp_path / "logs"
