@@ -1,5 +1,5 @@
 """`ncf-ray prepare` on local Ray: format parity, every bad input, the NCF and MovieLens loaders, and one real
-subprocess run on synthetic data."""
+subprocess run on a bad file (test_console_output.py runs the CLI on synthetic data)."""
 
 from __future__ import annotations
 
