@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results dir (on a cluster: a dir every node sees)")
     p.add_argument("--storage", default=None, help="training checkpoints: dir or URI (s3://...); default OUT")
     p.add_argument("--preset", choices=tuple(PRESETS), default="demo", help="data and sweep sizes")
-    p.add_argument("--quick", action="store_true", help="same as --preset quick: tiny data, a few minutes")
+    p.add_argument("--quick", action="store_true", help="same as --preset quick: tiny data, no refit, a few minutes")
     p.add_argument("--source", default=None,
                    help="synthetic-shop (the presets' default), synthetic, or a log file/dir/URI with "
                         "user_id,item_id,timestamp")

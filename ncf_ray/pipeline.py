@@ -37,7 +37,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # so the table compares families and the demo serves whichever wins on valid.
     "quick": {"source": "synthetic-shop", "tasks": SHOP_TASKS,
               "users": 300, "items": 200, "interactions": 9_000, "search": "grid", "num_samples": 1,
-              "sweep_epochs": 2, "epochs": 3, "batch_size": 1024, "families": ("mf", "seq"),
+              # No refit: one Ray Train run less for a preset that exists to show every stage runs (test_train.py
+              # covers --refit; demo and full refit).
+              "sweep_epochs": 2, "epochs": 3, "batch_size": 1024, "families": ("mf", "seq"), "refit": False,
               "spaces": {"mf": {"factors": [16], "lr": [3e-3]},
                          "seq": {"history_len": [20], "blocks": [1], "factors": [16], "lr": [3e-3]}}},
     "demo": {"source": "synthetic-shop", "tasks": SHOP_TASKS,
