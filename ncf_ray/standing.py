@@ -13,8 +13,8 @@ The driver and the workers meet at a `_Broker` actor. `submit` queues a job (the
 object ref of its inputs); every worker blocks in `take` until a job newer than its last one is there, builds the
 child model from the inputs, wraps it for DDP (`prepare_model`, the group's process group), runs
 `update.train_update` (the same epochs and steps as `fit_update`), and rank 0 hands back {"model", "history",
-"optimizer"} with `finish`. A worker that dies mid-job is restarted by Ray Train (FailureConfig) and takes the unfinished job
-again; a UserError in a job (nothing to train on) is that job's one-line answer, and the group restarts for the
+"optimizer"} with `finish`. A worker that dies mid-job is restarted by Ray Train (FailureConfig) and takes the
+unfinished job again; a UserError in a job (nothing to train on) is that job's one-line answer, and the group restarts for the
 next; a run that ends in an error fails the waiting job with that error. A job whose workers or GPU setting
 differ from the group's restarts the group with the new shape.
 """
