@@ -832,6 +832,9 @@ class NeuMF(RecModel):
 
 
 # ------------------------------------------------------------------------------------------------ sequence model
+CAUSAL_CHUNK_ROWS = 50  # query rows per chunk of inference attention (causal_chunks)
+
+
 class CausalBlock(nn.Module):
     """Pre-norm self-attention block: x + Attn(LN(x)) under a boolean mask, then x + FFN(LN(x))."""
 
@@ -850,12 +853,40 @@ class CausalBlock(nn.Module):
         """[B, n, D] -> [B, n, D]; `last_only`: only the last position's output [B, 1, D] (its query reads every
         key as before; no other position's query, output or FFN is computed)."""
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if last_only:
-            q, allowed, x = q[:, :, -1:], allowed[..., -1:, :], x[:, -1:]
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p if self.training else 0.0)
+        h, heads = self.norm1(x), self.heads
+        if last_only:  # keys and values for every position, the query for the last one alone
+            w, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(h[:, -1:], w[:d], bias[:d]).view(b, 1, heads, d // heads).transpose(1, 2)
+            k, v = F.linear(h, w[d:], bias[d:]).view(b, n, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[..., -1:, :],
+                                               dropout_p=self.p if self.training else 0.0)
+            x = x[:, -1:]
+        elif self.training:
+            q, k, v = self.qkv(h).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=self.p)
+        else:
+            q, k, v = self.qkv(h).view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+            a = causal_chunks(q, k, v, allowed)
         x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, q.shape[2], d)))
         return x + self.drop(self.ff(self.norm2(x)))
+
+
+def causal_chunks(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, rows: int = CAUSAL_CHUNK_ROWS) -> Tensor:
+    """Causal attention (queries and keys [B, H, n, d], `allowed` [B, 1, n, n] already causal) with the queries
+    cut into chunks of about `rows`: a chunk reads only the keys up to its own last query, so the keys a causal
+    mask would hide are never multiplied (~(C + 1) / 2C of the full product for C chunks). The result is the
+    full pass's (the same keys carry every softmax)."""
+    n = q.shape[2]
+    chunks = max(1, round(n / rows))
+    if chunks == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    out, lo = [], 0
+    for c in range(1, chunks + 1):
+        hi = n * c // chunks
+        out.append(F.scaled_dot_product_attention(q[:, :, lo:hi], k[:, :, :hi], v[:, :, :hi],
+                                                  attn_mask=allowed[:, :, lo:hi, :hi]))
+        lo = hi
+    return torch.cat(out, 2)
 
 
 class SeqNCF(RecModel):

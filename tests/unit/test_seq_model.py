@@ -7,7 +7,7 @@ import torch
 
 from ncf_ray.batch import Batch
 from ncf_ray.errors import UserError
-from ncf_ray.model import SeqNCF, build_model, naive_score_items, user_batch
+from ncf_ray.model import SeqNCF, build_model, causal_chunks, naive_score_items, user_batch
 
 N_USERS, N_ITEMS = 9, 30
 
@@ -100,3 +100,26 @@ def test_scoring_state_is_the_last_position_of_the_full_pass(head):
     empty = torch.zeros((2, 8), dtype=torch.int64)  # no history at all: still one position, finite
     with torch.no_grad():
         assert torch.isfinite(model.states(empty, torch.tensor([0, -1]), last_only=True)).all()
+
+
+def test_chunked_inference_attention_equals_one_full_causal_pass():
+    """Inference cuts the queries into chunks that read only the keys up to their own last query
+    (model.causal_chunks): the states equal one full masked pass (training mode, dropout 0) at every position,
+    with padded rows and a history long enough for several chunks."""
+    model = _model(history_len=160)
+    torch.manual_seed(1)
+    history = torch.randint(1, N_ITEMS + 1, (3, 160))
+    history[1, :100] = 0  # padded rows: keys the mask hides stay hidden in every chunk
+    history[2, :159] = 0
+    with torch.no_grad():
+        reference = model.train().states(history)
+        model.eval()
+        every, last = model.states(history), model.states(history, last_only=True)[:, -1]
+    real = history > 0
+    torch.testing.assert_close(every[real], reference[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, reference[:, -1], rtol=1e-5, atol=1e-5)
+    q, k, v = torch.randn(3, 2, 4, 130, 8).unbind(0)
+    allowed = torch.ones(130, 130, dtype=torch.bool).tril() & (torch.rand(2, 1, 1, 130) > 0.3)
+    allowed = allowed | torch.eye(130, dtype=torch.bool)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    torch.testing.assert_close(causal_chunks(q, k, v, allowed, rows=30), full, rtol=1e-5, atol=1e-6)
